@@ -1,0 +1,173 @@
+"""``AttributionStore``: open a store, attribute queries, compute self-influence."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_tda.capture.layers import ProjectionMismatchError, check_layers_match, discover_layers
+from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
+from lightning_tda.methods import AttributionMethod, get_method
+from lightning_tda.methods.scoring import stream_scores, stream_self_influence
+from lightning_tda.results import AttributionResult
+from lightning_tda.store import schema
+from lightning_tda.store.reader import StoreReader
+
+
+class AttributionStore(StoreReader):
+    """An attribution store written by :class:`~lightning_tda.GradientLogger`.
+
+    Example::
+
+        store = AttributionStore("runs/tda.h5")
+        res = store.attribute(queries, model=model, method="tracin", top_k=10)
+        res.indices, res.scores          # [Q, k] example ids and scores of the top proponents
+    """
+
+    def attribute(
+        self,
+        queries: Any,
+        model: nn.Module | None = None,
+        method: str | AttributionMethod = "tracin",
+        top_k: int | None = 10,
+        *,
+        loss_fn: LossFn | None = None,
+        batch_size: int = 64,
+        collate_fn: Any = None,
+        block_rows: int | None = None,
+        **method_kwargs: Any,
+    ) -> AttributionResult:
+        """Score every training example for every query.
+
+        Args:
+            queries: a Dataset, DataLoader or collated batch of query examples (their gradients are
+                recomputed at each checkpoint's saved state); ``"logged"`` for the query rows logged
+                during training; or ``{global_step: Tensor[Q, D]}`` of precomputed projected gradients.
+            model: the model class that was trained (any weights; each checkpoint's state is loaded
+                temporarily and the model is left as it was). Needed unless queries are logged/precomputed.
+            method: a name (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``) or a method instance.
+            top_k: keep the ``k`` strongest proponents and opponents per query; ``None`` for dense ``[Q, N]``.
+            loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default: ``model.per_example_loss``).
+            batch_size: batch size of the query sweep when ``queries`` is a Dataset.
+            collate_fn: collate function for a query Dataset.
+            block_rows: rows read per block (default: about 256 MB of fp32 per block).
+            **method_kwargs: hyper-parameters of the method (e.g. ``checkpoints=[...]``, ``interval="next"``).
+
+        Returns:
+            An :class:`AttributionResult`; ``indices``/``opponents`` hold example ids.
+        """
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        m = get_method(method, **method_kwargs)
+        steps = [c.global_step for c in m.used_checkpoints(self)]
+        qvecs, qids = self.query_vectors(queries, model, steps, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn)
+        terms = m.score_terms(self, qvecs)
+        out = stream_scores(self, terms, top_k, block_rows)
+        ids = self.example_ids
+        if top_k is None:
+            return AttributionResult(m.name, out, None, None, None, ids, qids, steps)
+        return AttributionResult(m.name, out.values, ids[out.rows], out.low_values, ids[out.low_rows], ids, qids, steps)
+
+    def self_influence(
+        self, model: nn.Module | None = None, method: str | AttributionMethod = "tracin", **method_kwargs: Any
+    ) -> torch.Tensor:
+        """``[N]`` self-influence of every training example (store row order; ids in ``example_ids``).
+
+        High values flag examples the model finds hard or inconsistent, e.g. mislabelled ones. Only
+        stored rows are read, so ``model`` is not needed; it is accepted for symmetry with ``attribute``.
+        """
+        m = get_method(method, **method_kwargs)
+        return stream_self_influence(self, m.self_terms(self))
+
+    def query_vectors(
+        self,
+        queries: Any,
+        model: nn.Module | None,
+        steps: list[int],
+        *,
+        loss_fn: LossFn | None = None,
+        batch_size: int = 64,
+        collate_fn: Any = None,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids."""
+        if isinstance(queries, str):
+            if queries != "logged":
+                raise ValueError(f"queries must be data, a dict of vectors or 'logged', got {queries!r}")
+            missing = [s for s in steps if not self.checkpoint(s).has_queries]
+            if missing:
+                raise ValueError(f"checkpoints {missing} logged no queries; pass query_data= to GradientLogger")
+            return {s: self.read(s, schema.QUERY) for s in steps}, self.query_ids
+        if isinstance(queries, dict) and all(isinstance(v, torch.Tensor) for v in queries.values()):
+            out = {}
+            for s in steps:
+                if s not in queries:
+                    raise KeyError(f"precomputed query vectors lack checkpoint {s}; give one [Q, D] tensor per step")
+                v = queries[s].float()
+                if v.dim() != 2 or v.shape[1] != self.width:
+                    raise ProjectionMismatchError(
+                        f"query vectors for step {s} have shape {tuple(v.shape)} but the store's rows have D={self.width}; "
+                        "compute them with the store's projection (AttributionStore.query_vectors)."
+                    )
+                out[s] = v
+            return out, None
+        if model is None:
+            raise ValueError("pass model= (the trained model class) so query gradients can be recomputed")
+        selection = json.loads(self.attrs.get("capture_selection", "{}"))
+        layers, _ = discover_layers(model, self.projection, selection.get("modules"), selection.get("exclude"))
+        check_layers_match(self.layers, layers)
+        fn = resolve_loss_fn(model, loss_fn)
+        out: dict[int, torch.Tensor] = {}
+        ids = None
+        device = model_device(model)
+        for s in steps:
+            with loaded_state(model, self.state(s)):
+                rows, ids, _ = featurize_data(model, queries, self.layers, self.projection, fn, batch_size, collate_fn)
+            out[s] = rows.to(device)
+        return out, ids
+
+    def summary(self) -> str:
+        """Human-readable description of the store: checkpoints, shapes, dtypes and sizes."""
+        import os
+
+        lines = [
+            f"store: {self.path} ({os.path.getsize(self.path) / 2**20:.1f} MiB, schema {schema.SCHEMA_VERSION}, "
+            f"lightning_tda {self.attrs.get('library_version', '?')})",
+            f"examples: {self.num_examples}   row width D: {self.width}   storage: {self.storage_dtype}   "
+            f"projection: {self.projection.kind} rank {self.projection.rank} ({self.projection.distribution}, "
+            f"seed {self.projection.seed})",
+            f"layers ({len(self.layers)}): "
+            + ", ".join(f"{s.name} {s.out_features}x{s.in_features}->{s.k_out}x{s.k_in}" for s in self.layers[:8])
+            + (" ..." if len(self.layers) > 8 else ""),
+        ]
+        skipped = json.loads(self.attrs.get("other_params", "[]"))
+        if skipped:
+            lines.append(f"not captured ({len(skipped)} params): {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}")
+        opt = json.loads(self.attrs.get("optimizers", "[]"))
+        if opt:
+            lines.append("optimizer: " + ", ".join(o["class"] for o in opt))
+        lines.append(f"checkpoints ({len(self.checkpoints)} complete):")
+        lines.append(f"  {'step':>8} {'epoch':>5} {'trigger':<12} {'lr_sum':>10}  datasets")
+        for c in self.checkpoints:
+            with __import__("h5py").File(self.path, "r") as f:
+                g = f[schema.checkpoint_name(c.global_step)]
+                ds = [
+                    f"{k} {list(g[k].shape)} {_dtype_name(g[k], self.storage_dtype)} {g[k].id.get_storage_size() / 2**20:.2f}MiB"
+                    for k in (schema.TRAIN, schema.TRAIN_PRECOND, schema.QUERY)
+                    if k in g
+                ]
+                if schema.STATE in g:
+                    nbytes = sum(d.id.get_storage_size() for d in g[schema.STATE].values())
+                    ds.append(f"state {len(g[schema.STATE])} tensors {nbytes / 2**20:.2f}MiB")
+            lr = ",".join(f"{x:.3g}" for x in c.lr_sum) or "-"
+            lines.append(f"  {c.global_step:>8} {c.epoch:>5} {c.trigger:<12} {lr:>10}  " + "; ".join(ds))
+        if self.incomplete:
+            lines.append(f"incomplete (ignored, rewritten on resume): steps {sorted(self.incomplete)}")
+        return "\n".join(lines)
+
+
+def _dtype_name(ds: Any, storage: str) -> str:
+    return storage if ds.dtype.kind in "fu" and ds.ndim == 2 else str(ds.dtype)

@@ -1,0 +1,4 @@
+from lightning_tda.callbacks.gradient_logger import GradientLogger
+from lightning_tda.callbacks.schedule import LogSchedule
+
+__all__ = ["GradientLogger", "LogSchedule"]

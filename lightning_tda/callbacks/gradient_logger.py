@@ -1,0 +1,351 @@
+"""``GradientLogger``: log projected per-example gradients at chosen checkpoints of a Lightning fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tda.callbacks.optimizer_state import (
+    adam_scales,
+    current_lrs,
+    factored_second_moments,
+    optimizer_summary,
+    param_group_index,
+)
+from lightning_tda.callbacks.schedule import LogSchedule
+from lightning_tda.capture.featurize import Featurizer, preserved_training_state
+from lightning_tda.capture.layers import LayerSpec, discover_layers, row_width
+from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.store import schema
+from lightning_tda.store.writer import StoreError, StoreWriter
+
+
+class GradientLogger(pl.Callback):
+    r"""Log per-example projected gradients, learning rates and optimizer state to one HDF5 file.
+
+    At each trigger the callback sweeps ``attribution_data`` at the current weights (eval mode, one
+    extra forward and backward per batch), captures every trainable ``nn.Linear``, GPT-2 ``Conv1D``
+    and PEFT LoRA linear, and stores ``P_out^T [∇W | ∇b] P_in`` per example (never materialising the
+    per-example gradient). The sweep leaves training untouched: RNG streams, module modes, ``.grad``
+    and optimizer state are as before, so a seeded fit ends with bit-identical weights.
+
+    Args:
+        path: the ``.h5`` store to write.
+        attribution_data: Dataset or DataLoader of training examples to attribute (items must carry
+            example ids: wrap the dataset in :class:`~lightning_tda.IndexedDataset`). ``None`` sweeps the
+            trainer's training set (in order, without shuffling).
+        query_data: optional Dataset/DataLoader of queries known in advance; logged at every checkpoint.
+        every_n_train_steps: log after every n-th optimizer step.
+        every_n_epochs: log at the end of every n-th epoch (the default, ``1``, when no trigger is given).
+        at_steps: log after exactly these global steps.
+        log_at_fit_start: also log the starting weights (global step 0).
+        log_at_fit_end: also log the final weights.
+        projection: ``"kronecker"`` (two-sided LoGra projection) or ``"exact"`` (no projection).
+        rank: projected size per side of each layer (``k_out = k_in = rank``).
+        dims: per-layer ``{module_name: (k_out, k_in)}`` overrides.
+        distribution: ``"gaussian"`` or ``"rademacher"`` projection entries.
+        seed: projection seed; matrices are regenerated from ``(seed, module name)`` on the query side.
+        dense_dim: project the remaining trainable parameters (embeddings, norms) to this many dims via
+            ``torch.func``; ``0`` (default) skips them (listed in the store).
+        modules: names/regexes of the modules to capture (default: every eligible one).
+        exclude: names/regexes of modules to skip.
+        optimizer_state: record optimizer hyper-parameters, factored Adam second moments and
+            preconditioned rows (for ``tracin_adam``) at each checkpoint.
+        save_state: save trainable parameters and buffers at each checkpoint (needed to recompute query
+            gradients later).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
+        batch_size: sweep batch size when ``attribution_data``/``query_data`` is a Dataset (default 64).
+        collate_fn: collate function for Dataset inputs.
+        dtype: storage dtype of rows: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        overwrite: replace an existing store at ``path`` on a fresh (not resumed) fit.
+        verbose: print one line per logged checkpoint.
+
+    Example::
+
+        logger = GradientLogger("runs/tda.h5", attribution_data=IndexedDataset(train), every_n_epochs=1)
+        trainer = L.Trainer(max_epochs=10, callbacks=[logger])
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        attribution_data: Dataset | DataLoader | None = None,
+        query_data: Dataset | DataLoader | None = None,
+        *,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_steps: Sequence[int] | None = None,
+        log_at_fit_start: bool = False,
+        log_at_fit_end: bool = False,
+        projection: str = "kronecker",
+        rank: int = 16,
+        dims: dict[str, tuple[int, int]] | None = None,
+        distribution: str = "gaussian",
+        seed: int = 0,
+        dense_dim: int = 0,
+        modules: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        optimizer_state: bool = True,
+        save_state: bool = True,
+        loss_fn: LossFn | None = None,
+        batch_size: int | None = None,
+        collate_fn: Any = None,
+        dtype: str = "float16",
+        overwrite: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.schedule = LogSchedule(every_n_train_steps, every_n_epochs, at_steps, log_at_fit_start, log_at_fit_end)
+        self.projection = ProjectionConfig(
+            kind=projection, rank=rank, dims=dict(dims or {}), distribution=distribution, seed=seed, dense_dim=dense_dim
+        )
+        for name, data in (("attribution_data", attribution_data), ("query_data", query_data)):
+            if data is not None and not isinstance(data, (Dataset, DataLoader)):
+                raise MisconfigurationException(f"{name} must be a torch Dataset or DataLoader, got {type(data).__name__}")
+            ds = data.dataset if isinstance(data, DataLoader) else data
+            if data is not None and not hasattr(ds, "__len__"):
+                raise MisconfigurationException(
+                    f"{name} must be a sized (map-style) dataset so every example can be stored once per checkpoint"
+                )
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise MisconfigurationException(f"batch_size must be a positive int, got {batch_size!r}")
+        self.writer = StoreWriter(path, dtype)  # validates dtype and that the path is writable
+        self.path = self.writer.path
+        self.attribution_data = attribution_data
+        self.query_data = query_data
+        self.modules = list(modules) if modules is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        self.optimizer_state = optimizer_state
+        self.save_state = save_state
+        self.loss_fn = loss_fn
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.overwrite = overwrite
+        self.verbose = verbose
+        # run state (saved in Lightning checkpoints)
+        self._lr_cumsum: list[float] = []
+        self._lr_cumsum_at_last: list[float] = []
+        self._step_at_last = 0
+        self._logged_steps: list[int] = []
+        self._resumed = False
+        self._layers: list[LayerSpec] = []
+
+    # -- Lightning plumbing -----------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(path=str(self.path))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr_cumsum": list(self._lr_cumsum),
+            "lr_cumsum_at_last": list(self._lr_cumsum_at_last),
+            "step_at_last": self._step_at_last,
+            "logged_steps": list(self._logged_steps),
+            "path": str(self.path),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._lr_cumsum = [float(x) for x in state_dict["lr_cumsum"]]
+        self._lr_cumsum_at_last = [float(x) for x in state_dict["lr_cumsum_at_last"]]
+        self._step_at_last = int(state_dict["step_at_last"])
+        self._logged_steps = [int(s) for s in state_dict["logged_steps"]]
+        self._resumed = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise MisconfigurationException(
+                "GradientLogger writes a single-process store; this Trainer runs "
+                f"{trainer.world_size} processes. Run the fit with devices=1, or log with a single process after "
+                "training (same callback on a one-device Trainer)."
+            )
+        self._loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
+        self._layers, self._other = discover_layers(pl_module, self.projection, self.modules, self.exclude)
+        if not self._layers:
+            raise MisconfigurationException(
+                f"GradientLogger found no trainable nn.Linear / Conv1D / LoRA layer in {type(pl_module).__name__}"
+                + (f" matching modules={self.modules}" if self.modules else "")
+                + "; pass dense_dim>0 to project the other trainable parameters with torch.func."
+            )
+        if self._other:
+            rank_zero_info(
+                f"GradientLogger: {len(self._other)} trainable parameters outside Linear/Conv1D/LoRA layers are not "
+                f"captured ({', '.join(self._other[:4])}{' ...' if len(self._other) > 4 else ''}); set dense_dim>0 to "
+                "include them."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resumed:
+            removed = self.writer.prune(keep_up_to_step=max(self._logged_steps, default=-1))
+            if removed:
+                rank_zero_info(f"GradientLogger: resumed; dropped incomplete/stale checkpoints at steps {removed}")
+        else:
+            if self.writer.has_complete_checkpoints():
+                if not self.overwrite:
+                    raise StoreError(
+                        f"{self.path} already holds logged checkpoints from another fit. Pass a new path, "
+                        "overwrite=True to replace it, or resume that fit with trainer.fit(..., ckpt_path=...)."
+                    )
+            self.writer.remove()  # a fresh fit starts a fresh file (incomplete leftovers hold nothing of value)
+            n_groups = len(current_lrs(trainer.optimizers))
+            self._lr_cumsum = [0.0] * n_groups
+            self._lr_cumsum_at_last = [0.0] * n_groups
+            self._step_at_last = trainer.global_step
+        self.writer.write_run_metadata(self._run_metadata(trainer, pl_module), compare=("layers", "projection"))
+        if self.schedule.log_at_fit_start:
+            self._log(trainer, pl_module, "fit_start")
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        offset = 0
+        for opt in trainer.optimizers:
+            if opt is optimizer:
+                for j, group in enumerate(opt.param_groups):
+                    self._lr_cumsum[offset + j] += float(group["lr"])
+                return
+            offset += len(opt.param_groups)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.schedule.step_due(trainer.global_step):
+            self._log(trainer, pl_module, "step")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule.epoch_due(trainer.current_epoch):
+            self._log(trainer, pl_module, "epoch")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule.log_at_fit_end:
+            self._log(trainer, pl_module, "fit_end")
+        self.writer.set_root_attrs({"lr_cumsum_final": list(self._lr_cumsum), "final_global_step": trainer.global_step})
+
+    # -- the sweep --------------------------------------------------------------------------
+    def _loader(self, trainer: pl.Trainer, data: Dataset | DataLoader | None) -> DataLoader:
+        if isinstance(data, DataLoader):
+            return data
+        kwargs: dict[str, Any] = {"shuffle": False}
+        if data is None:
+            train = trainer.train_dataloader
+            if not isinstance(train, DataLoader):
+                raise MisconfigurationException(
+                    "GradientLogger(attribution_data=None) sweeps the trainer's training DataLoader, but it is "
+                    f"a {type(train).__name__}; pass attribution_data= explicitly."
+                )
+            data = train.dataset
+            kwargs["batch_size"] = self.batch_size or train.batch_size or 64
+            kwargs["collate_fn"] = train.collate_fn
+        else:
+            kwargs["batch_size"] = self.batch_size or 64
+            if self.collate_fn is not None:
+                kwargs["collate_fn"] = self.collate_fn
+        return DataLoader(data, **kwargs)
+
+    def _run_metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        from lightning_tda import __version__
+
+        groups = param_group_index(trainer.optimizers)
+        named = dict(pl_module.named_parameters())
+        layer_groups = {s.name: groups.get(id(named[s.params[0]]), 0) for s in self._layers}
+        return {
+            "library_version": __version__,
+            "lightning_version": lightning.__version__,
+            "torch_version": torch.__version__,
+            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "projection": schema.to_json(self.projection.to_dict()),
+            "layers": schema.to_json([s.to_dict() for s in self._layers]),
+            "layer_groups": schema.to_json(layer_groups),
+            "other_params": schema.to_json(self._other),
+            "capture_selection": schema.to_json({"modules": self.modules, "exclude": self.exclude}),
+            "loss_reduction": "per-example loss; sequence losses summed over supervised tokens",
+            "optimizers": schema.to_json(optimizer_summary(trainer.optimizers)),
+            "schedule": schema.to_json(self.schedule.to_dict()),
+        }
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
+        step = trainer.global_step
+        if step in self._logged_steps:
+            return
+        t0 = time.perf_counter()
+        loader = self._loader(trainer, self.attribution_data)
+        qloader = self._loader(trainer, self.query_data) if self.query_data is not None else None
+        optimizers = trainer.optimizers
+        scales = adam_scales(pl_module, optimizers, self._layers) if self.optimizer_state else None
+        device = pl_module.device
+        feat = Featurizer(
+            pl_module,
+            self._layers,
+            self.projection,
+            self._loss_fn,
+            device,
+            scales=scales[0] if scales else None,
+            dense_scales=scales[1] if scales else None,
+        )
+        n = len(loader.dataset)
+        nq = len(qloader.dataset) if qloader is not None else 0
+        width = row_width(self._layers)
+        lr_sum = [c - p for c, p in zip(self._lr_cumsum, self._lr_cumsum_at_last, strict=True)]
+        with (
+            self.writer.begin_checkpoint(step, n, width, nq, precond=scales is not None) as cw,
+            preserved_training_state(pl_module),
+        ):
+            for batch in loader:
+                fb = self._featurize(trainer, feat, batch)
+                cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
+            if qloader is not None:
+                feat.require_ids = False
+                for batch in qloader:
+                    fb = self._featurize(trainer, feat, batch)
+                    cw.write_queries(fb.ids, fb.rows, fb.losses)
+            if self.optimizer_state:
+                cw.write_arrays(schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, self._layers))
+            if self.save_state:
+                cw.write_arrays(schema.STATE, _trainable_state(pl_module))
+            cw.commit(
+                {
+                    "epoch": trainer.current_epoch,
+                    "trigger": trigger,
+                    "lr_sum": lr_sum,
+                    "lr_cumsum": list(self._lr_cumsum),
+                    "lr_at_checkpoint": current_lrs(optimizers),
+                    "steps_since_previous": step - self._step_at_last,
+                    "optimizer": schema.to_json(optimizer_summary(optimizers)),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+        self._logged_steps.append(step)
+        self._lr_cumsum_at_last = list(self._lr_cumsum)
+        self._step_at_last = step
+        if self.verbose:
+            rank_zero_info(
+                f"GradientLogger: step {step} ({trigger}): {n} examples"
+                + (f" + {nq} queries" if nq else "")
+                + f", D={width}, {time.perf_counter() - t0:.2f}s -> {self.path}"
+            )
+
+    def _featurize(self, trainer: pl.Trainer, feat: Featurizer, batch: Any):
+        batch = trainer.strategy.batch_to_device(batch)
+        with trainer.precision_plugin.forward_context():
+            return feat(batch)
+
+
+def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all buffers: what query gradients need beyond frozen weights."""
+    state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
+    return state
+
+

@@ -1,0 +1,81 @@
+"""When to log: ``ModelCheckpoint``-like triggers, validated up front."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+
+@dataclass(frozen=True)
+class LogSchedule:
+    """Which global steps and epochs get a logged checkpoint.
+
+    At most one of ``every_n_train_steps``, ``every_n_epochs`` and ``at_steps`` may be set. With none of
+    them (and neither flag) the default is ``every_n_epochs=1``.
+
+    Args:
+        every_n_train_steps: log after every n-th optimizer step.
+        every_n_epochs: log at the end of every n-th training epoch.
+        at_steps: log after these global steps.
+        log_at_fit_start: also log the weights the fit starts from (global step 0 on a fresh fit).
+        log_at_fit_end: also log the final weights (skipped if that step is already logged).
+
+    Example:
+        >>> LogSchedule(every_n_train_steps=10).step_due(20)
+        True
+        >>> LogSchedule(at_steps=[5, 7]).step_due(6)
+        False
+    """
+
+    every_n_train_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_steps: Sequence[int] | None = None
+    log_at_fit_start: bool = False
+    log_at_fit_end: bool = False
+    _steps: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        given = [
+            n
+            for n, v in (
+                ("every_n_train_steps", self.every_n_train_steps),
+                ("every_n_epochs", self.every_n_epochs),
+                ("at_steps", self.at_steps),
+            )
+            if v is not None
+        ]
+        if len(given) > 1:
+            raise MisconfigurationException(
+                f"GradientLogger takes one trigger, got {', '.join(given)}; keep one and use log_at_fit_start / "
+                "log_at_fit_end for extra checkpoints."
+            )
+        for name in ("every_n_train_steps", "every_n_epochs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise MisconfigurationException(f"{name} must be a positive int, got {v!r}")
+        if self.at_steps is not None:
+            steps = list(self.at_steps)
+            if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in steps):
+                raise MisconfigurationException(f"at_steps must be a non-empty list of non-negative ints, got {self.at_steps!r}")
+            object.__setattr__(self, "_steps", frozenset(steps))
+        if not given and not self.log_at_fit_start and not self.log_at_fit_end:
+            object.__setattr__(self, "every_n_epochs", 1)
+
+    def step_due(self, global_step: int) -> bool:
+        if self.every_n_train_steps is not None:
+            return global_step > 0 and global_step % self.every_n_train_steps == 0
+        return global_step in self._steps
+
+    def epoch_due(self, epoch: int) -> bool:
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+    def to_dict(self) -> dict:
+        return {
+            "every_n_train_steps": self.every_n_train_steps,
+            "every_n_epochs": self.every_n_epochs,
+            "at_steps": None if self.at_steps is None else sorted(self._steps),
+            "log_at_fit_start": self.log_at_fit_start,
+            "log_at_fit_end": self.log_at_fit_end,
+        }

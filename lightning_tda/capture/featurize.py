@@ -1,0 +1,152 @@
+"""One batch in, projected per-example gradients out; shared by the logger and the query side."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_tda.capture.dense import DenseProjector
+from lightning_tda.capture.hooks import LayerGradientHooks, Scales
+from lightning_tda.capture.layers import DENSE, LayerSpec
+from lightning_tda.capture.losses import LossFn
+from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.data.indexed import get_example_ids
+
+
+class NonFiniteError(FloatingPointError):
+    """A per-example loss or gradient is NaN or Inf."""
+
+
+@dataclass
+class FeatureBatch:
+    """Projected gradients of one batch.
+
+    Attributes:
+        ids: ``[B]`` int64 example ids (``None`` when the batch carries none and none were required).
+        losses: ``[B]`` per-example losses.
+        rows: ``[B, D]`` fp32 projected gradients.
+        scaled: ``[B, D]`` fp32 projected preconditioned gradients, or ``None``.
+    """
+
+    ids: torch.Tensor | None
+    losses: torch.Tensor
+    rows: torch.Tensor
+    scaled: torch.Tensor | None
+
+
+class Featurizer:
+    """Turns batches into :class:`FeatureBatch` es at the model's current weights.
+
+    Args:
+        model: the model to differentiate (left in whatever mode the caller set).
+        layers: the layout (from :func:`discover_layers` or a store).
+        config: the projection configuration.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``.
+        device: where projections live (the model's device).
+        scales: optional factor-wise preconditioner per layer, plus ``"<dense>:<param>"`` entries
+            (full-shape tensors) for dense parameters.
+        require_ids: raise when a batch has no example ids.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerSpec],
+        config: ProjectionConfig,
+        loss_fn: LossFn,
+        device: torch.device,
+        scales: Scales | None = None,
+        dense_scales: dict[str, torch.Tensor] | None = None,
+        require_ids: bool = True,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.require_ids = require_ids
+        self.hooks = LayerGradientHooks(model, layers, config, device, scales)
+        dense = [s for s in layers if s.kind == DENSE]
+        self.dense = DenseProjector(model, dense[0], config, device) if dense else None
+        self.dense_scales = dense_scales
+        self.scaled = scales is not None
+
+    def __call__(self, batch: Any) -> FeatureBatch:
+        ids = None
+        try:
+            ids = get_example_ids(batch)
+        except ValueError:
+            if self.require_ids:
+                raise
+        with torch.enable_grad(), self.hooks:
+            losses = self.loss_fn(self.model, batch)
+            _check_losses(losses, ids)
+            rows, scaled = self.hooks.projected_gradients(losses)
+        if self.dense is not None:
+            spec = self.dense.spec
+            d_rows, d_scaled = self.dense(self.loss_fn, batch, self.dense_scales if self.scaled else None)
+            rows[:, spec.offset : spec.offset + spec.size] = d_rows
+            if scaled is not None:
+                scaled[:, spec.offset : spec.offset + spec.size] = d_scaled
+        _check_finite(rows, ids, "gradient")
+        if scaled is not None:
+            _check_finite(scaled, ids, "preconditioned gradient")
+        return FeatureBatch(ids, losses.detach().float(), rows, scaled)
+
+
+def _check_losses(losses: Any, ids: torch.Tensor | None) -> None:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(
+            f"the per-example loss must be a 1-D tensor [B], got {shape}. Return one loss per example "
+            "(reduction='none'; sequence losses summed over supervised tokens), not a batch mean."
+        )
+    if ids is not None and losses.shape[0] != ids.shape[0]:
+        raise ValueError(f"the per-example loss has {losses.shape[0]} values for a batch of {ids.shape[0]} examples")
+    _check_finite(losses.detach(), ids, "loss")
+
+
+def _check_finite(t: torch.Tensor, ids: torch.Tensor | None, what: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        rows = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().cpu()
+        who = (ids.cpu()[rows] if ids is not None else rows).tolist()[:10]
+        raise NonFiniteError(
+            f"non-finite per-example {what} (NaN/Inf) for example ids {who}: nothing was written for this "
+            "checkpoint. Check those inputs and labels, lower the learning rate or add gradient clipping, "
+            "or exclude the examples from attribution_data."
+        )
+
+
+@contextlib.contextmanager
+def preserved_training_state(model: nn.Module) -> Iterator[None]:
+    """Run a block in eval mode and give back exactly the RNG streams and module modes it found.
+
+    Restores the python, numpy, torch CPU and CUDA RNG states and every module's ``training``
+    flag, so a sweep in the middle of ``fit`` cannot change what training does next.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def iterate(loader: Any, to_device: Callable[[Any], Any]) -> Iterator[Any]:
+    for batch in loader:
+        yield to_device(batch)

@@ -1,0 +1,160 @@
+"""Module hooks that turn one backward pass into projected per-example layer gradients.
+
+For a layer with inputs ``x_t`` (``[B, T, I]``) and output gradients ``δ_t`` (``[B, T, O]``) the
+per-example gradient of ``[W | b]`` is ``G = Σ_t δ_t [x_t, 1]^T``. The hooks project both sides first,
+``x̃ = [x, 1] P_in`` and ``δ̃ = δ P_out``, and form ``G̃ = Σ_t δ̃_t x̃_t^T = P_out^T G P_in``
+(``[B, k_out, k_in]``) without ever materialising ``G`` (LoGra, methods.md §4.1, §14.3).
+
+Output gradients are taken with ``torch.autograd.grad`` on the hooked outputs, so parameter
+``.grad`` fields are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
+from lightning_tda.capture.projection import ProjectionConfig, projection_matrix
+
+# (a [O], b [I+1]): factor-wise preconditioner G ⊙ (a b^T), e.g. Adam's factored 1/sqrt(v) (methods.md §2.3)
+Scales = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Record:
+    x: torch.Tensor  # [B, T, k_in] projected input
+    x_scaled: torch.Tensor | None  # [B, T, k_in] projected (b ⊙ input)
+    output: torch.Tensor  # hooked module output, for autograd.grad
+
+
+@dataclass
+class LayerProjector:
+    spec: LayerSpec
+    p_out: torch.Tensor | None  # [O, k_out], None = exact
+    p_in: torch.Tensor | None  # [I+1, k_in], None = exact
+    records: list[_Record] = field(default_factory=list)
+
+
+def build_projectors(
+    layers: list[LayerSpec], config: ProjectionConfig, device: torch.device
+) -> dict[str, LayerProjector]:
+    out = {}
+    for s in layers:
+        if s.kind == DENSE:
+            continue
+        p_out = (
+            None
+            if s.exact_out
+            else projection_matrix(config.seed, s.name, "out", s.out_features, s.k_out, config.distribution, device)
+        )
+        p_in = (
+            None
+            if s.exact_in
+            else projection_matrix(config.seed, s.name, "in", s.in_features, s.k_in, config.distribution, device)
+        )
+        out[s.name] = LayerProjector(s, p_out, p_in)
+    return out
+
+
+class LayerGradientHooks:
+    """Context manager hooking the captured layers of ``model``.
+
+    Usage::
+
+        with LayerGradientHooks(model, layers, config) as hooks:
+            losses = loss_fn(model, batch)              # [B]
+            rows, scaled = hooks.projected_gradients(losses)   # [B, D_layers]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerSpec],
+        config: ProjectionConfig,
+        device: torch.device,
+        scales: Scales | None = None,
+    ) -> None:
+        self.model = model
+        self.layers = [s for s in layers if s.kind != DENSE]
+        self.width = row_width(layers)
+        self.projectors = build_projectors(self.layers, config, device)
+        self.scales = scales
+        self._handles: list = []
+
+    def __enter__(self) -> LayerGradientHooks:
+        modules = dict(self.model.named_modules())
+        for name, proj in self.projectors.items():
+            if name not in modules:
+                raise KeyError(f"module {name!r} is not in the model")
+            self._handles.append(modules[name].register_forward_hook(self._make_hook(proj)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        for proj in self.projectors.values():
+            proj.records.clear()
+
+    def _make_hook(self, proj: LayerProjector):
+        spec = proj.spec
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = inputs[0].detach().float()
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            if spec.has_bias:
+                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            xs = None
+            if self.scales is not None:
+                xs = x * self.scales[spec.name][1]
+                xs = xs if proj.p_in is None else xs @ proj.p_in
+            xp = x if proj.p_in is None else x @ proj.p_in
+            proj.records.append(_Record(xp, xs, output))
+
+        return hook
+
+    def projected_gradients(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backward ``losses.sum()`` to the hooked outputs and project.
+
+        Args:
+            losses: ``[B]`` per-example losses from a forward pass run inside this context.
+
+        Returns:
+            ``(rows, scaled_rows)``: ``[B, D]`` fp32 (dense block columns left at zero) and the same for
+            the factor-wise scaled gradients (``None`` without ``scales``).
+        """
+        b = losses.shape[0]
+        records = [(p, r) for p in self.projectors.values() for r in p.records]
+        rows = losses.new_zeros(b, self.width, dtype=torch.float32)
+        scaled = rows.clone() if self.scales is not None else None
+        if not records:
+            self.clear()
+            return rows, scaled
+        grads = torch.autograd.grad(losses.sum(), [r.output for _, r in records], allow_unused=True)
+        for (proj, rec), g in zip(records, grads, strict=True):
+            if g is None:
+                continue
+            spec = proj.spec
+            if g.shape[0] != b or rec.x.shape[0] != b:
+                raise ValueError(
+                    f"layer {spec.name!r} saw a batch dimension of {g.shape[0]} but the loss has {b} examples; "
+                    "the model must keep the batch first (batch_first=True) and not mix examples."
+                )
+            d = g.detach().float().reshape(b, -1, spec.out_features)
+            dp = d if proj.p_out is None else d @ proj.p_out
+            sl = slice(spec.offset, spec.offset + spec.size)
+            rows[:, sl] += torch.einsum("bto,bti->boi", dp, rec.x).reshape(b, -1)
+            if scaled is not None:
+                ds = d * self.scales[spec.name][0]
+                ds = ds if proj.p_out is None else ds @ proj.p_out
+                scaled[:, sl] += torch.einsum("bto,bti->boi", ds, rec.x_scaled).reshape(b, -1)
+        self.clear()
+        return rows, scaled

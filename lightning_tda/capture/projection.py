@@ -1,0 +1,101 @@
+"""Seeded random projections: the same (seed, module name, side) gives the same matrix anywhere.
+
+Nothing is stored: the train side (logger) and the query side (scoring) regenerate identical
+matrices from the seed rule recorded in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+Distribution = Literal["gaussian", "rademacher"]
+ProjectionKind = Literal["kronecker", "exact"]
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """How each captured layer's gradient is compressed.
+
+    Attributes:
+        kind: ``"kronecker"`` stores ``P_out^T G P_in`` (LoGra style); ``"exact"`` stores ``G``.
+        rank: default projected size of each side (``k_out = k_in = rank``); a side whose dimension
+            is ``<= rank`` is kept exact (identity), since projecting up adds nothing.
+        dims: per-layer override ``{module_name: (k_out, k_in)}``; ``0`` on a side means exact.
+        distribution: entries of ``P`` are ``N(0, 1/k)`` (gaussian) or ``±1/sqrt(k)`` (rademacher).
+        seed: base seed; each matrix is seeded from ``(seed, module name, side)``.
+        dense_dim: size of the dense ``torch.func`` projection of trainable parameters outside the
+            captured layers (embeddings, norms); ``0`` skips those parameters.
+    """
+
+    kind: ProjectionKind = "kronecker"
+    rank: int = 16
+    dims: dict[str, tuple[int, int]] = field(default_factory=dict)
+    distribution: Distribution = "gaussian"
+    seed: int = 0
+    dense_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kronecker", "exact"):
+            raise ValueError(f"projection must be 'kronecker' or 'exact', got {self.kind!r}")
+        if self.distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {self.distribution!r}")
+        if self.kind == "kronecker" and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if self.dense_dim < 0:
+            raise ValueError(f"dense_dim must be >= 0, got {self.dense_dim}")
+        for name, dims in self.dims.items():
+            if len(dims) != 2 or any(int(d) < 0 for d in dims):
+                raise ValueError(f"dims[{name!r}] must be (k_out, k_in) with non-negative ints, got {dims!r}")
+
+    def side_dim(self, module_name: str, side: Literal["out", "in"], full: int) -> int:
+        """Projected size of one side of a layer; returns ``full`` when that side stays exact."""
+        if self.kind == "exact":
+            return full
+        if module_name in self.dims:
+            k = int(self.dims[module_name][0 if side == "out" else 1])
+        else:
+            k = self.rank
+        return full if k == 0 or k >= full else k
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dims"] = {k: list(v) for k, v in self.dims.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProjectionConfig:
+        d = dict(d)
+        d["dims"] = {k: tuple(v) for k, v in d.get("dims", {}).items()}
+        return cls(**d)
+
+
+def stable_seed(seed: int, *names: str) -> int:
+    """A 63-bit seed from ``seed`` and names, identical across processes and platforms."""
+    h = hashlib.sha256(repr((int(seed), *names)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def projection_matrix(
+    seed: int,
+    name: str,
+    side: str,
+    dim: int,
+    k: int,
+    distribution: Distribution = "gaussian",
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Random projection ``P`` of shape ``[dim, k]`` with ``E[P P^T] = I``.
+
+    Generated on the CPU with its own generator (so results do not depend on the device or on the
+    global RNG) and then moved to ``device``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name, side))
+    if distribution == "gaussian":
+        p = torch.randn(dim, k, generator=gen, dtype=torch.float32) / k**0.5
+    else:
+        p = (torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.int8).float() * 2 - 1) / k**0.5
+    return p.to(device) if device is not None else p

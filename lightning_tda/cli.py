@@ -1,0 +1,53 @@
+"""Command line: ``lightning-tda demo | inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lightning_tda.demo import run_demo
+
+    run_demo(out=args.out, epochs=args.epochs, n_queries=args.queries, top_k=args.top_k, seed=args.seed)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lightning_tda.attribution import AttributionStore
+
+    print(AttributionStore(args.file).summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-tda", description="Training-data attribution for Lightning runs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="train a small digits MLP with the logger attached and attribute test digits")
+    d.add_argument("--out", default=None, help="store path (default: a temporary directory)")
+    d.add_argument("--epochs", type=int, default=12)
+    d.add_argument("--queries", type=int, default=3)
+    d.add_argument("--top-k", type=int, default=3)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+    i = sub.add_parser("inspect", help="print a store's checkpoints, shapes, dtypes and sizes")
+    i.add_argument("file")
+    i.set_defaults(func=_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, OSError, ValueError, RuntimeError) as e:
+        if os.environ.get("LIGHTNING_TDA_DEBUG"):
+            raise
+        print(f"lightning-tda {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

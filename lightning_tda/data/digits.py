@@ -1,0 +1,45 @@
+"""scikit-learn's 8x8 digits (ships with scikit-learn, works offline) as indexed train/test sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from lightning_tda.data.indexed import IndexedDataset
+
+
+@dataclass
+class DigitsSplits:
+    """Standardised digits: ``train``/``test`` are :class:`IndexedDataset` s of ``(x [64], y)``.
+
+    Example ids are the row numbers in ``sklearn.datasets.load_digits()``, so they stay stable
+    across splits and runs.
+    """
+
+    train: IndexedDataset
+    test: IndexedDataset
+    images: np.ndarray  # [1797, 8, 8] raw pixel values 0..16, indexed by example id
+    labels: np.ndarray  # [1797]
+
+
+def load_digits_splits(n_train: int = 1000, n_test: int = 200, seed: int = 0) -> DigitsSplits:
+    """Split the 1797 digits with ``RandomState(seed).permutation`` and standardise with train stats."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = d.data.astype(np.float32), d.target.astype(np.int64)
+    if n_train + n_test > len(x):
+        raise ValueError(f"n_train + n_test must be <= {len(x)}")
+    perm = np.random.RandomState(seed).permutation(len(x))
+    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    std[std == 0] = 1.0
+    xs = (x - mean) / std
+
+    def make(idx: np.ndarray) -> IndexedDataset:
+        return IndexedDataset(TensorDataset(torch.from_numpy(xs[idx]), torch.from_numpy(y[idx])), ids=idx.tolist())
+
+    return DigitsSplits(make(tr), make(te), d.images, y)

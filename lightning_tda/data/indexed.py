@@ -1,0 +1,109 @@
+"""Stable example identity: every item a model sees carries the integer id of its example."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+EXAMPLE_ID_KEY = "example_id"
+
+
+class Indexed(NamedTuple):
+    """An item (or, after ``default_collate``, a batch) tagged with its example id(s).
+
+    ``default_collate`` keeps the named-tuple type, so a batch is ``Indexed(example_id=[B], data=...)``
+    and a training step can unpack it as ``ids, (x, y) = batch``.
+    """
+
+    example_id: Any
+    data: Any
+
+
+class IndexedDataset(Dataset):
+    """Wrap a map-style dataset so every item carries its stable integer example id.
+
+    Mapping items (e.g. Hugging Face rows) get an extra ``"example_id"`` key; any other item ``x``
+    becomes ``Indexed(example_id, x)``.
+
+    Args:
+        dataset: any map-style dataset (``__getitem__`` and ``__len__``).
+        ids: optional sequence of unique integer ids, one per item; defaults to ``0..len-1``.
+
+    Example:
+        >>> ds = IndexedDataset([(1.0, 0), (2.0, 1)], ids=[10, 11])
+        >>> ds[1]
+        Indexed(example_id=11, data=(2.0, 1))
+        >>> IndexedDataset([{"text": "a"}])[0]
+        {'text': 'a', 'example_id': 0}
+    """
+
+    def __init__(self, dataset: Any, ids: Sequence[int] | None = None) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                "IndexedDataset needs a map-style dataset with __getitem__ and __len__; "
+                f"got {type(dataset).__name__}. Materialise an iterable dataset into a list first."
+            )
+        self.dataset = dataset
+        n = len(dataset)
+        if ids is None:
+            self.ids = list(range(n))
+        else:
+            self.ids = [int(i) for i in ids]
+            if len(self.ids) != n:
+                raise ValueError(f"IndexedDataset got {len(self.ids)} ids for {n} items; pass one id per item.")
+            if len(set(self.ids)) != n:
+                raise ValueError("IndexedDataset ids must be unique; found duplicates.")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        example_id = self.ids[index]
+        if isinstance(item, Mapping):
+            if EXAMPLE_ID_KEY in item:
+                raise KeyError(f"item already has a {EXAMPLE_ID_KEY!r} key; rename it or drop it before wrapping")
+            return {**item, EXAMPLE_ID_KEY: example_id}
+        return Indexed(example_id, item)
+
+
+class MissingExampleIdsError(ValueError):
+    """A batch reached the logger without example ids."""
+
+
+def get_example_ids(batch: Any) -> torch.Tensor:
+    """Return the example ids of a collated batch as an int64 tensor ``[B]``.
+
+    Raises:
+        MissingExampleIdsError: the batch carries no ids (wrap the dataset in ``IndexedDataset``).
+    """
+    ids = None
+    if isinstance(batch, Indexed):
+        ids = batch.example_id
+    elif isinstance(batch, Mapping) and EXAMPLE_ID_KEY in batch:
+        ids = batch[EXAMPLE_ID_KEY]
+    if ids is None:
+        raise MissingExampleIdsError(
+            "This batch carries no example ids, so its rows cannot be tied to training examples. "
+            "Wrap the dataset in lightning_tda.IndexedDataset (items become Indexed(example_id, data) "
+            "or dicts with an 'example_id' key) and keep that field through any custom collate_fn."
+        )
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise MissingExampleIdsError(
+            f"example ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} and dtype {ids.dtype}; "
+            "use IndexedDataset and the default collate_fn."
+        )
+    return ids.to(torch.int64)
+
+
+def strip_example_ids(batch: Any) -> Any:
+    """Return the batch without its ids (the wrapped data for ``Indexed`` batches)."""
+    if isinstance(batch, Indexed):
+        return batch.data
+    if isinstance(batch, Mapping) and EXAMPLE_ID_KEY in batch:
+        return {k: v for k, v in batch.items() if k != EXAMPLE_ID_KEY}
+    return batch

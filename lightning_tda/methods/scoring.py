@@ -1,0 +1,115 @@
+"""Streaming scorer: bounded-memory dot products of query vectors against every stored row.
+
+A score is a sum of terms, one per (checkpoint, dataset): ``s[q, i] = Σ_t <u_t[q], x_t[i]>``
+(optionally with ``x_t[i]`` unit-normalised). Rows are read in blocks; only the running top-k
+proponents/opponents (or the dense ``[Q, N]`` matrix on request) are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_tda.store.reader import StoreReader
+
+
+@dataclass
+class ScoreTerm:
+    """``<query[q], train_row[i]>`` for one checkpoint dataset.
+
+    Attributes:
+        step: checkpoint global step.
+        dataset: ``"train"`` or ``"train_precond"``.
+        query: ``[Q, D]`` fp32 query vectors with any per-column weights already applied.
+        normalize_train: divide each train row by its L2 norm first (cosine).
+    """
+
+    step: int
+    dataset: str
+    query: torch.Tensor
+    normalize_train: bool = False
+
+
+@dataclass
+class SelfTerm:
+    """``weight * <a_i, b_i>`` between two datasets of one checkpoint (``weight``: ``[D]``)."""
+
+    step: int
+    dataset_a: str
+    dataset_b: str
+    weight: torch.Tensor
+
+
+@dataclass
+class TopK:
+    values: torch.Tensor  # [Q, k] descending
+    rows: torch.Tensor  # [Q, k] row positions
+    low_values: torch.Tensor  # [Q, k] ascending
+    low_rows: torch.Tensor  # [Q, k]
+
+
+def default_block_rows(width: int, terms: int, budget_bytes: int = 256 * 2**20) -> int:
+    """Rows per block so that decoded fp32 blocks of all terms fit in ``budget_bytes``."""
+    return max(64, budget_bytes // max(1, 4 * width * max(1, terms)))
+
+
+def stream_scores(
+    store: StoreReader, terms: list[ScoreTerm], top_k: int | None, block_rows: int | None = None
+) -> torch.Tensor | TopK:
+    """Score every stored row against every query.
+
+    Returns:
+        ``[Q, N]`` dense scores when ``top_k is None``, else a :class:`TopK` over row positions.
+    """
+    if not terms:
+        raise ValueError("no checkpoints to score: the method selected none")
+    device = terms[0].query.device
+    q = terms[0].query.shape[0]
+    n = store.num_examples
+    block = block_rows or default_block_rows(store.width, len(terms))
+    keys = [(t.step, t.dataset) for t in terms]
+    dense = None if top_k is not None else torch.empty(q, n, dtype=torch.float32)
+    k = None if top_k is None else min(int(top_k), n)
+    best_v = best_r = low_v = low_r = None
+    for start, stop, blocks in store.iter_blocks(keys, block):
+        s = torch.zeros(q, stop - start, dtype=torch.float32, device=device)
+        for t, x in zip(terms, blocks, strict=True):
+            x = x.to(device, non_blocking=True)
+            if t.normalize_train:
+                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            s.addmm_(t.query, x.T)
+        if dense is not None:
+            dense[:, start:stop] = s.cpu()
+            continue
+        rows = torch.arange(start, stop, device=device).expand(q, -1)
+        best_v, best_r = _merge(best_v, best_r, s, rows, k, largest=True)
+        low_v, low_r = _merge(low_v, low_r, s, rows, k, largest=False)
+    if dense is not None:
+        return dense
+    return TopK(best_v.cpu(), best_r.cpu(), low_v.cpu(), low_r.cpu())
+
+
+def _merge(v, r, s, rows, k, largest):
+    if v is not None:
+        s = torch.cat([v, s], dim=1)
+        rows = torch.cat([r, rows], dim=1)
+    kk = min(k, s.shape[1])
+    vals, idx = torch.topk(s, kk, dim=1, largest=largest, sorted=True)
+    return vals, torch.gather(rows, 1, idx)
+
+
+def stream_self_influence(store: StoreReader, terms: list[SelfTerm], block_rows: int | None = None) -> torch.Tensor:
+    """``[N]``: ``Σ_t <weight ⊙ a_i, b_i>`` for every stored row."""
+    keys: list[tuple[int, str]] = []
+    for t in terms:
+        keys += [(t.step, t.dataset_a), (t.step, t.dataset_b)]
+    block = block_rows or default_block_rows(store.width, len(keys))
+    out = torch.zeros(store.num_examples, dtype=torch.float64)
+    for start, stop, blocks in store.iter_blocks(keys, block):
+        acc = torch.zeros(stop - start, dtype=torch.float64)
+        for j, t in enumerate(terms):
+            a, b = blocks[2 * j], blocks[2 * j + 1]
+            acc += (a * t.weight * b).sum(dim=1).double()
+        out[start:stop] = acc
+    return out.float()

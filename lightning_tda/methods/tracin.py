@@ -1,0 +1,134 @@
+"""Gradient-similarity methods: GradDot, GradCos, TracIn-CP and Adam-preconditioned TracIn.
+
+All follow the library sign: score > 0 means the training example's gradient step lowers the
+query loss (a proponent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights, select_checkpoints
+from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
+from lightning_tda.store import schema
+from lightning_tda.store.reader import CheckpointInfo, StoreReader
+
+
+@dataclass
+class GradDot(AttributionMethod):
+    """``<g_q, g_i>`` at one checkpoint.
+
+    Args:
+        checkpoint: global step to use; ``None`` = the last logged checkpoint.
+    """
+
+    checkpoint: int | None = None
+    name: ClassVar[str] = "graddot"
+
+    def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
+        return [store.checkpoint(self.checkpoint)]
+
+    def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
+        (ck,) = self.used_checkpoints(store)
+        return [ScoreTerm(ck.global_step, schema.TRAIN, queries[ck.global_step])]
+
+    def self_terms(self, store: StoreReader) -> list[SelfTerm]:
+        (ck,) = self.used_checkpoints(store)
+        return [SelfTerm(ck.global_step, schema.TRAIN, schema.TRAIN, torch.ones(store.width))]
+
+
+@dataclass
+class GradCos(GradDot):
+    """Cosine similarity ``<g_q, g_i> / (|g_q| |g_i|)`` at one checkpoint (in the projected space).
+
+    Args:
+        checkpoint: global step to use; ``None`` = the last logged checkpoint.
+    """
+
+    name: ClassVar[str] = "gradcos"
+
+    def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
+        (ck,) = self.used_checkpoints(store)
+        q = queries[ck.global_step]
+        return [ScoreTerm(ck.global_step, schema.TRAIN, _unit(q), normalize_train=True)]
+
+    def self_terms(self, store: StoreReader) -> list[SelfTerm]:
+        raise ValueError("gradcos self-influence is 1 for every example; use method='tracin' or 'graddot'")
+
+
+@dataclass
+class TracIn(AttributionMethod):
+    """TracIn-CP: ``Σ_c η̄_c <g_q(θ_c), g_i(θ_c)>`` (methods.md §2.1).
+
+    ``η̄_c`` is the learning-rate sum of the interval checkpoint ``c`` stands for, logged per parameter
+    group (each layer weighted by its group's sum).
+
+    Args:
+        checkpoints: global steps to use; ``None`` = all complete checkpoints.
+        interval: ``"previous"`` (steps since the previous checkpoint) or ``"next"``.
+    """
+
+    checkpoints: Sequence[int] | None = None
+    interval: Interval = "previous"
+    name: ClassVar[str] = "tracin"
+    train_dataset: ClassVar[str] = schema.TRAIN
+
+    def __post_init__(self) -> None:
+        if self.interval not in ("previous", "next"):
+            raise ValueError(f"interval must be 'previous' or 'next', got {self.interval!r}")
+        if self.checkpoints is not None:
+            self.checkpoints = [int(s) for s in self.checkpoints]
+
+    def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
+        return select_checkpoints(store, self.checkpoints)
+
+    def _weighted(self, store: StoreReader) -> list[tuple[CheckpointInfo, torch.Tensor]]:
+        out = [(ck, lr_weights(store, ck, self.interval)) for ck in self.used_checkpoints(store)]
+        if all(float(w.abs().max()) == 0.0 for _, w in out):
+            raise ValueError(
+                "every selected checkpoint has a zero learning-rate weight (e.g. only a fit-start checkpoint with "
+                "interval='previous'); use interval='next', other checkpoints, or method='graddot'"
+            )
+        return out
+
+    def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
+        return [
+            ScoreTerm(ck.global_step, self.train_dataset, queries[ck.global_step] * w.to(queries[ck.global_step].device))
+            for ck, w in self._weighted(store)
+        ]
+
+    def self_terms(self, store: StoreReader) -> list[SelfTerm]:
+        return [SelfTerm(ck.global_step, schema.TRAIN, self.train_dataset, w) for ck, w in self._weighted(store)]
+
+
+@dataclass
+class TracInAdam(TracIn):
+    """TracIn with the Adam update direction on the train side (methods.md §2.3).
+
+    Train rows are ``P_out^T (G ⊙ a b^T) P_in``, the per-example gradient preconditioned by the
+    checkpoint's factored Adam second moments (``a``, ``b`` from row/column means of ``exp_avg_sq``,
+    bias-corrected), applied to inputs and output gradients before projection. The query side is the
+    plain gradient, so a score is the first-order query-loss drop of one Adam-like step on the example.
+    Needs ``GradientLogger(optimizer_state=True)`` with an Adam-family optimizer.
+    """
+
+    name: ClassVar[str] = "tracin_adam"
+    train_dataset: ClassVar[str] = schema.TRAIN_PRECOND
+
+    def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
+        cks = super().used_checkpoints(store)
+        missing = [c.global_step for c in cks if not c.has_precond]
+        if missing:
+            raise ValueError(
+                f"checkpoints {missing} have no preconditioned rows; tracin_adam needs an Adam-family optimizer "
+                "and GradientLogger(optimizer_state=True)"
+            )
+        return cks
+
+
+def _unit(q: torch.Tensor) -> torch.Tensor:
+    return q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)

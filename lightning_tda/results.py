@@ -1,0 +1,47 @@
+"""What attribution returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttributionResult:
+    """Scores of training examples for each query.
+
+    Sign convention: a score > 0 means including the training example lowers the query's loss
+    (a proponent); < 0 raises it (an opponent).
+
+    Attributes:
+        method: method name.
+        scores: ``[Q, k]`` scores of the top-k proponents (descending), or ``[Q, N]`` dense scores in
+            store row order when ``top_k=None``.
+        indices: ``[Q, k]`` example ids of the proponents (``None`` for dense results).
+        opponent_scores: ``[Q, k]`` most negative scores (ascending), ``None`` for dense results.
+        opponents: ``[Q, k]`` example ids of the opponents.
+        example_ids: ``[N]`` example id of each store row (the column order of dense scores).
+        query_ids: ``[Q]`` ids of the queries when known.
+        checkpoints: the global steps that contributed.
+    """
+
+    method: str
+    scores: torch.Tensor
+    indices: torch.Tensor | None
+    opponent_scores: torch.Tensor | None
+    opponents: torch.Tensor | None
+    example_ids: torch.Tensor
+    query_ids: torch.Tensor | None = None
+    checkpoints: list[int] = field(default_factory=list)
+
+    @property
+    def dense(self) -> bool:
+        return self.indices is None
+
+    def __repr__(self) -> str:
+        kind = "dense" if self.dense else f"top-{self.scores.shape[1]}"
+        return (
+            f"AttributionResult(method={self.method!r}, queries={self.scores.shape[0]}, {kind}, "
+            f"train_examples={len(self.example_ids)}, checkpoints={self.checkpoints})"
+        )

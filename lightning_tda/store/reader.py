@@ -1,0 +1,199 @@
+"""Lazy reader of an attribution store, and the entry point for attribution."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from lightning_tda.capture.layers import LayerSpec
+from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.store import schema
+from lightning_tda.store.writer import StoreError
+
+
+class SchemaVersionError(StoreError):
+    """The file was written with a schema this version cannot read."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One complete checkpoint of the store."""
+
+    global_step: int
+    epoch: int
+    lr_sum: tuple[float, ...]  # per param group, over the steps since the previous checkpoint
+    lr_cumsum: tuple[float, ...]  # per param group, since the start of training
+    steps_since_previous: int
+    trigger: str
+    datasets: tuple[str, ...]
+
+    @property
+    def has_precond(self) -> bool:
+        return schema.TRAIN_PRECOND in self.datasets
+
+    @property
+    def has_queries(self) -> bool:
+        return schema.QUERY in self.datasets
+
+
+class StoreReader:
+    """Read-only view of a store file; opens the file on demand.
+
+    Args:
+        path: the ``.h5`` file written by :class:`~lightning_tda.GradientLogger`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no attribution store at {self.path}; check the path given to GradientLogger")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self._read_meta(f)
+        except OSError as e:
+            raise StoreError(
+                f"{self.path} is not a readable HDF5 file ({e}); was it written by GradientLogger?"
+            ) from e
+
+    def _read_meta(self, f: h5py.File) -> None:
+        fmt = f.attrs.get("format")
+        if fmt != schema.FORMAT:
+            raise StoreError(f"{self.path} is not a lightning_tda store (format attribute {fmt!r})")
+        version = int(f.attrs.get("schema_version", -1))
+        if version != schema.SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path} has store schema version {version}; this lightning_tda ({_lib_version()}) reads "
+                f"version {schema.SCHEMA_VERSION}. Install the lightning_tda version that wrote it "
+                f"(library_version={f.attrs.get('library_version', '?')!r}) or re-log the run."
+            )
+        self.storage_dtype = str(f.attrs["storage_dtype"])
+        self.attrs = {k: f.attrs[k] for k in f.attrs}
+        self.layers = [LayerSpec.from_dict(d) for d in json.loads(f.attrs["layers"])]
+        self.projection = ProjectionConfig.from_dict(json.loads(f.attrs["projection"]))
+        self.layer_groups = json.loads(f.attrs["layer_groups"])
+        self.width = sum(s.size for s in self.layers)
+        ck = []
+        for name, g in f.get(schema.CHECKPOINTS, {}).items():
+            if not g.attrs.get("complete", False):
+                continue
+            ck.append(
+                CheckpointInfo(
+                    global_step=int(g.attrs["global_step"]),
+                    epoch=int(g.attrs.get("epoch", -1)),
+                    lr_sum=tuple(float(x) for x in np.atleast_1d(g.attrs.get("lr_sum", []))),
+                    lr_cumsum=tuple(float(x) for x in np.atleast_1d(g.attrs.get("lr_cumsum", []))),
+                    steps_since_previous=int(g.attrs.get("steps_since_previous", 0)),
+                    trigger=str(g.attrs.get("trigger", "")),
+                    datasets=tuple(k for k in g if isinstance(g[k], h5py.Dataset)),
+                )
+            )
+        self.checkpoints = sorted(ck, key=lambda c: c.global_step)
+        self.example_ids = torch.from_numpy(f[schema.EXAMPLE_IDS][()]) if schema.EXAMPLE_IDS in f else torch.empty(0)
+        self.query_ids = torch.from_numpy(f[schema.QUERY_IDS][()]) if schema.QUERY_IDS in f else None
+        self.incomplete = [
+            int(g.attrs.get("global_step", -1))
+            for g in f.get(schema.CHECKPOINTS, {}).values()
+            if not g.attrs.get("complete", False)
+        ]
+
+    # -- basic access ----------------------------------------------------------------------
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.global_step for c in self.checkpoints]
+
+    def checkpoint(self, step: int | None = None) -> CheckpointInfo:
+        """The checkpoint at ``step`` (the last one when ``None``)."""
+        if not self.checkpoints:
+            raise StoreError(
+                f"{self.path} has no complete checkpoint yet"
+                + (f" (incomplete: steps {self.incomplete}; resume the fit to finish them)" if self.incomplete else "")
+            )
+        if step is None:
+            return self.checkpoints[-1]
+        for c in self.checkpoints:
+            if c.global_step == int(step):
+                return c
+        raise KeyError(f"no complete checkpoint at step {step}; the store has steps {self.steps}")
+
+    def _dataset(self, f: h5py.File, step: int, name: str) -> h5py.Dataset:
+        path = f"{schema.checkpoint_name(step)}/{name}"
+        if path not in f:
+            hint = (
+                " (log with optimizer_state=True and an Adam-family optimizer)" if name == schema.TRAIN_PRECOND else ""
+            )
+            raise KeyError(f"checkpoint {step} has no {name!r} dataset{hint}")
+        return f[path]
+
+    def read(self, step: int, name: str = schema.TRAIN, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start:stop]`` of a checkpoint dataset as fp32 ``[n, D]`` (or ``[n]``)."""
+        with h5py.File(self.path, "r") as f:
+            arr = self._dataset(f, step, name)[start:stop]
+        if arr.ndim == 2:
+            return schema.decode_rows(arr, self.storage_dtype)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def iter_blocks(
+        self, steps_and_names: Sequence[tuple[int, str]], block_rows: int
+    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file."""
+        with h5py.File(self.path, "r") as f:
+            dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
+            n = self.num_examples
+            for start in range(0, n, block_rows):
+                stop = min(n, start + block_rows)
+                yield start, stop, [schema.decode_rows(d[start:stop], self.storage_dtype) for d in dsets]
+
+    def state(self, step: int) -> dict[str, torch.Tensor]:
+        """Trainable parameters and buffers saved at a checkpoint."""
+        with h5py.File(self.path, "r") as f:
+            g = f.get(f"{schema.checkpoint_name(step)}/{schema.STATE}")
+            if g is None:
+                raise KeyError(
+                    f"checkpoint {step} saved no model state (GradientLogger(save_state=False)); query gradients "
+                    "cannot be recomputed: use queries='logged' or re-log with save_state=True"
+                )
+            out = {}
+            g.visititems(lambda k, d: out.__setitem__(k, torch.from_numpy(d[()])) if isinstance(d, h5py.Dataset) else None)
+            return {k.replace("|", "."): v for k, v in out.items()}
+
+    def arrays(self, step: int, group: str) -> dict[str, np.ndarray]:
+        with h5py.File(self.path, "r") as f:
+            g = f.get(f"{schema.checkpoint_name(step)}/{group}")
+            if g is None:
+                return {}
+            out: dict[str, np.ndarray] = {}
+            g.visititems(lambda k, d: out.__setitem__(k, d[()]) if isinstance(d, h5py.Dataset) else None)
+            return out
+
+    def checkpoint_attrs(self, step: int) -> dict[str, Any]:
+        with h5py.File(self.path, "r") as f:
+            g = f[schema.checkpoint_name(step)]
+            return {k: g.attrs[k] for k in g.attrs}
+
+    def column_weights(self, step: int, per_group: Sequence[float]) -> torch.Tensor:
+        """``[D]`` vector holding each layer's parameter-group value on that layer's columns."""
+        w = torch.ones(self.width, dtype=torch.float32)
+        for s in self.layers:
+            g = int(self.layer_groups.get(s.name, 0))
+            if g >= len(per_group):
+                raise StoreError(f"layer {s.name} maps to param group {g} but checkpoint {step} has {len(per_group)}")
+            w[s.offset : s.offset + s.size] = float(per_group[g])
+        return w
+
+
+def _lib_version() -> str:
+    from lightning_tda import __version__
+
+    return __version__

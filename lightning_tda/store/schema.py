@@ -1,0 +1,69 @@
+"""Names and version of the HDF5 layout (documented in docs/store.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "lightning_tda"
+SCHEMA_VERSION = 1
+
+CHECKPOINTS = "checkpoints"
+EXAMPLE_IDS = "examples/ids"
+QUERY_IDS = "queries/ids"
+
+TRAIN = "train"  # [N, D] projected gradients
+TRAIN_PRECOND = "train_precond"  # [N, D] projected optimizer-preconditioned gradients
+TRAIN_LOSS = "loss"  # [N] per-example loss
+ROW_IDS = "ids"  # [N] example id of each row
+QUERY = "query"  # [Q, D]
+QUERY_LOSS = "query_loss"  # [Q]
+OPTIMIZER = "optimizer"  # group: factored second moments per layer
+STATE = "state"  # group: trainable parameters and buffers at this checkpoint
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+FP16_MAX = 65504.0
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"{CHECKPOINTS}/{int(global_step):010d}"
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default, sort_keys=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return repr(o)
+
+
+def h5_dtype(storage: str) -> np.dtype:
+    """HDF5 on-disk dtype; bfloat16 is stored as its uint16 bit pattern."""
+    return {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}[storage]
+
+
+def encode_rows(rows: torch.Tensor, storage: str) -> np.ndarray:
+    """fp32 tensor -> numpy array in the storage encoding (on the CPU)."""
+    if storage == "bfloat16":
+        return rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().view("<u2")
+    if storage == "float16":
+        return rows.to(torch.float16).cpu().numpy()
+    return rows.float().cpu().numpy()
+
+
+def decode_rows(arr: np.ndarray, storage: str) -> torch.Tensor:
+    """Stored block -> fp32 tensor."""
+    if storage == "bfloat16":
+        return torch.from_numpy(arr.view("<i2").copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(arr)).float()

@@ -1,0 +1,336 @@
+"""Crash-safe writer of the attribution store.
+
+Crash safety rests on three rules:
+
+1. The file is open only while a checkpoint is written; between checkpoints it is closed.
+2. A checkpoint's datasets are created contiguous with early allocation and the structure is
+   flushed before any row is written, so writing rows changes raw bytes only, never HDF5 metadata.
+   A process killed mid-sweep leaves consistent metadata.
+3. ``complete=True`` is set last, after every row is written and flushed. Readers ignore
+   checkpoints without it; the next writer reuses or deletes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from lightning_tda.store import schema
+
+
+class StoreError(RuntimeError):
+    """The store cannot be written or read as asked."""
+
+
+def _create_early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+    """Contiguous dataset whose storage is allocated now, so later writes touch no metadata."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(shape)
+    tid = h5py.h5t.py_create(dtype, logical=True)
+    dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+    return h5py.Dataset(dsid)
+
+
+def _attr(v: Any) -> Any:
+    """HDF5-storable attribute value (str subclasses such as torch's version become plain str)."""
+    return str(v) if isinstance(v, str) else v
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e):
+            raise StoreError(f"disk full while opening {path}: free space or choose another path") from e
+        raise StoreError(
+            f"cannot open the attribution store {path} for writing ({e}). Check that the directory exists "
+            "and is writable, that no other process holds the file open, or pass another path."
+        ) from e
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail fast (at construction) when ``path`` cannot be created or written."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.exists() and p.is_dir():
+        raise StoreError(f"store path {p} is a directory; pass a file path such as {p / 'tda.h5'}")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the directory {parent} for the store ({e}); pass a writable path") from e
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise StoreError(f"store path {p} is not writable; pass a path in a writable directory")
+    return p
+
+
+class StoreWriter:
+    """Writes run metadata and checkpoints into one HDF5 file.
+
+    Args:
+        path: the ``.h5`` file.
+        storage_dtype: ``float16`` (default), ``bfloat16`` or ``float32`` for gradient rows.
+    """
+
+    def __init__(self, path: str | os.PathLike, storage_dtype: str = "float16") -> None:
+        if storage_dtype not in schema.STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {schema.STORAGE_DTYPES}, got {storage_dtype!r}")
+        self.path = check_writable(path)
+        self.storage_dtype = storage_dtype
+
+    # -- run level ---------------------------------------------------------------------------
+    def has_complete_checkpoints(self) -> bool:
+        if not self.path.exists():
+            return False
+        with _open(self.path, "r") as f:
+            ck = f.get(schema.CHECKPOINTS)
+            return ck is not None and any(bool(g.attrs.get("complete", False)) for g in ck.values())
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+
+    def prune(self, keep_up_to_step: int | None) -> list[int]:
+        """Delete incomplete checkpoints and those after ``keep_up_to_step`` (stale after a resume)."""
+        if not self.path.exists():
+            return []
+        removed = []
+        with _open(self.path, "a") as f:
+            ck = f.get(schema.CHECKPOINTS)
+            if ck is None:
+                return []
+            for name in list(ck.keys()):
+                g = ck[name]
+                step = int(g.attrs.get("global_step", int(name)))
+                stale = keep_up_to_step is not None and step > keep_up_to_step
+                if stale or not g.attrs.get("complete", False):
+                    del ck[name]
+                    removed.append(step)
+            f.flush()
+        return removed
+
+    def write_run_metadata(self, attrs: Mapping[str, Any], compare: tuple[str, ...] = ()) -> None:
+        """Create the file's root attributes, or check that an existing file is the same run layout."""
+        with _open(self.path, "a") as f:
+            fmt = f.attrs.get("format")
+            if fmt is None:
+                f.attrs["format"] = schema.FORMAT
+                f.attrs["schema_version"] = schema.SCHEMA_VERSION
+                f.attrs["storage_dtype"] = self.storage_dtype
+                for k, v in attrs.items():
+                    f.attrs[k] = _attr(v)
+                f.flush()
+                return
+            if fmt != schema.FORMAT or int(f.attrs.get("schema_version", -1)) != schema.SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} is not a lightning_tda schema-{schema.SCHEMA_VERSION} store "
+                    f"(format={fmt!r}, schema_version={f.attrs.get('schema_version')!r}); pass a new path."
+                )
+            if f.attrs.get("storage_dtype") != self.storage_dtype:
+                raise StoreError(
+                    f"{self.path} stores {f.attrs.get('storage_dtype')} rows but this logger writes "
+                    f"{self.storage_dtype}; use the same dtype= or a new path."
+                )
+            for k in compare:
+                if k in f.attrs and k in attrs and f.attrs[k] != attrs[k]:
+                    raise StoreError(
+                        f"{self.path} was written with a different {k} than this run has (model layers or "
+                        "projection changed). Use a new path, or overwrite=True to start the file again."
+                    )
+            for k, v in attrs.items():
+                if k not in f.attrs:
+                    f.attrs[k] = _attr(v)
+            f.flush()
+
+    def set_root_attrs(self, attrs: Mapping[str, Any]) -> None:
+        with _open(self.path, "a") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = _attr(v)
+            f.flush()
+
+    # -- checkpoint level --------------------------------------------------------------------
+    def begin_checkpoint(
+        self,
+        global_step: int,
+        num_rows: int,
+        width: int,
+        num_queries: int = 0,
+        precond: bool = False,
+    ) -> CheckpointWriter:
+        return CheckpointWriter(self, global_step, num_rows, width, num_queries, precond)
+
+
+class CheckpointWriter:
+    """Writes one checkpoint's rows; use as a context manager, call :meth:`commit` at the end."""
+
+    def __init__(
+        self, store: StoreWriter, global_step: int, num_rows: int, width: int, num_queries: int, precond: bool
+    ) -> None:
+        self.store = store
+        self.step = int(global_step)
+        self.n = int(num_rows)
+        self.q = int(num_queries)
+        self.width = int(width)
+        self.precond = precond
+        self.dtype = store.storage_dtype
+        self.file = _open(store.path, "a")
+        try:
+            self._setup()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _setup(self) -> None:
+        f = self.file
+        canonical = f.get(schema.EXAMPLE_IDS)
+        self.canonical = None
+        if canonical is not None:
+            ids = canonical[()]
+            if len(ids) != self.n:
+                raise StoreError(
+                    f"attribution data has {self.n} examples but earlier checkpoints in {self.store.path} have "
+                    f"{len(ids)}; attribute the same examples at every checkpoint (or use a new store)."
+                )
+            self.canonical = {int(i): r for r, i in enumerate(ids)}
+        name = schema.checkpoint_name(self.step)
+        if name in f:
+            if f[name].attrs.get("complete", False):
+                raise StoreError(f"checkpoint at step {self.step} already exists and is complete in {self.store.path}")
+            del f[name]
+        g = f.create_group(name, track_order=True)
+        g.attrs["global_step"] = self.step
+        g.attrs["complete"] = False
+        enc = schema.h5_dtype(self.dtype)
+        self.ds = {schema.TRAIN: _create_early(g, schema.TRAIN, (self.n, self.width), enc)}
+        if self.precond:
+            self.ds[schema.TRAIN_PRECOND] = _create_early(g, schema.TRAIN_PRECOND, (self.n, self.width), enc)
+        self.ds[schema.TRAIN_LOSS] = _create_early(g, schema.TRAIN_LOSS, (self.n,), np.dtype("<f4"))
+        self.ds[schema.ROW_IDS] = _create_early(g, schema.ROW_IDS, (self.n,), np.dtype("<i8"))
+        if self.q:
+            self.ds[schema.QUERY] = _create_early(g, schema.QUERY, (self.q, self.width), enc)
+            self.ds[schema.QUERY_LOSS] = _create_early(g, schema.QUERY_LOSS, (self.q,), np.dtype("<f4"))
+        self.group = g
+        self.written = np.zeros(self.n, dtype=bool)
+        self.next_row = 0
+        self.query_ids: list[int] = []
+        f.flush()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            try:
+                self.file.flush()
+            finally:
+                self.file.close()
+
+    def _encode(self, rows: torch.Tensor) -> np.ndarray:
+        if self.dtype == "float16":
+            peak = float(rows.abs().max()) if rows.numel() else 0.0
+            if peak > schema.FP16_MAX:
+                raise StoreError(
+                    f"a projected gradient value ({peak:.3g}) overflows float16 at step {self.step}; "
+                    "use GradientLogger(dtype='bfloat16') or dtype='float32'."
+                )
+        return schema.encode_rows(rows, self.dtype)
+
+    def write_rows(
+        self, ids: torch.Tensor, rows: torch.Tensor, losses: torch.Tensor, precond: torch.Tensor | None = None
+    ) -> None:
+        """Write one batch: ``ids`` ``[B]``, ``rows``/``precond`` ``[B, D]``, ``losses`` ``[B]``."""
+        ids_np = ids.cpu().numpy().astype(np.int64)
+        b = len(ids_np)
+        if rows.shape != (b, self.width):
+            raise StoreError(f"rows of shape {tuple(rows.shape)} do not match [batch={b}, D={self.width}]")
+        if self.canonical is None:
+            pos = np.arange(self.next_row, self.next_row + b)
+            if pos.size and pos[-1] >= self.n:
+                raise StoreError(
+                    f"attribution data yielded more than its {self.n} examples; its length and iteration disagree"
+                )
+            self.next_row += b
+        else:
+            try:
+                pos = np.fromiter((self.canonical[int(i)] for i in ids_np), dtype=np.int64, count=b)
+            except KeyError as e:
+                raise StoreError(
+                    f"example id {e.args[0]} is not among the store's examples; attribution data must hold the "
+                    "same examples at every checkpoint."
+                ) from None
+        if self.written[pos].any() or len(np.unique(pos)) != b:
+            dup = ids_np[self.written[pos]].tolist()[:5] or ids_np.tolist()[:5]
+            raise StoreError(
+                f"example ids {dup} appear twice in one checkpoint sweep; example ids must be unique "
+                "(IndexedDataset(dataset, ids=...)) and each example swept once."
+            )
+        order = np.argsort(pos)
+        pos_s = pos[order]
+        contiguous = b > 0 and pos_s[-1] - pos_s[0] == b - 1
+        sel = slice(int(pos_s[0]), int(pos_s[-1]) + 1) if contiguous else pos_s
+        order_t = torch.from_numpy(order).to(rows.device)
+        self.ds[schema.TRAIN][sel] = self._encode(rows.index_select(0, order_t))
+        if precond is not None:
+            self.ds[schema.TRAIN_PRECOND][sel] = self._encode(precond.index_select(0, order_t))
+        self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
+        self.ds[schema.ROW_IDS][sel] = ids_np[order]
+        self.written[pos] = True
+
+    def write_queries(self, ids: torch.Tensor | None, rows: torch.Tensor, losses: torch.Tensor) -> None:
+        start = len(self.query_ids)
+        b = rows.shape[0]
+        if start + b > self.q:
+            raise StoreError(f"query data yielded more than its {self.q} examples")
+        self.ds[schema.QUERY][start : start + b] = self._encode(rows)
+        self.ds[schema.QUERY_LOSS][start : start + b] = losses.detach().float().cpu().numpy()
+        self.query_ids.extend(range(start, start + b) if ids is None else ids.cpu().tolist())
+
+    def write_arrays(self, group: str, arrays: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        """Small per-checkpoint arrays (optimizer factors, model state): ``group/name`` datasets."""
+        g = self.group.require_group(group)
+        for name, value in arrays.items():
+            arr = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+            if isinstance(arr, torch.Tensor):
+                arr = arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
+            g.create_dataset(name, data=np.asarray(arr), track_times=False)
+
+    def commit(self, attrs: Mapping[str, Any]) -> None:
+        """Check every row is written, then flush and mark the checkpoint complete."""
+        missing = int((~self.written).sum())
+        if missing:
+            raise StoreError(
+                f"checkpoint at step {self.step} got rows for {self.n - missing} of {self.n} examples; the "
+                "attribution data must yield every example once per sweep (drop_last=False, a sized dataset)."
+            )
+        if self.q and len(self.query_ids) != self.q:
+            raise StoreError(f"checkpoint at step {self.step} got {len(self.query_ids)} of {self.q} query rows")
+        f = self.file
+        f.flush()
+        if self.canonical is None:
+            ids = self.ds[schema.ROW_IDS][()]
+            if len(np.unique(ids)) != self.n:
+                raise StoreError("example ids within the sweep are not unique; use IndexedDataset")
+            if schema.EXAMPLE_IDS in f:
+                del f[schema.EXAMPLE_IDS]
+            f.create_dataset(schema.EXAMPLE_IDS, data=ids)
+        if self.q:
+            if schema.QUERY_IDS in f:
+                del f[schema.QUERY_IDS]
+            f.create_dataset(schema.QUERY_IDS, data=np.asarray(self.query_ids, dtype=np.int64))
+        for k, v in attrs.items():
+            self.group.attrs[k] = _attr(v)
+        f.flush()
+        self.group.attrs["complete"] = True
+        f.flush()
