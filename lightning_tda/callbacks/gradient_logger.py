@@ -54,7 +54,7 @@ class GradientLogger(pl.Callback):
         projection: ``"kronecker"`` (two-sided LoGra projection) or ``"exact"`` (no projection).
         rank: projected size per side of each layer (``k_out = k_in = rank``).
         dims: per-layer ``{module_name: (k_out, k_in)}`` overrides.
-        distribution: ``"gaussian"`` or ``"rademacher"`` projection entries.
+        distribution: ``"orthogonal"`` (default), ``"gaussian"`` or ``"rademacher"`` projection matrices.
         seed: projection seed; matrices are regenerated from ``(seed, module name)`` on the query side.
         dense_dim: project the remaining trainable parameters (embeddings, norms) to this many dims via
             ``torch.func``; ``0`` (default) skips them (listed in the store).
@@ -91,7 +91,7 @@ class GradientLogger(pl.Callback):
         projection: str = "kronecker",
         rank: int = 16,
         dims: dict[str, tuple[int, int]] | None = None,
-        distribution: str = "gaussian",
+        distribution: str = "orthogonal",
         seed: int = 0,
         dense_dim: int = 0,
         modules: Sequence[str] | None = None,
