@@ -105,17 +105,25 @@ def projection_matrix(
         >>> torch.equal(p, projection_matrix(0, "layer", "in", 50, 8))
         True
     """
-    if not 0 < k <= dim:
-        raise ValueError(f"projected size k={k} must be in [1, dim={dim}]")
+    if k < 1 or dim < 1:
+        raise ValueError(f"projection sizes must be positive, got dim={dim}, k={k}")
     gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name, side))
     if distribution == "rademacher":
         p = (torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.int8).double() * 2 - 1) / k**0.5
     else:
         p = torch.randn(dim, k, generator=gen, dtype=torch.float64)
-        if distribution == "orthogonal":
+        if distribution == "orthogonal" and k <= dim:  # orthogonal columns, scaled: E[P P^T] = I
             q, r = torch.linalg.qr(p)
-            p = q * torch.sign(torch.diagonal(r)).clamp_min(0).mul(2).sub(1) * (dim / k) ** 0.5
+            p = q * _signs(r) * (dim / k) ** 0.5
+        elif distribution == "orthogonal":  # more columns than rows: orthonormal rows, P P^T = I
+            q, r = torch.linalg.qr(p.T)
+            p = (q * _signs(r)).T
         else:
             p = p / k**0.5
     p = p.float()
     return p.to(device) if device is not None else p
+
+
+def _signs(r: torch.Tensor) -> torch.Tensor:
+    """Column signs making ``diag(R) > 0``: the unique QR factorisation."""
+    return torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(r.dtype)
