@@ -8,7 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tda.capture.layers import ProjectionMismatchError, check_layers_match, discover_layers
+from lightning_tda.capture.layers import (
+    ProjectionMismatchError,
+    check_layers_match,
+    discover_layers,
+)
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
 from lightning_tda.methods import AttributionMethod, get_method
@@ -64,16 +68,23 @@ class AttributionStore(StoreReader):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         m = get_method(method, **method_kwargs)
         steps = [c.global_step for c in m.used_checkpoints(self)]
-        qvecs, qids = self.query_vectors(queries, model, steps, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn)
+        qvecs, qids = self.query_vectors(
+            queries, model, steps, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+        )
         terms = m.score_terms(self, qvecs)
         out = stream_scores(self, terms, top_k, block_rows)
         ids = self.example_ids
         if top_k is None:
             return AttributionResult(m.name, out, None, None, None, ids, qids, steps)
-        return AttributionResult(m.name, out.values, ids[out.rows], out.low_values, ids[out.low_rows], ids, qids, steps)
+        return AttributionResult(
+            m.name, out.values, ids[out.rows], out.low_values, ids[out.low_rows], ids, qids, steps
+        )
 
     def self_influence(
-        self, model: nn.Module | None = None, method: str | AttributionMethod = "tracin", **method_kwargs: Any
+        self,
+        model: nn.Module | None = None,
+        method: str | AttributionMethod = "tracin",
+        **method_kwargs: Any,
     ) -> torch.Tensor:
         """``[N]`` self-influence of every training example (store row order; ids in ``example_ids``).
 
@@ -96,16 +107,22 @@ class AttributionStore(StoreReader):
         """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids."""
         if isinstance(queries, str):
             if queries != "logged":
-                raise ValueError(f"queries must be data, a dict of vectors or 'logged', got {queries!r}")
+                raise ValueError(
+                    f"queries must be data, a dict of vectors or 'logged', got {queries!r}"
+                )
             missing = [s for s in steps if not self.checkpoint(s).has_queries]
             if missing:
-                raise ValueError(f"checkpoints {missing} logged no queries; pass query_data= to GradientLogger")
+                raise ValueError(
+                    f"checkpoints {missing} logged no queries; pass query_data= to GradientLogger"
+                )
             return {s: self.read(s, schema.QUERY) for s in steps}, self.query_ids
         if isinstance(queries, dict) and all(isinstance(v, torch.Tensor) for v in queries.values()):
             out = {}
             for s in steps:
                 if s not in queries:
-                    raise KeyError(f"precomputed query vectors lack checkpoint {s}; give one [Q, D] tensor per step")
+                    raise KeyError(
+                        f"precomputed query vectors lack checkpoint {s}; give one [Q, D] tensor per step"
+                    )
                 v = queries[s].float()
                 if v.dim() != 2 or v.shape[1] != self.width:
                     raise ProjectionMismatchError(
@@ -115,9 +132,13 @@ class AttributionStore(StoreReader):
                 out[s] = v
             return out, None
         if model is None:
-            raise ValueError("pass model= (the trained model class) so query gradients can be recomputed")
+            raise ValueError(
+                "pass model= (the trained model class) so query gradients can be recomputed"
+            )
         selection = json.loads(self.attrs.get("capture_selection", "{}"))
-        layers, _ = discover_layers(model, self.projection, selection.get("modules"), selection.get("exclude"))
+        layers, _ = discover_layers(
+            model, self.projection, selection.get("modules"), selection.get("exclude")
+        )
         check_layers_match(self.layers, layers)
         fn = resolve_loss_fn(model, loss_fn)
         out: dict[int, torch.Tensor] = {}
@@ -125,7 +146,9 @@ class AttributionStore(StoreReader):
         device = model_device(model)
         for s in steps:
             with loaded_state(model, self.state(s)):
-                rows, ids, _ = featurize_data(model, queries, self.layers, self.projection, fn, batch_size, collate_fn)
+                rows, ids, _ = featurize_data(
+                    model, queries, self.layers, self.projection, fn, batch_size, collate_fn
+                )
             out[s] = rows.to(device)
         return out, ids
 
@@ -140,12 +163,17 @@ class AttributionStore(StoreReader):
             f"projection: {self.projection.kind} rank {self.projection.rank} ({self.projection.distribution}, "
             f"seed {self.projection.seed})",
             f"layers ({len(self.layers)}): "
-            + ", ".join(f"{s.name} {s.out_features}x{s.in_features}->{s.k_out}x{s.k_in}" for s in self.layers[:8])
+            + ", ".join(
+                f"{s.name} {s.out_features}x{s.in_features}->{s.k_out}x{s.k_in}"
+                for s in self.layers[:8]
+            )
             + (" ..." if len(self.layers) > 8 else ""),
         ]
         skipped = json.loads(self.attrs.get("other_params", "[]"))
         if skipped:
-            lines.append(f"not captured ({len(skipped)} params): {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}")
+            lines.append(
+                f"not captured ({len(skipped)} params): {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}"
+            )
         opt = json.loads(self.attrs.get("optimizers", "[]"))
         if opt:
             lines.append("optimizer: " + ", ".join(o["class"] for o in opt))
@@ -163,9 +191,13 @@ class AttributionStore(StoreReader):
                     nbytes = sum(d.id.get_storage_size() for d in g[schema.STATE].values())
                     ds.append(f"state {len(g[schema.STATE])} tensors {nbytes / 2**20:.2f}MiB")
             lr = ",".join(f"{x:.3g}" for x in c.lr_sum) or "-"
-            lines.append(f"  {c.global_step:>8} {c.epoch:>5} {c.trigger:<12} {lr:>10}  " + "; ".join(ds))
+            lines.append(
+                f"  {c.global_step:>8} {c.epoch:>5} {c.trigger:<12} {lr:>10}  " + "; ".join(ds)
+            )
         if self.incomplete:
-            lines.append(f"incomplete (ignored, rewritten on resume): steps {sorted(self.incomplete)}")
+            lines.append(
+                f"incomplete (ignored, rewritten on resume): steps {sorted(self.incomplete)}"
+            )
         return "\n".join(lines)
 
 

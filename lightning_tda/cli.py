@@ -10,7 +10,9 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from lightning_tda.demo import run_demo
 
-    run_demo(out=args.out, epochs=args.epochs, n_queries=args.queries, top_k=args.top_k, seed=args.seed)
+    run_demo(
+        out=args.out, epochs=args.epochs, n_queries=args.queries, top_k=args.top_k, seed=args.seed
+    )
     return 0
 
 
@@ -22,9 +24,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightning-tda", description="Training-data attribution for Lightning runs.")
+    p = argparse.ArgumentParser(
+        prog="lightning-tda", description="Training-data attribution for Lightning runs."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a small digits MLP with the logger attached and attribute test digits")
+    d = sub.add_parser(
+        "demo", help="train a small digits MLP with the logger attached and attribute test digits"
+    )
     d.add_argument("--out", default=None, help="store path (default: a temporary directory)")
     d.add_argument("--epochs", type=int, default=12)
     d.add_argument("--queries", type=int, default=3)

@@ -42,7 +42,9 @@ class DigitsMLP(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+        )
 
 
 def _digit_ascii(img: np.ndarray) -> list[str]:
@@ -63,7 +65,11 @@ def run_demo(
     Returns the path of the store.
     """
     t0 = time.perf_counter()
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lightning_tda_demo_")) / "tda.h5"
+    out = (
+        Path(out)
+        if out is not None
+        else Path(tempfile.mkdtemp(prefix="lightning_tda_demo_")) / "tda.h5"
+    )
     pl.seed_everything(seed, verbose=False)
     data = load_digits_splits(n_train=n_train, n_test=200, seed=seed)
     model = DigitsMLP()
@@ -88,7 +94,9 @@ def run_demo(
         deterministic=True,
     )
     train_loader = DataLoader(data.train, batch_size=64, shuffle=True)
-    print(f"Training a 64-128-10 MLP on {n_train} scikit-learn digits for {epochs} epochs, logging to {out} ...")
+    print(
+        f"Training a 64-128-10 MLP on {n_train} scikit-learn digits for {epochs} epochs, logging to {out} ..."
+    )
     trainer.fit(model, train_loader)
 
     store = AttributionStore(out)
@@ -101,16 +109,29 @@ def run_demo(
     order = torch.argsort(losses, descending=True)[:n_queries].tolist()
     queries = torch.utils.data.Subset(data.test, order)
     res = store.attribute(queries, model=model, method="tracin", top_k=top_k)
-    print(f"\nTracIn-CP over {len(res.checkpoints)} checkpoints (steps {res.checkpoints}); "
-          "score > 0: the example's training steps lowered the query's loss.\n")
+    print(
+        f"\nTracIn-CP over {len(res.checkpoints)} checkpoints (steps {res.checkpoints}); "
+        "score > 0: the example's training steps lowered the query's loss.\n"
+    )
     for qi, ti in enumerate(order):
         qid = int(data.test.ids[ti])
-        print(f"query: test digit id {qid}, label {int(y[ti])}, predicted {int(preds[ti])}, loss {losses[ti]:.2f}")
+        print(
+            f"query: test digit id {qid}, label {int(y[ti])}, predicted {int(preds[ti])}, loss {losses[ti]:.2f}"
+        )
         cols = [("query", qid, None)]
-        cols += [("proponent", int(i), float(s)) for i, s in zip(res.indices[qi], res.scores[qi], strict=True)]
-        cols += [("opponent", int(i), float(s)) for i, s in zip(res.opponents[qi], res.opponent_scores[qi], strict=True)]
+        cols += [
+            ("proponent", int(i), float(s))
+            for i, s in zip(res.indices[qi], res.scores[qi], strict=True)
+        ]
+        cols += [
+            ("opponent", int(i), float(s))
+            for i, s in zip(res.opponents[qi], res.opponent_scores[qi], strict=True)
+        ]
         heads = [f"{kind[:5]} #{i}".ljust(13) for kind, i, _ in cols]
-        subs = [(f"y={data.labels[i]}" + ("" if s is None else f" {s:+.3f}")).ljust(13) for _, i, s in cols]
+        subs = [
+            (f"y={data.labels[i]}" + ("" if s is None else f" {s:+.3f}")).ljust(13)
+            for _, i, s in cols
+        ]
         print("  " + " ".join(heads))
         print("  " + " ".join(subs))
         arts = [_digit_ascii(data.images[i]) for _, i, _ in cols]
@@ -120,10 +141,14 @@ def run_demo(
     self_inf = store.self_influence(method="tracin")
     top = torch.argsort(self_inf, descending=True)[:5]
     ids = store.example_ids[top].tolist()
-    print("highest self-influence (mislabel / hard-example candidates): "
-          + ", ".join(f"#{i} (y={data.labels[i]})" for i in ids))
+    print(
+        "highest self-influence (mislabel / hard-example candidates): "
+        + ", ".join(f"#{i} (y={data.labels[i]})" for i in ids)
+    )
     print()
     print(store.summary())
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f}s. Open the store with "
-          f"lightning_tda.AttributionStore({str(out)!r}) or run: lightning-tda inspect {out}")
+    print(
+        f"\ndemo finished in {time.perf_counter() - t0:.1f}s. Open the store with "
+        f"lightning_tda.AttributionStore({str(out)!r}) or run: lightning-tda inspect {out}"
+    )
     return out

@@ -23,9 +23,13 @@ torch.set_num_threads(1)
 class TinyMLP(pl.LightningModule):
     """8 -> 16 -> 3 MLP (optionally with dropout), batches ``Indexed(ids, (x, y))``."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, dropout: float = 0.0, hidden: int = 16) -> None:
+    def __init__(
+        self, optimizer: str = "sgd", lr: float = 0.1, dropout: float = 0.0, hidden: int = 16
+    ) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 3))
+        self.net = nn.Sequential(
+            nn.Linear(8, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 3)
+        )
         self.optimizer, self.lr = optimizer, lr
 
     def forward(self, x):
@@ -72,26 +76,40 @@ def trainer(tmp_path, callbacks=(), max_epochs: int = 3, **kw) -> pl.Trainer:
 
 
 def loader(ds, batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 class TinyGPT(pl.LightningModule):
     """Config-built GPT-2 (Conv1D layers) on right-padded token sequences with -100 labels."""
 
-    def __init__(self, vocab: int = 50, n_embd: int = 16, lr: float = 0.05, attn: str = "eager") -> None:
+    def __init__(
+        self, vocab: int = 50, n_embd: int = 16, lr: float = 0.05, attn: str = "eager"
+    ) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = GPT2Config(
-            vocab_size=vocab, n_positions=16, n_embd=n_embd, n_layer=2, n_head=2,
-            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=vocab,
+            n_positions=16,
+            n_embd=n_embd,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
         cfg._attn_implementation = attn
         self.lm = GPT2LMHeadModel(cfg)
         self.lr = lr
 
     def per_example_loss(self, batch):
-        logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.lm(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         return causal_lm_loss(logits, batch["labels"])
 
     def training_step(self, batch, batch_idx):

@@ -39,7 +39,9 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     data = make_classification(64)
     model = KillingMLP(kill_at)
-    logger = GradientLogger(store, attribution_data=data, every_n_epochs=1, batch_size=16, verbose=False)
+    logger = GradientLogger(
+        store, attribution_data=data, every_n_epochs=1, batch_size=16, verbose=False
+    )
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
         max_epochs=3,
@@ -49,7 +51,11 @@ def main() -> None:
         enable_model_summary=False,
         accelerator="cpu",
     )
-    trainer.fit(model, loader(data), ckpt_path=os.path.join(ckpt_dir, "last.ckpt") if mode == "resume" else None)
+    trainer.fit(
+        model,
+        loader(data),
+        ckpt_path=os.path.join(ckpt_dir, "last.ckpt") if mode == "resume" else None,
+    )
 
 
 if __name__ == "__main__":

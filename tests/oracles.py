@@ -15,10 +15,13 @@ def per_example_grads(model, loss_fn, batch, param_names, use_vmap=True):
     b = next(v for v in _tensors(batch)).shape[0]
 
     if use_vmap:
-        return vmap(lambda p, sub: grad(lambda q: _loss(model, q, loss_fn, _unsqueeze(sub)))(p), in_dims=(None, 0))(
-            params, batch
-        )
-    outs = [grad(lambda q, i=i: _loss(model, q, loss_fn, _index(batch, i)))(params) for i in range(b)]
+        return vmap(
+            lambda p, sub: grad(lambda q: _loss(model, q, loss_fn, _unsqueeze(sub)))(p),
+            in_dims=(None, 0),
+        )(params, batch)
+    outs = [
+        grad(lambda q, i=i: _loss(model, q, loss_fn, _index(batch, i)))(params) for i in range(b)
+    ]
     return {n: torch.stack([o[n] for o in outs]) for n in params}
 
 
@@ -80,16 +83,25 @@ def augmented_gradient(spec: LayerSpec, grads: dict) -> torch.Tensor:
 def project_reference(spec: LayerSpec, g: torch.Tensor, config: ProjectionConfig) -> torch.Tensor:
     """``P_out^T G P_in`` flattened: ``[B, k_out * k_in]``."""
     if not spec.exact_out:
-        g = projection_matrix(config.seed, spec.name, "out", spec.out_features, spec.k_out, config.distribution).T @ g
+        g = (
+            projection_matrix(
+                config.seed, spec.name, "out", spec.out_features, spec.k_out, config.distribution
+            ).T
+            @ g
+        )
     if not spec.exact_in:
-        g = g @ projection_matrix(config.seed, spec.name, "in", spec.in_features, spec.k_in, config.distribution)
+        g = g @ projection_matrix(
+            config.seed, spec.name, "in", spec.in_features, spec.k_in, config.distribution
+        )
     return g.reshape(g.shape[0], -1)
 
 
 def reference_rows(model, loss_fn, batch, layers, config, use_vmap=True) -> torch.Tensor:
     names = {n for s in layers for n in s.params}
     grads = per_example_grads(model, loss_fn, batch, names, use_vmap=use_vmap)
-    return torch.cat([project_reference(s, augmented_gradient(s, grads), config) for s in layers], dim=1)
+    return torch.cat(
+        [project_reference(s, augmented_gradient(s, grads), config) for s in layers], dim=1
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

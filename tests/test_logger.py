@@ -27,9 +27,19 @@ def _fit(tmp_path, with_logger: bool, name: str = "s.h5"):
     model = TinyMLP(optimizer="adam", lr=0.01, dropout=0.3)
     cbs = []
     if with_logger:
-        shuffled = DataLoader(data, batch_size=10, shuffle=True)  # its iterator draws from the global RNG
-        cbs.append(GradientLogger(tmp_path / name, attribution_data=shuffled, query_data=make_classification(5, 1),
-                                  every_n_train_steps=4, log_at_fit_start=True, log_at_fit_end=True))
+        shuffled = DataLoader(
+            data, batch_size=10, shuffle=True
+        )  # its iterator draws from the global RNG
+        cbs.append(
+            GradientLogger(
+                tmp_path / name,
+                attribution_data=shuffled,
+                query_data=make_classification(5, 1),
+                every_n_train_steps=4,
+                log_at_fit_start=True,
+                log_at_fit_end=True,
+            )
+        )
     tr = trainer(tmp_path, cbs, max_epochs=3)
     tr.fit(model, DataLoader(data, batch_size=16, shuffle=True))
     return model, tr
@@ -63,12 +73,16 @@ def test_triggers_and_gradient_accumulation(tmp_path):
     }
     for name, (kw, steps) in cases.items():
         logger = GradientLogger(tmp_path / f"{name}.h5", attribution_data=data, verbose=False, **kw)
-        trainer(tmp_path, [logger], max_epochs=3, accumulate_grad_batches=2).fit(TinyMLP(lr=0.1), loader(data))
+        trainer(tmp_path, [logger], max_epochs=3, accumulate_grad_batches=2).fit(
+            TinyMLP(lr=0.1), loader(data)
+        )
         store = AttributionStore(tmp_path / f"{name}.h5")
         assert store.steps == steps, name
         # lr sums count optimizer steps (2 per epoch under accumulation), not batches
         expect = np.diff([0, *steps]) * 0.1
-        np.testing.assert_allclose([c.lr_sum[0] for c in store.checkpoints], expect, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            [c.lr_sum[0] for c in store.checkpoints], expect, rtol=1e-6, err_msg=name
+        )
     # the state round-trips for resume
     state = logger.state_dict()
     other = GradientLogger(tmp_path / "ends.h5", attribution_data=data)
@@ -85,7 +99,9 @@ def test_optimizer_state_is_recorded(tmp_path):
 
     keep = Keep()
     model = TinyMLP(optimizer="adam", lr=0.01)
-    logger = GradientLogger(tmp_path / "o.h5", attribution_data=data, log_at_fit_end=True, verbose=False)
+    logger = GradientLogger(
+        tmp_path / "o.h5", attribution_data=data, log_at_fit_end=True, verbose=False
+    )
     trainer(tmp_path, [logger, keep], max_epochs=2).fit(model, loader(data))
     store = AttributionStore(tmp_path / "o.h5")
     arr = store.arrays(store.steps[-1], schema.OPTIMIZER)
@@ -112,9 +128,16 @@ def test_dense_fallback_matches_torch_func():
     assert "lm.transformer.wte.weight" in dense.params  # the tied embedding / lm_head
     batch = next(iter(DataLoader(TokenDataset(5), batch_size=5)))
     model.eval()
-    fb = Featurizer(model, layers, config, resolve_loss_fn(model, None), torch.device("cpu"), require_ids=False)(batch)
-    grads = per_example_grads(model, resolve_loss_fn(model, None), batch, set(dense.params), use_vmap=False)
-    ref = sum(grads[n].reshape(5, -1) @ projection_matrix(5, "dense", n, grads[n][0].numel(), 32) for n in dense.params)
+    fb = Featurizer(
+        model, layers, config, resolve_loss_fn(model, None), torch.device("cpu"), require_ids=False
+    )(batch)
+    grads = per_example_grads(
+        model, resolve_loss_fn(model, None), batch, set(dense.params), use_vmap=False
+    )
+    ref = sum(
+        grads[n].reshape(5, -1) @ projection_matrix(5, "dense", n, grads[n][0].numel(), 32)
+        for n in dense.params
+    )
     got = fb.rows[:, dense.offset : dense.offset + dense.size]
     assert rel_err(got, ref) < 1e-4
 
@@ -124,7 +147,9 @@ def test_peft_lora_adapters_are_captured_exactly():
 
     torch.manual_seed(0)
     base = TinyGPT()
-    base.lm = get_peft_model(base.lm, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.1))
+    base.lm = get_peft_model(
+        base.lm, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.1)
+    )
     with torch.no_grad():
         for n, p in base.named_parameters():
             if "lora_B" in n:
@@ -132,12 +157,16 @@ def test_peft_lora_adapters_are_captured_exactly():
     config = ProjectionConfig("kronecker", rank=3)
     layers, other = discover_layers(base, config)
     assert other == []
-    assert len(layers) == 4 and all("lora_" in s.name for s in layers)  # A and B of 2 blocks; base frozen
+    assert len(layers) == 4 and all(
+        "lora_" in s.name for s in layers
+    )  # A and B of 2 blocks; base frozen
     batch = next(iter(DataLoader(TokenDataset(4), batch_size=4)))
     base.eval()
     from oracles import reference_rows
 
-    fb = Featurizer(base, layers, config, resolve_loss_fn(base, None), torch.device("cpu"), require_ids=False)(batch)
+    fb = Featurizer(
+        base, layers, config, resolve_loss_fn(base, None), torch.device("cpu"), require_ids=False
+    )(batch)
     ref = reference_rows(base, resolve_loss_fn(base, None), batch, layers, config, use_vmap=False)
     assert rel_err(fb.rows, ref) < 1e-4
     assert float(fb.rows.abs().sum()) > 0
@@ -163,12 +192,25 @@ def test_works_with_the_standalone_pytorch_lightning_package(tmp_path):
     torch.manual_seed(0)
     data = make_classification(32)
     model = PLMLP()
-    logger = GradientLogger(tmp_path / "pl.h5", attribution_data=data, every_n_epochs=1, verbose=False)
-    PL.Trainer(max_epochs=2, callbacks=[logger], logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").fit(model, loader(data))
+    logger = GradientLogger(
+        tmp_path / "pl.h5", attribution_data=data, every_n_epochs=1, verbose=False
+    )
+    PL.Trainer(
+        max_epochs=2,
+        callbacks=[logger],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(model, loader(data))
     store = AttributionStore(tmp_path / "pl.h5")
     assert store.steps == [2, 4]
-    res = store.attribute(IndexedDataset(make_classification(3, 1).dataset), model=model, method="tracin", top_k=4)
-    assert res.indices.shape == (3, 4) and set(res.indices.flatten().tolist()) <= set(range(1000, 1032))
+    res = store.attribute(
+        IndexedDataset(make_classification(3, 1).dataset), model=model, method="tracin", top_k=4
+    )
+    assert res.indices.shape == (3, 4) and set(res.indices.flatten().tolist()) <= set(
+        range(1000, 1032)
+    )
     with pytest.raises(KeyError):
         store.checkpoint(3)

@@ -17,13 +17,21 @@ from lightning_tda.capture.projection import ProjectionConfig
 
 def _featurize(model, batch, config):
     layers, _ = discover_layers(model, config)
-    feat = Featurizer(model, layers, config, resolve_loss_fn(model, None), torch.device("cpu"), require_ids=False)
+    feat = Featurizer(
+        model, layers, config, resolve_loss_fn(model, None), torch.device("cpu"), require_ids=False
+    )
     model.eval()
     return layers, feat(batch).rows
 
 
-@pytest.mark.parametrize("config", [ProjectionConfig("kronecker", rank=4), ProjectionConfig("exact"),
-                                    ProjectionConfig("kronecker", rank=5, distribution="rademacher", seed=3)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ProjectionConfig("kronecker", rank=4),
+        ProjectionConfig("exact"),
+        ProjectionConfig("kronecker", rank=5, distribution="rademacher", seed=3),
+    ],
+)
 def test_mlp_hooks_match_torch_func(config):
     torch.manual_seed(0)
     model = TinyMLP()
@@ -36,7 +44,9 @@ def test_mlp_hooks_match_torch_func(config):
         assert rows.shape[1] == 16 * 9 + 3 * 17
 
 
-@pytest.mark.parametrize("config", [ProjectionConfig("kronecker", rank=6), ProjectionConfig("exact")])
+@pytest.mark.parametrize(
+    "config", [ProjectionConfig("kronecker", rank=6), ProjectionConfig("exact")]
+)
 def test_gpt2_conv1d_padded_sequences_match_torch_func(config):
     torch.manual_seed(0)
     model = TinyGPT()
@@ -46,7 +56,9 @@ def test_gpt2_conv1d_padded_sequences_match_torch_func(config):
     batch = next(iter(DataLoader(TokenDataset(6), batch_size=6)))
     assert (batch["attention_mask"] == 0).any()  # really padded
     layers, rows = _featurize(model, batch, config)
-    assert {s.kind for s in layers} == {CONV1D}  # c_attn, c_proj, c_fc, mlp.c_proj; tied lm_head skipped
+    assert {s.kind for s in layers} == {
+        CONV1D
+    }  # c_attn, c_proj, c_fc, mlp.c_proj; tied lm_head skipped
     assert len(layers) == 8
     ref = reference_rows(model, resolve_loss_fn(model, None), batch, layers, config, use_vmap=False)
     for s in layers:
@@ -74,8 +86,15 @@ def test_logged_rows_match_oracle_end_to_end(tmp_path):
     data = make_classification(48)
     model = TinyMLP()
     config = ProjectionConfig("kronecker", rank=4, seed=7)
-    logger = GradientLogger(tmp_path / "s.h5", attribution_data=data, every_n_epochs=1, rank=4, seed=7,
-                            dtype="float32", batch_size=13)
+    logger = GradientLogger(
+        tmp_path / "s.h5",
+        attribution_data=data,
+        every_n_epochs=1,
+        rank=4,
+        seed=7,
+        dtype="float32",
+        batch_size=13,
+    )
     trainer(tmp_path, [logger], max_epochs=2).fit(model, loader(data))
     store = AttributionStore(tmp_path / "s.h5")
     last = store.steps[-1]
@@ -90,10 +109,18 @@ def test_gpt2_logged_rows_match_oracle_end_to_end(tmp_path):
     torch.manual_seed(0)
     data = IndexedDataset(TokenDataset(10))
     model = TinyGPT()
-    logger = GradientLogger(tmp_path / "g.h5", attribution_data=data, every_n_epochs=1, rank=6, dtype="float32",
-                            batch_size=4)
+    logger = GradientLogger(
+        tmp_path / "g.h5",
+        attribution_data=data,
+        every_n_epochs=1,
+        rank=6,
+        dtype="float32",
+        batch_size=4,
+    )
     trainer(tmp_path, [logger], max_epochs=1).fit(model, DataLoader(data, batch_size=5))
     store = AttributionStore(tmp_path / "g.h5")
     batch = next(iter(DataLoader(data, batch_size=10)))
-    ref = reference_rows(model, resolve_loss_fn(model, None), batch, store.layers, store.projection, use_vmap=False)
+    ref = reference_rows(
+        model, resolve_loss_fn(model, None), batch, store.layers, store.projection, use_vmap=False
+    )
     assert rel_err(store.read(store.steps[-1]), ref) < 1e-4

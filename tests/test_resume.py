@@ -19,14 +19,22 @@ HERE = Path(__file__).parent
 
 
 def run(store: Path, ckpt: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
         [sys.executable, str(HERE / "kill_resume_script.py"), str(store), str(ckpt), *args],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
-@pytest.mark.parametrize("kill_at", [6, 7, 9])  # 4 sweep batches per checkpoint: mid-sweep of the 2nd/3rd
+@pytest.mark.parametrize(
+    "kill_at", [6, 7, 9]
+)  # 4 sweep batches per checkpoint: mid-sweep of the 2nd/3rd
 def test_sigkill_mid_sweep_then_resume(tmp_path, kill_at):
     store, ckpt = tmp_path / "tda.h5", tmp_path / "ckpt"
     killed = run(store, ckpt, "kill", str(kill_at))

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_tda import AttributionStore, GradientLogger
 from lightning_tda.capture.losses import resolve_loss_fn
-from lightning_tda.demo import DigitsMLP
 from lightning_tda.data.digits import load_digits_splits
+from lightning_tda.demo import DigitsMLP
 
 
 class Snapshots(pl.Callback):
@@ -52,8 +52,13 @@ def sched_run(tmp_path_factory):
     queries = make_classification(10, seed=1)
     model = TinyMLP(optimizer="sgd_sched", lr=0.2)
     snap = Snapshots(every=2)
-    logger = GradientLogger(tmp / "exact.h5", attribution_data=data, query_data=queries, every_n_epochs=2,
-                            projection="exact")
+    logger = GradientLogger(
+        tmp / "exact.h5",
+        attribution_data=data,
+        query_data=queries,
+        every_n_epochs=2,
+        projection="exact",
+    )
     trainer(tmp, [logger, snap], max_epochs=6).fit(model, loader(data))
     return model, data, queries, snap, AttributionStore(tmp / "exact.h5")
 
@@ -109,13 +114,18 @@ def test_graddot_gradcos_and_self_influence(sched_run):
         ref_self = ref_self + w * full_grads(m, _batch(data)).detach().pow(2).sum(1)
     assert pearsonr(self_inf, ref_self)[0] > 0.9999
     # model state was restored after attribution
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snap.states[24].values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), snap.states[24].values(), strict=True)
+    )
 
 
 def test_top_k_agrees_with_dense(sched_run):
     model, _, queries, _, store = sched_run
     dense = store.attribute(queries, model=model, method="tracin", top_k=None)
-    top = store.attribute(queries, model=model, method="tracin", top_k=5, block_rows=7)  # many blocks
+    top = store.attribute(
+        queries, model=model, method="tracin", top_k=5, block_rows=7
+    )  # many blocks
     ids = store.example_ids
     for q in range(10):
         order = torch.argsort(dense.scores[q], descending=True)
@@ -156,11 +166,15 @@ def test_tracin_adam_equals_factored_brute_force(tmp_path):
     queries = make_classification(6, seed=1)
     model = TinyMLP(optimizer="adam", lr=0.01)
     snap = Snapshots(every=1)
-    logger = GradientLogger(tmp_path / "a.h5", attribution_data=data, every_n_epochs=1, projection="exact")
+    logger = GradientLogger(
+        tmp_path / "a.h5", attribution_data=data, every_n_epochs=1, projection="exact"
+    )
     trainer(tmp_path, [logger, snap], max_epochs=2).fit(model, loader(data))
     store = AttributionStore(tmp_path / "a.h5")
     got = store.attribute(queries, model=model, method="tracin_adam", top_k=None).scores
-    names = [n for n, _ in model.named_parameters()]  # net.0.weight, net.0.bias, net.3.weight, net.3.bias
+    names = [
+        n for n, _ in model.named_parameters()
+    ]  # net.0.weight, net.0.bias, net.3.weight, net.3.bias
     ref = 0
     for ck in store.checkpoints:
         m = copy.deepcopy(model)
@@ -168,9 +182,11 @@ def test_tracin_adam_equals_factored_brute_force(tmp_path):
         opt_state = snap.opt_states[ck.global_step]["state"]
         gq = per_example_grads(m, resolve_loss_fn(m, None), _batch(queries), set(names))
         gt = per_example_grads(m, resolve_loss_fn(m, None), _batch(data), set(names))
-        for li, (w, b) in enumerate([(0, 1), (2, 3)]):
+        for w, b in [(0, 1), (2, 3)]:
             step = float(opt_state[w]["step"])
-            v = torch.cat([opt_state[w]["exp_avg_sq"], opt_state[b]["exp_avg_sq"][:, None]], 1) / (1 - 0.999**step)
+            v = torch.cat([opt_state[w]["exp_avg_sq"], opt_state[b]["exp_avg_sq"][:, None]], 1) / (
+                1 - 0.999**step
+            )
             r, c = v.mean(1), v.mean(0)
             a = 1 / ((r / r.mean()).sqrt() + 1e-4)
             bb = 1 / (c.sqrt() + 1e-4)
@@ -197,12 +213,16 @@ def test_kronecker_projection_ranks_like_exact(tmp_path):
         pl.seed_everything(0, verbose=False)
         model = DigitsMLP()
         path = tmp_path / f"{kind}{rank}.h5"
-        logger = GradientLogger(path, attribution_data=splits.train, every_n_epochs=1, projection=kind, rank=rank)
+        logger = GradientLogger(
+            path, attribution_data=splits.train, every_n_epochs=1, projection=kind, rank=rank
+        )
         trainer(tmp_path, [logger], max_epochs=3).fit(model, loader(splits.train, batch_size=32))
         store = AttributionStore(path)
         if kind == "kronecker" and rank == 16:
             assert store.width == 16 * 16 + 10 * 16
-        scores[(kind, rank)] = store.attribute(splits.test, model=model, method="tracin", top_k=None).scores
+        scores[(kind, rank)] = store.attribute(
+            splits.test, model=model, method="tracin", top_k=None
+        ).scores
     ex = scores[("exact", 16)]
 
     def agreement(s, corr):
@@ -211,4 +231,6 @@ def test_kronecker_projection_ranks_like_exact(tmp_path):
     assert agreement(scores[("kronecker", 16)], pearsonr) > 0.9
     assert agreement(scores[("kronecker", 16)], spearmanr) > 0.55
     assert agreement(scores[("kronecker", 32)], spearmanr) > 0.75
-    assert agreement(scores[("kronecker", 32)], spearmanr) > agreement(scores[("kronecker", 16)], spearmanr)
+    assert agreement(scores[("kronecker", 32)], spearmanr) > agreement(
+        scores[("kronecker", 16)], spearmanr
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -106,20 +105,31 @@ class GradientLogger(pl.Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.schedule = LogSchedule(every_n_train_steps, every_n_epochs, at_steps, log_at_fit_start, log_at_fit_end)
+        self.schedule = LogSchedule(
+            every_n_train_steps, every_n_epochs, at_steps, log_at_fit_start, log_at_fit_end
+        )
         self.projection = ProjectionConfig(
-            kind=projection, rank=rank, dims=dict(dims or {}), distribution=distribution, seed=seed, dense_dim=dense_dim
+            kind=projection,
+            rank=rank,
+            dims=dict(dims or {}),
+            distribution=distribution,
+            seed=seed,
+            dense_dim=dense_dim,
         )
         for name, data in (("attribution_data", attribution_data), ("query_data", query_data)):
             if data is not None and not isinstance(data, (Dataset, DataLoader)):
-                raise MisconfigurationException(f"{name} must be a torch Dataset or DataLoader, got {type(data).__name__}")
+                raise MisconfigurationException(
+                    f"{name} must be a torch Dataset or DataLoader, got {type(data).__name__}"
+                )
             ds = data.dataset if isinstance(data, DataLoader) else data
             if data is not None and not hasattr(ds, "__len__"):
                 raise MisconfigurationException(
                     f"{name} must be a sized (map-style) dataset so every example can be stored once per checkpoint"
                 )
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise MisconfigurationException(f"batch_size must be a positive int, got {batch_size!r}")
+            raise MisconfigurationException(
+                f"batch_size must be a positive int, got {batch_size!r}"
+            )
         self.writer = StoreWriter(path, dtype)  # validates dtype and that the path is writable
         self.path = self.writer.path
         self.attribution_data = attribution_data
@@ -172,7 +182,9 @@ class GradientLogger(pl.Callback):
                 "training (same callback on a one-device Trainer)."
             )
         self._loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
-        self._layers, self._other = discover_layers(pl_module, self.projection, self.modules, self.exclude)
+        self._layers, self._other = discover_layers(
+            pl_module, self.projection, self.modules, self.exclude
+        )
         if not self._layers:
             raise MisconfigurationException(
                 f"GradientLogger found no trainable nn.Linear / Conv1D / LoRA layer in {type(pl_module).__name__}"
@@ -190,20 +202,23 @@ class GradientLogger(pl.Callback):
         if self._resumed:
             removed = self.writer.prune(keep_up_to_step=max(self._logged_steps, default=-1))
             if removed:
-                rank_zero_info(f"GradientLogger: resumed; dropped incomplete/stale checkpoints at steps {removed}")
+                rank_zero_info(
+                    f"GradientLogger: resumed; dropped incomplete/stale checkpoints at steps {removed}"
+                )
         else:
-            if self.writer.has_complete_checkpoints():
-                if not self.overwrite:
-                    raise StoreError(
-                        f"{self.path} already holds logged checkpoints from another fit. Pass a new path, "
-                        "overwrite=True to replace it, or resume that fit with trainer.fit(..., ckpt_path=...)."
-                    )
+            if not self.overwrite and self.writer.has_complete_checkpoints():
+                raise StoreError(
+                    f"{self.path} already holds logged checkpoints from another fit. Pass a new path, "
+                    "overwrite=True to replace it, or resume that fit with trainer.fit(..., ckpt_path=...)."
+                )
             self.writer.remove()  # a fresh fit starts a fresh file (incomplete leftovers hold nothing of value)
             n_groups = len(current_lrs(trainer.optimizers))
             self._lr_cumsum = [0.0] * n_groups
             self._lr_cumsum_at_last = [0.0] * n_groups
             self._step_at_last = trainer.global_step
-        self.writer.write_run_metadata(self._run_metadata(trainer, pl_module), compare=("layers", "projection"))
+        self.writer.write_run_metadata(
+            self._run_metadata(trainer, pl_module), compare=("layers", "projection")
+        )
         if self.schedule.log_at_fit_start:
             self._log(trainer, pl_module, "fit_start")
 
@@ -219,7 +234,12 @@ class GradientLogger(pl.Callback):
             offset += len(opt.param_groups)
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if self.schedule.step_due(trainer.global_step):
             self._log(trainer, pl_module, "step")
@@ -231,7 +251,9 @@ class GradientLogger(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.log_at_fit_end:
             self._log(trainer, pl_module, "fit_end")
-        self.writer.set_root_attrs({"lr_cumsum_final": list(self._lr_cumsum), "final_global_step": trainer.global_step})
+        self.writer.set_root_attrs(
+            {"lr_cumsum_final": list(self._lr_cumsum), "final_global_step": trainer.global_step}
+        )
 
     # -- the sweep --------------------------------------------------------------------------
     def _loader(self, trainer: pl.Trainer, data: Dataset | DataLoader | None) -> DataLoader:
@@ -311,7 +333,9 @@ class GradientLogger(pl.Callback):
                     fb = self._featurize(trainer, feat, batch)
                     cw.write_queries(fb.ids, fb.rows, fb.losses)
             if self.optimizer_state:
-                cw.write_arrays(schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, self._layers))
+                cw.write_arrays(
+                    schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, self._layers)
+                )
             if self.save_state:
                 cw.write_arrays(schema.STATE, _trainable_state(pl_module))
             cw.commit(
@@ -347,5 +371,3 @@ def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
     return state
-
-

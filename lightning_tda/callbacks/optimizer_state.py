@@ -46,13 +46,23 @@ def optimizer_summary(optimizers: Sequence[torch.optim.Optimizer]) -> list[dict]
     """Class, defaults and per-group hyper-parameters (lr, betas, eps, momentum, weight decay, ...)."""
     out = []
     for opt in optimizers:
-        groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        groups = [
+            {k: _jsonable(v) for k, v in g.items() if k != "params"} for g in opt.param_groups
+        ]
         defaults = {k: _jsonable(v) for k, v in opt.defaults.items()}
-        out.append({"class": f"{type(opt).__module__}.{type(opt).__qualname__}", "defaults": defaults, "groups": groups})
+        out.append(
+            {
+                "class": f"{type(opt).__module__}.{type(opt).__qualname__}",
+                "defaults": defaults,
+                "groups": groups,
+            }
+        )
     return out
 
 
-def _state_of(optimizers: Sequence[torch.optim.Optimizer], p: torch.Tensor) -> tuple[dict, dict] | None:
+def _state_of(
+    optimizers: Sequence[torch.optim.Optimizer], p: torch.Tensor
+) -> tuple[dict, dict] | None:
     for opt in optimizers:
         if p in opt.state:
             for g in opt.param_groups:
@@ -112,7 +122,11 @@ def _augmented_v(
     v = v.T if s.kind == CONV1D else v  # -> [O, I]
     if s.has_bias:
         sb = _state_of(optimizers, named[s.params[1]])
-        vb = sb[0]["exp_avg_sq"].float() if sb is not None and "exp_avg_sq" in sb[0] else torch.zeros(v.shape[0], device=v.device)
+        vb = (
+            sb[0]["exp_avg_sq"].float()
+            if sb is not None and "exp_avg_sq" in sb[0]
+            else torch.zeros(v.shape[0], device=v.device)
+        )
         v = torch.cat([v, vb[:, None]], dim=1)
     return v, _step(st[0])
 

@@ -57,8 +57,12 @@ class LogSchedule:
                 raise MisconfigurationException(f"{name} must be a positive int, got {v!r}")
         if self.at_steps is not None:
             steps = list(self.at_steps)
-            if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in steps):
-                raise MisconfigurationException(f"at_steps must be a non-empty list of non-negative ints, got {self.at_steps!r}")
+            if not steps or any(
+                not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in steps
+            ):
+                raise MisconfigurationException(
+                    f"at_steps must be a non-empty list of non-negative ints, got {self.at_steps!r}"
+                )
             object.__setattr__(self, "_steps", frozenset(steps))
         if not given and not self.log_at_fit_start and not self.log_at_fit_end:
             object.__setattr__(self, "every_n_epochs", 1)

@@ -44,7 +44,15 @@ class DenseProjector:
             {}
             if self.exact
             else {
-                n: projection_matrix(config.seed, "dense", n, named[n].numel(), spec.k_in, config.distribution, device)
+                n: projection_matrix(
+                    config.seed,
+                    "dense",
+                    n,
+                    named[n].numel(),
+                    spec.k_in,
+                    config.distribution,
+                    device,
+                )
                 for n in self.names
             }
         )
@@ -67,10 +75,16 @@ class DenseProjector:
                 items[i] = t.unsqueeze(0)
             return functional_call(wrapper, p, (tree_unflatten(items, spec),))[0]
 
-        grads = vmap(grad(one), in_dims=(None, *[0] * len(t_idx)))(params, *[leaves[i] for i in t_idx])
-        return self._project(grads, None), (self._project(grads, scales) if scales is not None else None)
+        grads = vmap(grad(one), in_dims=(None, *[0] * len(t_idx)))(
+            params, *[leaves[i] for i in t_idx]
+        )
+        return self._project(grads, None), (
+            self._project(grads, scales) if scales is not None else None
+        )
 
-    def _project(self, grads: dict[str, torch.Tensor], scales: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def _project(
+        self, grads: dict[str, torch.Tensor], scales: dict[str, torch.Tensor] | None
+    ) -> torch.Tensor:
         parts = []
         total = None
         for n in self.names:

@@ -88,7 +88,9 @@ class Featurizer:
             rows, scaled = self.hooks.projected_gradients(losses)
         if self.dense is not None:
             spec = self.dense.spec
-            d_rows, d_scaled = self.dense(self.loss_fn, batch, self.dense_scales if self.scaled else None)
+            d_rows, d_scaled = self.dense(
+                self.loss_fn, batch, self.dense_scales if self.scaled else None
+            )
             rows[:, spec.offset : spec.offset + spec.size] = d_rows
             if scaled is not None:
                 scaled[:, spec.offset : spec.offset + spec.size] = d_scaled
@@ -106,7 +108,9 @@ def _check_losses(losses: Any, ids: torch.Tensor | None) -> None:
             "(reduction='none'; sequence losses summed over supervised tokens), not a batch mean."
         )
     if ids is not None and losses.shape[0] != ids.shape[0]:
-        raise ValueError(f"the per-example loss has {losses.shape[0]} values for a batch of {ids.shape[0]} examples")
+        raise ValueError(
+            f"the per-example loss has {losses.shape[0]} values for a batch of {ids.shape[0]} examples"
+        )
     _check_finite(losses.detach(), ids, "loss")
 
 
@@ -132,7 +136,11 @@ def preserved_training_state(model: nn.Module) -> Iterator[None]:
     py_state = random.getstate()
     np_state = np.random.get_state()
     cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_states = (
+        torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

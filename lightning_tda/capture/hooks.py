@@ -48,12 +48,16 @@ def build_projectors(
         p_out = (
             None
             if s.exact_out
-            else projection_matrix(config.seed, s.name, "out", s.out_features, s.k_out, config.distribution, device)
+            else projection_matrix(
+                config.seed, s.name, "out", s.out_features, s.k_out, config.distribution, device
+            )
         )
         p_in = (
             None
             if s.exact_in
-            else projection_matrix(config.seed, s.name, "in", s.in_features, s.k_in, config.distribution, device)
+            else projection_matrix(
+                config.seed, s.name, "in", s.in_features, s.k_in, config.distribution, device
+            )
         )
         out[s.name] = LayerProjector(s, p_out, p_in)
     return out
@@ -106,7 +110,11 @@ class LayerGradientHooks:
         spec = proj.spec
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if (
+                not torch.is_grad_enabled()
+                or not isinstance(output, torch.Tensor)
+                or not output.requires_grad
+            ):
                 return
             x = inputs[0].detach().float()
             x = x.reshape(x.shape[0], -1, x.shape[-1])

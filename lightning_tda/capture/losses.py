@@ -56,7 +56,10 @@ def causal_lm_loss(
         logits, labels = logits[:, :-1], labels[:, 1:]
     b, t, v = logits.shape
     tok = F.cross_entropy(
-        logits.reshape(b * t, v).float(), labels.reshape(b * t), ignore_index=ignore_index, reduction="none"
+        logits.reshape(b * t, v).float(),
+        labels.reshape(b * t),
+        ignore_index=ignore_index,
+        reduction="none",
     )
     return tok.view(b, t).sum(dim=1)
 
@@ -65,7 +68,9 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
     """The per-example loss to differentiate: ``loss_fn`` if given, else ``model.per_example_loss``."""
     if loss_fn is not None:
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {loss_fn!r}")
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], got {loss_fn!r}"
+            )
         return loss_fn
     if callable(getattr(model, "per_example_loss", None)):
         return _call_per_example_loss

@@ -53,7 +53,9 @@ class ProjectionConfig:
             raise ValueError(f"dense_dim must be >= 0, got {self.dense_dim}")
         for name, dims in self.dims.items():
             if len(dims) != 2 or any(int(d) < 0 for d in dims):
-                raise ValueError(f"dims[{name!r}] must be (k_out, k_in) with non-negative ints, got {dims!r}")
+                raise ValueError(
+                    f"dims[{name!r}] must be (k_out, k_in) with non-negative ints, got {dims!r}"
+                )
 
     def side_dim(self, module_name: str, side: Literal["out", "in"], full: int) -> int:
         """Projected size of one side of a layer; returns ``full`` when that side stays exact."""
@@ -109,7 +111,9 @@ def projection_matrix(
         raise ValueError(f"projection sizes must be positive, got dim={dim}, k={k}")
     gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name, side))
     if distribution == "rademacher":
-        p = (torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.int8).double() * 2 - 1) / k**0.5
+        p = (
+            torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.int8).double() * 2 - 1
+        ) / k**0.5
     else:
         p = torch.randn(dim, k, generator=gen, dtype=torch.float64)
         if distribution == "orthogonal" and k <= dim:  # orthogonal columns, scaled: E[P P^T] = I

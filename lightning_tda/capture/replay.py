@@ -40,7 +40,9 @@ def loaded_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterato
             for k, v in state.items():
                 t = tensors[k]
                 if t.shape != v.shape:
-                    raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model has {tuple(t.shape)}")
+                    raise ValueError(
+                        f"checkpoint tensor {k} has shape {tuple(v.shape)}, model has {tuple(t.shape)}"
+                    )
                 t.copy_(v.to(device=t.device, dtype=t.dtype))
         yield
     finally:
@@ -53,7 +55,9 @@ def as_loader(data: Any, batch_size: int, collate_fn: Any = None) -> DataLoader 
     """A DataLoader for a dataset, the loader itself, or ``[batch]`` for an already collated batch."""
     if isinstance(data, DataLoader):
         return data
-    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not _is_batch(data)):
+    if isinstance(data, Dataset) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__") and not _is_batch(data)
+    ):
         kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
         return DataLoader(data, batch_size=batch_size, shuffle=False, **kwargs)
     return [data]
@@ -64,7 +68,11 @@ def _is_batch(data: Any) -> bool:
         return True
     if isinstance(data, tuple) and hasattr(data, "_fields"):
         return True  # Indexed batch
-    return isinstance(data, (tuple, list)) and len(data) > 0 and all(isinstance(t, torch.Tensor) for t in data)
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) > 0
+        and all(isinstance(t, torch.Tensor) for t in data)
+    )
 
 
 def featurize_data(

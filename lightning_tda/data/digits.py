@@ -40,6 +40,8 @@ def load_digits_splits(n_train: int = 1000, n_test: int = 200, seed: int = 0) ->
     xs = (x - mean) / std
 
     def make(idx: np.ndarray) -> IndexedDataset:
-        return IndexedDataset(TensorDataset(torch.from_numpy(xs[idx]), torch.from_numpy(y[idx])), ids=idx.tolist())
+        return IndexedDataset(
+            TensorDataset(torch.from_numpy(xs[idx]), torch.from_numpy(y[idx])), ids=idx.tolist()
+        )
 
     return DigitsSplits(make(tr), make(te), d.images, y)

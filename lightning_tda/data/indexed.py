@@ -53,7 +53,9 @@ class IndexedDataset(Dataset):
         else:
             self.ids = [int(i) for i in ids]
             if len(self.ids) != n:
-                raise ValueError(f"IndexedDataset got {len(self.ids)} ids for {n} items; pass one id per item.")
+                raise ValueError(
+                    f"IndexedDataset got {len(self.ids)} ids for {n} items; pass one id per item."
+                )
             if len(set(self.ids)) != n:
                 raise ValueError("IndexedDataset ids must be unique; found duplicates.")
 
@@ -65,7 +67,9 @@ class IndexedDataset(Dataset):
         example_id = self.ids[index]
         if isinstance(item, Mapping):
             if EXAMPLE_ID_KEY in item:
-                raise KeyError(f"item already has a {EXAMPLE_ID_KEY!r} key; rename it or drop it before wrapping")
+                raise KeyError(
+                    f"item already has a {EXAMPLE_ID_KEY!r} key; rename it or drop it before wrapping"
+                )
             return {**item, EXAMPLE_ID_KEY: example_id}
         return Indexed(example_id, item)
 

@@ -16,11 +16,21 @@ def get_method(method: str | AttributionMethod, **kwargs: Any) -> AttributionMet
     """Resolve a method name (plus its hyper-parameters) or pass an instance through."""
     if isinstance(method, AttributionMethod):
         if kwargs:
-            raise TypeError("pass hyper-parameters either to the method instance or as keywords, not both")
+            raise TypeError(
+                "pass hyper-parameters either to the method instance or as keywords, not both"
+            )
         return method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     return METHODS[method](**kwargs)
 
 
-__all__ = ["METHODS", "AttributionMethod", "GradCos", "GradDot", "TracIn", "TracInAdam", "get_method"]
+__all__ = [
+    "METHODS",
+    "AttributionMethod",
+    "GradCos",
+    "GradDot",
+    "TracIn",
+    "TracInAdam",
+    "get_method",
+]

@@ -36,10 +36,7 @@ class AttributionMethod(ABC):
 
 
 def select_checkpoints(store: StoreReader, steps: Sequence[int] | None) -> list[CheckpointInfo]:
-    if steps is None:
-        out = list(store.checkpoints)
-    else:
-        out = [store.checkpoint(s) for s in steps]
+    out = list(store.checkpoints) if steps is None else [store.checkpoint(s) for s in steps]
     if not out:
         store.checkpoint(None)  # raises the informative "no complete checkpoint" error
     return out
@@ -55,7 +52,9 @@ def lr_weights(store: StoreReader, ck: CheckpointInfo, interval: Interval) -> to
         sums = ck.lr_sum
     elif interval == "next":
         later = [c for c in store.checkpoints if c.global_step > ck.global_step]
-        end = later[0].lr_cumsum if later else tuple(store.attrs.get("lr_cumsum_final", ck.lr_cumsum))
+        end = (
+            later[0].lr_cumsum if later else tuple(store.attrs.get("lr_cumsum_final", ck.lr_cumsum))
+        )
         sums = tuple(float(e) - float(s) for e, s in zip(end, ck.lr_cumsum, strict=True))
     else:
         raise ValueError(f"interval must be 'previous' or 'next', got {interval!r}")

@@ -99,7 +99,9 @@ def _merge(v, r, s, rows, k, largest):
     return vals, torch.gather(rows, 1, idx)
 
 
-def stream_self_influence(store: StoreReader, terms: list[SelfTerm], block_rows: int | None = None) -> torch.Tensor:
+def stream_self_influence(
+    store: StoreReader, terms: list[SelfTerm], block_rows: int | None = None
+) -> torch.Tensor:
     """``[N]``: ``Σ_t <weight ⊙ a_i, b_i>`` for every stored row."""
     keys: list[tuple[int, str]] = []
     for t in terms:

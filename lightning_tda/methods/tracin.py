@@ -57,7 +57,9 @@ class GradCos(GradDot):
         return [ScoreTerm(ck.global_step, schema.TRAIN, _unit(q), normalize_train=True)]
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        raise ValueError("gradcos self-influence is 1 for every example; use method='tracin' or 'graddot'")
+        raise ValueError(
+            "gradcos self-influence is 1 for every example; use method='tracin' or 'graddot'"
+        )
 
 
 @dataclass
@@ -97,12 +99,19 @@ class TracIn(AttributionMethod):
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         return [
-            ScoreTerm(ck.global_step, self.train_dataset, queries[ck.global_step] * w.to(queries[ck.global_step].device))
+            ScoreTerm(
+                ck.global_step,
+                self.train_dataset,
+                queries[ck.global_step] * w.to(queries[ck.global_step].device),
+            )
             for ck, w in self._weighted(store)
         ]
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        return [SelfTerm(ck.global_step, schema.TRAIN, self.train_dataset, w) for ck, w in self._weighted(store)]
+        return [
+            SelfTerm(ck.global_step, schema.TRAIN, self.train_dataset, w)
+            for ck, w in self._weighted(store)
+        ]
 
 
 @dataclass

@@ -4,4 +4,11 @@ from lightning_tda.store.reader import CheckpointInfo, SchemaVersionError, Store
 from lightning_tda.store.schema import SCHEMA_VERSION
 from lightning_tda.store.writer import StoreError, StoreWriter
 
-__all__ = ["SCHEMA_VERSION", "CheckpointInfo", "SchemaVersionError", "StoreError", "StoreReader", "StoreWriter"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "CheckpointInfo",
+    "SchemaVersionError",
+    "StoreError",
+    "StoreReader",
+    "StoreWriter",
+]

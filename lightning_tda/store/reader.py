@@ -54,7 +54,9 @@ class StoreReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"no attribution store at {self.path}; check the path given to GradientLogger")
+            raise FileNotFoundError(
+                f"no attribution store at {self.path}; check the path given to GradientLogger"
+            )
         try:
             with h5py.File(self.path, "r") as f:
                 self._read_meta(f)
@@ -81,7 +83,7 @@ class StoreReader:
         self.layer_groups = json.loads(f.attrs["layer_groups"])
         self.width = sum(s.size for s in self.layers)
         ck = []
-        for name, g in f.get(schema.CHECKPOINTS, {}).items():
+        for g in f.get(schema.CHECKPOINTS, {}).values():
             if not g.attrs.get("complete", False):
                 continue
             ck.append(
@@ -96,8 +98,14 @@ class StoreReader:
                 )
             )
         self.checkpoints = sorted(ck, key=lambda c: c.global_step)
-        self.example_ids = torch.from_numpy(f[schema.EXAMPLE_IDS][()]) if schema.EXAMPLE_IDS in f else torch.empty(0)
-        self.query_ids = torch.from_numpy(f[schema.QUERY_IDS][()]) if schema.QUERY_IDS in f else None
+        self.example_ids = (
+            torch.from_numpy(f[schema.EXAMPLE_IDS][()])
+            if schema.EXAMPLE_IDS in f
+            else torch.empty(0)
+        )
+        self.query_ids = (
+            torch.from_numpy(f[schema.QUERY_IDS][()]) if schema.QUERY_IDS in f else None
+        )
         self.incomplete = [
             int(g.attrs.get("global_step", -1))
             for g in f.get(schema.CHECKPOINTS, {}).values()
@@ -118,7 +126,11 @@ class StoreReader:
         if not self.checkpoints:
             raise StoreError(
                 f"{self.path} has no complete checkpoint yet"
-                + (f" (incomplete: steps {self.incomplete}; resume the fit to finish them)" if self.incomplete else "")
+                + (
+                    f" (incomplete: steps {self.incomplete}; resume the fit to finish them)"
+                    if self.incomplete
+                    else ""
+                )
             )
         if step is None:
             return self.checkpoints[-1]
@@ -131,12 +143,16 @@ class StoreReader:
         path = f"{schema.checkpoint_name(step)}/{name}"
         if path not in f:
             hint = (
-                " (log with optimizer_state=True and an Adam-family optimizer)" if name == schema.TRAIN_PRECOND else ""
+                " (log with optimizer_state=True and an Adam-family optimizer)"
+                if name == schema.TRAIN_PRECOND
+                else ""
             )
             raise KeyError(f"checkpoint {step} has no {name!r} dataset{hint}")
         return f[path]
 
-    def read(self, step: int, name: str = schema.TRAIN, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read(
+        self, step: int, name: str = schema.TRAIN, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
         """Rows ``[start:stop]`` of a checkpoint dataset as fp32 ``[n, D]`` (or ``[n]``)."""
         with h5py.File(self.path, "r") as f:
             arr = self._dataset(f, step, name)[start:stop]
@@ -153,7 +169,11 @@ class StoreReader:
             n = self.num_examples
             for start in range(0, n, block_rows):
                 stop = min(n, start + block_rows)
-                yield start, stop, [schema.decode_rows(d[start:stop], self.storage_dtype) for d in dsets]
+                yield (
+                    start,
+                    stop,
+                    [schema.decode_rows(d[start:stop], self.storage_dtype) for d in dsets],
+                )
 
     def state(self, step: int) -> dict[str, torch.Tensor]:
         """Trainable parameters and buffers saved at a checkpoint."""
@@ -165,7 +185,13 @@ class StoreReader:
                     "cannot be recomputed: use queries='logged' or re-log with save_state=True"
                 )
             out = {}
-            g.visititems(lambda k, d: out.__setitem__(k, torch.from_numpy(d[()])) if isinstance(d, h5py.Dataset) else None)
+            g.visititems(
+                lambda k, d: (
+                    out.__setitem__(k, torch.from_numpy(d[()]))
+                    if isinstance(d, h5py.Dataset)
+                    else None
+                )
+            )
             return {k.replace("|", "."): v for k, v in out.items()}
 
     def arrays(self, step: int, group: str) -> dict[str, np.ndarray]:
@@ -174,7 +200,9 @@ class StoreReader:
             if g is None:
                 return {}
             out: dict[str, np.ndarray] = {}
-            g.visititems(lambda k, d: out.__setitem__(k, d[()]) if isinstance(d, h5py.Dataset) else None)
+            g.visititems(
+                lambda k, d: out.__setitem__(k, d[()]) if isinstance(d, h5py.Dataset) else None
+            )
             return out
 
     def checkpoint_attrs(self, step: int) -> dict[str, Any]:
@@ -188,7 +216,9 @@ class StoreReader:
         for s in self.layers:
             g = int(self.layer_groups.get(s.name, 0))
             if g >= len(per_group):
-                raise StoreError(f"layer {s.name} maps to param group {g} but checkpoint {step} has {len(per_group)}")
+                raise StoreError(
+                    f"layer {s.name} maps to param group {g} but checkpoint {step} has {len(per_group)}"
+                )
             w[s.offset : s.offset + s.size] = float(per_group[g])
         return w
 

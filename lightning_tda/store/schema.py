@@ -50,7 +50,9 @@ def _json_default(o: Any) -> Any:
 
 def h5_dtype(storage: str) -> np.dtype:
     """HDF5 on-disk dtype; bfloat16 is stored as its uint16 bit pattern."""
-    return {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}[storage]
+    return {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}[
+        storage
+    ]
 
 
 def encode_rows(rows: torch.Tensor, storage: str) -> np.ndarray:

@@ -29,7 +29,9 @@ class StoreError(RuntimeError):
     """The store cannot be written or read as asked."""
 
 
-def _create_early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+def _create_early(
+    group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype
+) -> h5py.Dataset:
     """Contiguous dataset whose storage is allocated now, so later writes touch no metadata."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -50,7 +52,9 @@ def _open(path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode)
     except OSError as e:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e):
-            raise StoreError(f"disk full while opening {path}: free space or choose another path") from e
+            raise StoreError(
+                f"disk full while opening {path}: free space or choose another path"
+            ) from e
         raise StoreError(
             f"cannot open the attribution store {path} for writing ({e}). Check that the directory exists "
             "and is writable, that no other process holds the file open, or pass another path."
@@ -67,7 +71,9 @@ def check_writable(path: str | os.PathLike) -> Path:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create the directory {parent} for the store ({e}); pass a writable path") from e
+            raise StoreError(
+                f"cannot create the directory {parent} for the store ({e}); pass a writable path"
+            ) from e
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise StoreError(f"store path {p} is not writable; pass a path in a writable directory")
     return p
@@ -130,7 +136,10 @@ class StoreWriter:
                     f.attrs[k] = _attr(v)
                 f.flush()
                 return
-            if fmt != schema.FORMAT or int(f.attrs.get("schema_version", -1)) != schema.SCHEMA_VERSION:
+            if (
+                fmt != schema.FORMAT
+                or int(f.attrs.get("schema_version", -1)) != schema.SCHEMA_VERSION
+            ):
                 raise StoreError(
                     f"{self.path} is not a lightning_tda schema-{schema.SCHEMA_VERSION} store "
                     f"(format={fmt!r}, schema_version={f.attrs.get('schema_version')!r}); pass a new path."
@@ -173,7 +182,13 @@ class CheckpointWriter:
     """Writes one checkpoint's rows; use as a context manager, call :meth:`commit` at the end."""
 
     def __init__(
-        self, store: StoreWriter, global_step: int, num_rows: int, width: int, num_queries: int, precond: bool
+        self,
+        store: StoreWriter,
+        global_step: int,
+        num_rows: int,
+        width: int,
+        num_queries: int,
+        precond: bool,
     ) -> None:
         self.store = store
         self.step = int(global_step)
@@ -204,7 +219,9 @@ class CheckpointWriter:
         name = schema.checkpoint_name(self.step)
         if name in f:
             if f[name].attrs.get("complete", False):
-                raise StoreError(f"checkpoint at step {self.step} already exists and is complete in {self.store.path}")
+                raise StoreError(
+                    f"checkpoint at step {self.step} already exists and is complete in {self.store.path}"
+                )
             del f[name]
         g = f.create_group(name, track_order=True)
         g.attrs["global_step"] = self.step
@@ -212,12 +229,16 @@ class CheckpointWriter:
         enc = schema.h5_dtype(self.dtype)
         self.ds = {schema.TRAIN: _create_early(g, schema.TRAIN, (self.n, self.width), enc)}
         if self.precond:
-            self.ds[schema.TRAIN_PRECOND] = _create_early(g, schema.TRAIN_PRECOND, (self.n, self.width), enc)
+            self.ds[schema.TRAIN_PRECOND] = _create_early(
+                g, schema.TRAIN_PRECOND, (self.n, self.width), enc
+            )
         self.ds[schema.TRAIN_LOSS] = _create_early(g, schema.TRAIN_LOSS, (self.n,), np.dtype("<f4"))
         self.ds[schema.ROW_IDS] = _create_early(g, schema.ROW_IDS, (self.n,), np.dtype("<i8"))
         if self.q:
             self.ds[schema.QUERY] = _create_early(g, schema.QUERY, (self.q, self.width), enc)
-            self.ds[schema.QUERY_LOSS] = _create_early(g, schema.QUERY_LOSS, (self.q,), np.dtype("<f4"))
+            self.ds[schema.QUERY_LOSS] = _create_early(
+                g, schema.QUERY_LOSS, (self.q,), np.dtype("<f4")
+            )
         self.group = g
         self.written = np.zeros(self.n, dtype=bool)
         self.next_row = 0
@@ -248,13 +269,19 @@ class CheckpointWriter:
         return schema.encode_rows(rows, self.dtype)
 
     def write_rows(
-        self, ids: torch.Tensor, rows: torch.Tensor, losses: torch.Tensor, precond: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        losses: torch.Tensor,
+        precond: torch.Tensor | None = None,
     ) -> None:
         """Write one batch: ``ids`` ``[B]``, ``rows``/``precond`` ``[B, D]``, ``losses`` ``[B]``."""
         ids_np = ids.cpu().numpy().astype(np.int64)
         b = len(ids_np)
         if rows.shape != (b, self.width):
-            raise StoreError(f"rows of shape {tuple(rows.shape)} do not match [batch={b}, D={self.width}]")
+            raise StoreError(
+                f"rows of shape {tuple(rows.shape)} do not match [batch={b}, D={self.width}]"
+            )
         if self.canonical is None:
             pos = np.arange(self.next_row, self.next_row + b)
             if pos.size and pos[-1] >= self.n:
@@ -288,7 +315,9 @@ class CheckpointWriter:
         self.ds[schema.ROW_IDS][sel] = ids_np[order]
         self.written[pos] = True
 
-    def write_queries(self, ids: torch.Tensor | None, rows: torch.Tensor, losses: torch.Tensor) -> None:
+    def write_queries(
+        self, ids: torch.Tensor | None, rows: torch.Tensor, losses: torch.Tensor
+    ) -> None:
         start = len(self.query_ids)
         b = rows.shape[0]
         if start + b > self.q:
@@ -315,7 +344,9 @@ class CheckpointWriter:
                 "attribution data must yield every example once per sweep (drop_last=False, a sized dataset)."
             )
         if self.q and len(self.query_ids) != self.q:
-            raise StoreError(f"checkpoint at step {self.step} got {len(self.query_ids)} of {self.q} query rows")
+            raise StoreError(
+                f"checkpoint at step {self.step} got {len(self.query_ids)} of {self.q} query rows"
+            )
         f = self.file
         f.flush()
         if self.canonical is None:
