@@ -23,6 +23,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(argv: list[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        args=argv,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lightning-tda", description="Training-data attribution for Lightning runs."
@@ -37,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top-k", type=int, default=3)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+    sub.add_parser(
+        "fit", help="LightningCLI fit: lightning-tda fit --config recipes/X.yaml", add_help=False
+    )
     i = sub.add_parser("inspect", help="print a store's checkpoints, shapes, dtypes and sizes")
     i.add_argument("file")
     i.set_defaults(func=_inspect)
@@ -45,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fit"]:  # everything after `fit` belongs to LightningCLI
+        return _fit(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

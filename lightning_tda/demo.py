@@ -41,6 +41,12 @@ class DigitsMLP(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    def validation_step(self, batch, batch_idx: int) -> None:
+        _, (x, y) = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+
     def configure_optimizers(self):
         return torch.optim.SGD(
             self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum

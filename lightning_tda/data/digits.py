@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda.data.indexed import IndexedDataset
 
@@ -45,3 +46,29 @@ def load_digits_splits(n_train: int = 1000, n_test: int = 200, seed: int = 0) ->
         )
 
     return DigitsSplits(make(tr), make(te), d.images, y)
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits as a LightningDataModule (for recipes): indexed train set, held-out test set.
+
+    Args:
+        n_train: training examples.
+        n_test: held-out examples.
+        batch_size: training batch size.
+        seed: split seed.
+    """
+
+    def __init__(
+        self, n_train: int = 1000, n_test: int = 200, batch_size: int = 64, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.n_train, self.n_test, self.batch_size, self.seed = n_train, n_test, batch_size, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        self.splits = load_digits_splits(self.n_train, self.n_test, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits.train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits.test, batch_size=256)

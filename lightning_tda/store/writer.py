@@ -67,6 +67,10 @@ def check_writable(path: str | os.PathLike) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if p.exists() and p.is_dir():
         raise StoreError(f"store path {p} is a directory; pass a file path such as {p / 'tda.h5'}")
+    if parent.exists() and not parent.is_dir():
+        raise StoreError(
+            f"the store's parent {parent} is not a directory; pass a path inside a writable directory"
+        )
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -95,9 +99,21 @@ class StoreWriter:
 
     # -- run level ---------------------------------------------------------------------------
     def has_complete_checkpoints(self) -> bool:
+        """Whether the file holds complete checkpoints; raises if it is not a lightning_tda store."""
         if not self.path.exists():
             return False
-        with _open(self.path, "r") as f:
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise StoreError(
+                f"{self.path} exists and is not an HDF5 store ({e}); pass a new path, or overwrite=True to replace it"
+            ) from e
+        with f:
+            if f.attrs.get("format") != schema.FORMAT:
+                raise StoreError(
+                    f"{self.path} exists and is not a lightning_tda store; pass a new path, or overwrite=True to "
+                    "replace it"
+                )
             ck = f.get(schema.CHECKPOINTS)
             return ck is not None and any(bool(g.attrs.get("complete", False)) for g in ck.values())
 
@@ -241,6 +257,7 @@ class CheckpointWriter:
             )
         self.group = g
         self.written = np.zeros(self.n, dtype=bool)
+        self.seen_ids: set[int] = set()
         self.next_row = 0
         self.query_ids: list[int] = []
         f.flush()
@@ -297,8 +314,10 @@ class CheckpointWriter:
                     f"example id {e.args[0]} is not among the store's examples; attribution data must hold the "
                     "same examples at every checkpoint."
                 ) from None
-        if self.written[pos].any() or len(np.unique(pos)) != b:
-            dup = ids_np[self.written[pos]].tolist()[:5] or ids_np.tolist()[:5]
+        batch_ids = ids_np.tolist()
+        repeated = [i for i in batch_ids if i in self.seen_ids]
+        if repeated or len(set(batch_ids)) != b or self.written[pos].any():
+            dup = repeated[:5] or [i for i in batch_ids if batch_ids.count(i) > 1][:5]
             raise StoreError(
                 f"example ids {dup} appear twice in one checkpoint sweep; example ids must be unique "
                 "(IndexedDataset(dataset, ids=...)) and each example swept once."
@@ -314,6 +333,7 @@ class CheckpointWriter:
         self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
         self.ds[schema.ROW_IDS][sel] = ids_np[order]
         self.written[pos] = True
+        self.seen_ids.update(batch_ids)
 
     def write_queries(
         self, ids: torch.Tensor | None, rows: torch.Tensor, losses: torch.Tensor
