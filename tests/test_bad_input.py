@@ -300,7 +300,9 @@ def test_indexed_dataset_rejects_duplicate_ids():
 def test_duplicate_ids_in_attribution_data(tmp_path):
     data = make_classification(N)
     path = tmp_path / "tda.h5"
-    with pytest.raises(StoreError, match=r"example ids \[0, 1, 2, 3, 4\] appear twice.*unique.*IndexedDataset"):
+    with pytest.raises(
+        StoreError, match=r"example ids \[0, 1, 2, 3, 4\] appear twice.*unique.*IndexedDataset"
+    ):
         _fit(tmp_path, TinyMLP(), data, _logger(path, RepeatingIds(data)))
     store = AttributionStore(path)
     assert store.checkpoints == [] and store.incomplete == [4]
