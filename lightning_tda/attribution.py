@@ -20,6 +20,7 @@ from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
 from lightning_tda.store.reader import StoreReader
+from lightning_tda.store.writer import StoreError
 
 
 class AttributionStore(StoreReader):
@@ -141,13 +142,24 @@ class AttributionStore(StoreReader):
         )
         check_layers_match(self.layers, layers)
         fn = resolve_loss_fn(model, loss_fn)
+        if self.projection.basis == "pca" and self.bases is None:
+            raise StoreError(
+                f"{self.path} uses a PCA projection basis but stores none; the file is incomplete"
+            )
         out: dict[int, torch.Tensor] = {}
         ids = None
         device = model_device(model)
         for s in steps:
             with loaded_state(model, self.state(s)):
                 rows, ids, _ = featurize_data(
-                    model, queries, self.layers, self.projection, fn, batch_size, collate_fn
+                    model,
+                    queries,
+                    self.layers,
+                    self.projection,
+                    fn,
+                    batch_size,
+                    collate_fn,
+                    self.bases,
                 )
             out[s] = rows.to(device)
         return out, ids

@@ -22,6 +22,7 @@ from lightning_tda.callbacks.optimizer_state import (
     param_group_index,
 )
 from lightning_tda.callbacks.schedule import LogSchedule
+from lightning_tda.capture.basis import Bases, fit_pca_bases
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
 from lightning_tda.capture.layers import LayerSpec, discover_layers, row_width
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
@@ -57,6 +58,10 @@ class GradientLogger(pl.Callback):
         seed: projection seed; matrices are regenerated from ``(seed, module name)`` on the query side.
         dense_dim: project the remaining trainable parameters (embeddings, norms) to this many dims via
             ``torch.func``; ``0`` (default) skips them (listed in the store).
+        basis: ``"random"`` (default, seeded matrices) or ``"pca"``: top eigenvectors of each layer's
+            K-FAC factors, fitted once at the first checkpoint and stored (much better fidelity at
+            small ``rank``, one extra pass over ``basis_examples`` examples).
+        basis_examples: examples used to fit the ``"pca"`` basis.
         modules: names/regexes of the modules to capture (default: every eligible one).
         exclude: names/regexes of modules to skip.
         optimizer_state: record optimizer hyper-parameters, factored Adam second moments and
@@ -93,6 +98,8 @@ class GradientLogger(pl.Callback):
         distribution: str = "orthogonal",
         seed: int = 0,
         dense_dim: int = 0,
+        basis: str = "random",
+        basis_examples: int = 1024,
         modules: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         optimizer_state: bool = True,
@@ -115,6 +122,8 @@ class GradientLogger(pl.Callback):
             distribution=distribution,
             seed=seed,
             dense_dim=dense_dim,
+            basis=basis,
+            basis_examples=basis_examples,
         )
         for name, data in (("attribution_data", attribution_data), ("query_data", query_data)):
             if data is not None and not isinstance(data, (Dataset, DataLoader)):
@@ -150,6 +159,7 @@ class GradientLogger(pl.Callback):
         self._logged_steps: list[int] = []
         self._resumed = False
         self._layers: list[LayerSpec] = []
+        self._bases: Bases | None = None
 
     # -- Lightning plumbing -----------------------------------------------------------------
     @property
@@ -211,6 +221,7 @@ class GradientLogger(pl.Callback):
                     f"{self.path} already holds logged checkpoints from another fit. Pass a new path, "
                     "overwrite=True to replace it, or resume that fit with trainer.fit(..., ckpt_path=...)."
                 )
+            self._bases = None
             self.writer.remove()  # a fresh fit starts a fresh file (incomplete leftovers hold nothing of value)
             n_groups = len(current_lrs(trainer.optimizers))
             self._lr_cumsum = [0.0] * n_groups
@@ -307,6 +318,7 @@ class GradientLogger(pl.Callback):
         optimizers = trainer.optimizers
         scales = adam_scales(pl_module, optimizers, self._layers) if self.optimizer_state else None
         device = pl_module.device
+        bases = self._projection_bases(trainer, pl_module, loader)
         feat = Featurizer(
             pl_module,
             self._layers,
@@ -315,6 +327,7 @@ class GradientLogger(pl.Callback):
             device,
             scales=scales[0] if scales else None,
             dense_scales=scales[1] if scales else None,
+            bases=bases,
         )
         n = len(loader.dataset)
         nq = len(qloader.dataset) if qloader is not None else 0
@@ -359,6 +372,28 @@ class GradientLogger(pl.Callback):
                 + (f" + {nq} queries" if nq else "")
                 + f", D={width}, {time.perf_counter() - t0:.2f}s -> {self.path}"
             )
+
+    def _projection_bases(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
+    ) -> Bases | None:
+        """The stored PCA bases; fitted (and stored) at the first checkpoint of the run."""
+        if self.projection.basis != "pca":
+            return None
+        if self._bases is None:
+            self._bases = self.writer.read_bases()
+        if self._bases is None:
+            with preserved_training_state(pl_module):
+                batches = (trainer.strategy.batch_to_device(b) for b in loader)
+                self._bases = fit_pca_bases(
+                    pl_module,
+                    batches,
+                    self._layers,
+                    self._loss_fn,
+                    self.projection.basis_examples,
+                    trainer.precision_plugin.forward_context,
+                )
+            self.writer.write_bases(self._bases)
+        return self._bases
 
     def _featurize(self, trainer: pl.Trainer, feat: Featurizer, batch: Any):
         batch = trainer.strategy.batch_to_device(batch)

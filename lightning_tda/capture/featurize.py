@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_tda.capture.basis import Bases
 from lightning_tda.capture.dense import DenseProjector
 from lightning_tda.capture.hooks import LayerGradientHooks, Scales
 from lightning_tda.capture.layers import DENSE, LayerSpec
@@ -53,6 +54,7 @@ class Featurizer:
         scales: optional factor-wise preconditioner per layer, plus ``"<dense>:<param>"`` entries
             (full-shape tensors) for dense parameters.
         require_ids: raise when a batch has no example ids.
+        bases: stored projection bases (``ProjectionConfig.basis == "pca"``).
     """
 
     def __init__(
@@ -65,11 +67,12 @@ class Featurizer:
         scales: Scales | None = None,
         dense_scales: dict[str, torch.Tensor] | None = None,
         require_ids: bool = True,
+        bases: Bases | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.require_ids = require_ids
-        self.hooks = LayerGradientHooks(model, layers, config, device, scales)
+        self.hooks = LayerGradientHooks(model, layers, config, device, scales, bases)
         dense = [s for s in layers if s.kind == DENSE]
         self.dense = DenseProjector(model, dense[0], config, device) if dense else None
         self.dense_scales = dense_scales

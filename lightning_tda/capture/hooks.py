@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_tda.capture.basis import Bases
 from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
 from lightning_tda.capture.projection import ProjectionConfig, projection_matrix
 
@@ -39,11 +40,25 @@ class LayerProjector:
 
 
 def build_projectors(
-    layers: list[LayerSpec], config: ProjectionConfig, device: torch.device
+    layers: list[LayerSpec],
+    config: ProjectionConfig,
+    device: torch.device,
+    bases: Bases | None = None,
 ) -> dict[str, LayerProjector]:
+    """Projection matrices per layer: stored ``bases`` (PCA) if given, else regenerated from the seed."""
+    if config.basis == "pca" and bases is None:
+        raise ValueError("this projection uses a fitted PCA basis; pass the store's bases")
     out = {}
     for s in layers:
         if s.kind == DENSE:
+            continue
+        if bases is not None:
+            p_out, p_in = bases[s.name]
+            out[s.name] = LayerProjector(
+                s,
+                None if p_out is None else p_out.to(device),
+                None if p_in is None else p_in.to(device),
+            )
             continue
         p_out = (
             None
@@ -80,11 +95,12 @@ class LayerGradientHooks:
         config: ProjectionConfig,
         device: torch.device,
         scales: Scales | None = None,
+        bases: Bases | None = None,
     ) -> None:
         self.model = model
         self.layers = [s for s in layers if s.kind != DENSE]
         self.width = row_width(layers)
-        self.projectors = build_projectors(self.layers, config, device)
+        self.projectors = build_projectors(self.layers, config, device, bases)
         self.scales = scales
         self._handles: list = []
 

@@ -14,6 +14,7 @@ import torch
 
 Distribution = Literal["orthogonal", "gaussian", "rademacher"]
 ProjectionKind = Literal["kronecker", "exact"]
+Basis = Literal["random", "pca"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class ProjectionConfig:
         seed: base seed; each matrix is seeded from ``(seed, module name, side)``.
         dense_dim: size of the dense ``torch.func`` projection of trainable parameters outside the
             captured layers (embeddings, norms); ``0`` skips those parameters.
+        basis: ``"random"`` (default): seeded random matrices, nothing stored; ``"pca"``: top
+            eigenvectors of each layer's K-FAC factors, fitted once at the first logged checkpoint
+            on up to ``basis_examples`` examples and stored in the store (LoGra's PCA option; far
+            better inner-product fidelity at small ranks, one extra pass).
+        basis_examples: examples used to fit the ``"pca"`` basis.
     """
 
     kind: ProjectionKind = "kronecker"
@@ -39,8 +45,14 @@ class ProjectionConfig:
     distribution: Distribution = "orthogonal"
     seed: int = 0
     dense_dim: int = 0
+    basis: Basis = "random"
+    basis_examples: int = 1024
 
     def __post_init__(self) -> None:
+        if self.basis not in ("random", "pca"):
+            raise ValueError(f"basis must be 'random' or 'pca', got {self.basis!r}")
+        if not isinstance(self.basis_examples, int) or self.basis_examples < 1:
+            raise ValueError(f"basis_examples must be a positive int, got {self.basis_examples!r}")
         if self.kind not in ("kronecker", "exact"):
             raise ValueError(f"projection must be 'kronecker' or 'exact', got {self.kind!r}")
         if self.distribution not in ("orthogonal", "gaussian", "rademacher"):

@@ -11,6 +11,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tda.capture.basis import Bases
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.losses import LossFn
@@ -83,6 +84,7 @@ def featurize_data(
     loss_fn: LossFn,
     batch_size: int = 64,
     collate_fn: Any = None,
+    bases: Bases | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Projected gradients of every example in ``data`` at the model's current weights.
 
@@ -90,7 +92,7 @@ def featurize_data(
         ``(rows [Q, D] fp32 on the model's device, ids [Q] or None, losses [Q])``.
     """
     device = model_device(model)
-    feat = Featurizer(model, layers, config, loss_fn, device, require_ids=False)
+    feat = Featurizer(model, layers, config, loss_fn, device, require_ids=False, bases=bases)
     rows, ids, losses = [], [], []
     with preserved_training_state(model):
         for batch in as_loader(data, batch_size, collate_fn):

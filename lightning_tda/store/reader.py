@@ -16,7 +16,7 @@ import torch
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import schema
-from lightning_tda.store.writer import StoreError
+from lightning_tda.store.writer import StoreError, read_bases
 
 
 class SchemaVersionError(StoreError):
@@ -81,6 +81,7 @@ class StoreReader:
         self.layers = [LayerSpec.from_dict(d) for d in json.loads(f.attrs["layers"])]
         self.projection = ProjectionConfig.from_dict(json.loads(f.attrs["projection"]))
         self.layer_groups = json.loads(f.attrs["layer_groups"])
+        self.bases = read_bases(f) if self.projection.basis == "pca" else None
         self.width = sum(s.size for s in self.layers)
         ck = []
         for g in f.get(schema.CHECKPOINTS, {}).values():

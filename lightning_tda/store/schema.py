@@ -12,6 +12,9 @@ FORMAT = "lightning_tda"
 SCHEMA_VERSION = 1
 
 CHECKPOINTS = "checkpoints"
+BASES = (
+    "projection_basis"  # group: <layer>/out [O, k_out], <layer>/in [I(+1), k_in] (PCA basis only)
+)
 EXAMPLE_IDS = "examples/ids"
 QUERY_IDS = "queries/ids"
 

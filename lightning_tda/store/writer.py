@@ -42,6 +42,18 @@ def _create_early(
     return h5py.Dataset(dsid)
 
 
+def read_bases(f: h5py.File) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+    g = f.get(schema.BASES)
+    if g is None or not g.attrs.get("complete", False):
+        return None
+    out = {}
+    for name, lg in g.items():
+        out[name] = tuple(
+            torch.from_numpy(lg[side][()]) if side in lg else None for side in ("out", "in")
+        )
+    return out
+
+
 def _attr(v: Any) -> Any:
     """HDF5-storable attribute value (str subclasses such as torch's version become plain str)."""
     return str(v) if isinstance(v, str) else v
@@ -180,6 +192,28 @@ class StoreWriter:
         with _open(self.path, "a") as f:
             for k, v in attrs.items():
                 f.attrs[k] = _attr(v)
+            f.flush()
+
+    def read_bases(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+        """Stored PCA bases, or ``None`` when the file has none yet."""
+        if not self.path.exists():
+            return None
+        with _open(self.path, "r") as f:
+            return read_bases(f)
+
+    def write_bases(
+        self, bases: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+    ) -> None:
+        with _open(self.path, "a") as f:
+            if schema.BASES in f:
+                del f[schema.BASES]
+            g = f.create_group(schema.BASES)
+            for name, (p_out, p_in) in bases.items():
+                lg = g.create_group(name)
+                for side, mat in (("out", p_out), ("in", p_in)):
+                    if mat is not None:
+                        lg.create_dataset(side, data=mat.detach().float().cpu().numpy())
+            g.attrs["complete"] = True
             f.flush()
 
     # -- checkpoint level --------------------------------------------------------------------
