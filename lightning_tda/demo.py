@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -71,6 +73,7 @@ def run_demo(
     Returns the path of the store.
     """
     t0 = time.perf_counter()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = (
         Path(out)
         if out is not None
@@ -85,6 +88,7 @@ def run_demo(
         every_n_epochs=3,
         projection="kronecker",
         rank=16,
+        basis="pca",
         batch_size=250,
         overwrite=True,
         verbose=False,
@@ -103,7 +107,12 @@ def run_demo(
     print(
         f"Training a 64-128-10 MLP on {n_train} scikit-learn digits for {epochs} epochs, logging to {out} ..."
     )
-    trainer.fit(model, train_loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, train_loader, DataLoader(data.test, batch_size=200))
+    acc = trainer.callback_metrics.get("val_acc")
+    if acc is not None:
+        print(f"test accuracy after training: {float(acc):.3f}")
 
     store = AttributionStore(out)
     # the test digits the trained model finds hardest: the interesting ones to explain
