@@ -76,6 +76,16 @@ def _step(state: dict) -> float:
     return float(s) if not isinstance(s, torch.Tensor) else float(s.item())
 
 
+def _second_moment(
+    optimizers: Sequence[torch.optim.Optimizer], p: torch.Tensor
+) -> tuple[torch.Tensor, dict, float] | None:
+    """``(exp_avg_sq as fp32, its param group, step)`` of a parameter, or ``None`` (no Adam state)."""
+    st = _state_of(optimizers, p)
+    if st is None or "exp_avg_sq" not in st[0]:
+        return None
+    return st[0]["exp_avg_sq"].float(), st[1], _step(st[0])
+
+
 def factored_second_moments(
     model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], layers: Sequence[LayerSpec]
 ) -> dict[str, torch.Tensor]:
@@ -90,17 +100,17 @@ def factored_second_moments(
     for s in layers:
         if s.kind == DENSE:
             for n in s.params:
-                st = _state_of(optimizers, named[n])
-                if st is None or "exp_avg_sq" not in st[0]:
+                sm = _second_moment(optimizers, named[n])
+                if sm is None:
                     continue
-                v = st[0]["exp_avg_sq"].float()
+                v, _, step = sm
                 key = f"{s.name}/{n}"
                 if v.dim() >= 2:
                     v2 = v.reshape(v.shape[0], -1)
                     out[f"{key}/row"], out[f"{key}/col"] = v2.mean(1), v2.mean(0)
                 else:
                     out[f"{key}/full"] = v
-                out[f"{key}/step"] = torch.tensor(_step(st[0]))
+                out[f"{key}/step"] = torch.tensor(step)
             continue
         v = _augmented_v(named, optimizers, s)
         if v is None:
@@ -151,19 +161,18 @@ def adam_scales(
     for s in layers:
         if s.kind == DENSE:
             for n in s.params:
-                st = _state_of(optimizers, named[n])
-                if st is None or "exp_avg_sq" not in st[0]:
+                sm = _second_moment(optimizers, named[n])
+                if sm is None:
                     return None
-                beta2, eps = _beta2_eps(st[1])
-                vhat = st[0]["exp_avg_sq"].float() / _bias_correction(beta2, _step(st[0]))
-                dense[n] = 1.0 / (vhat.sqrt() + eps)
+                v, group, step = sm
+                beta2, eps = _beta2_eps(group)
+                dense[n] = 1.0 / ((v / _bias_correction(beta2, step)).sqrt() + eps)
             continue
         v = _augmented_v(named, optimizers, s)
         if v is None:
             return None
         vm, step = v
-        st = _state_of(optimizers, named[s.params[0]])
-        beta2, eps = _beta2_eps(st[1])
+        beta2, eps = _beta2_eps(_state_of(optimizers, named[s.params[0]])[1])
         vhat = vm / _bias_correction(beta2, step)
         r, c = vhat.mean(1), vhat.mean(0)
         root_eps = math.sqrt(eps)
