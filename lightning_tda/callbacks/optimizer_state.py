@@ -125,20 +125,16 @@ def factored_second_moments(
 def _augmented_v(
     named: dict[str, torch.Tensor], optimizers: Sequence[torch.optim.Optimizer], s: LayerSpec
 ) -> tuple[torch.Tensor, float] | None:
-    st = _state_of(optimizers, named[s.params[0]])
-    if st is None or "exp_avg_sq" not in st[0]:
+    sm = _second_moment(optimizers, named[s.params[0]])
+    if sm is None:
         return None
-    v = st[0]["exp_avg_sq"].float()
+    v, _, step = sm
     v = v.T if s.kind == CONV1D else v  # -> [O, I]
     if s.has_bias:
-        sb = _state_of(optimizers, named[s.params[1]])
-        vb = (
-            sb[0]["exp_avg_sq"].float()
-            if sb is not None and "exp_avg_sq" in sb[0]
-            else torch.zeros(v.shape[0], device=v.device)
-        )
+        sb = _second_moment(optimizers, named[s.params[1]])
+        vb = sb[0] if sb is not None else torch.zeros(v.shape[0], device=v.device)
         v = torch.cat([v, vb[:, None]], dim=1)
-    return v, _step(st[0])
+    return v, step
 
 
 def adam_scales(
