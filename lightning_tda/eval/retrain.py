@@ -1,0 +1,267 @@
+"""Retraining harness: models trained on random subsets, the ground truth of counterfactual metrics.
+
+A *bank* is a directory::
+
+    subsets.npy          [M, S] int32   kept row positions of subset j (dattri's index-list format)
+    outputs_<name>.npy   [M, R, Q] float32  measurement <name> of every query by run r of subset j
+    query_ids.npy        [Q] int64
+    meta.json            spec, recipe, data fingerprints, measurement conventions, versions
+    jobs/                one file per finished (subset, seed) run; a rerun skips them (resumable)
+
+Subset ``j`` is drawn with ``numpy.random.default_rng(base_seed + j)``; run ``r`` of subset ``j`` trains
+with seed ``base_seed + j * R + r`` (dattri's conventions, so banks can be exchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import platform
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+ModelFactory = Callable[[], Any]
+"""``factory() -> LightningModule``, a picklable top-level callable."""
+Measure = Callable[[Any, Dataset], dict[str, np.ndarray]]
+"""``measure(model, queries) -> {name: [Q] array}``, e.g. margins and losses."""
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """Which subsets and how many runs.
+
+    Attributes:
+        num_subsets: ``M``.
+        alpha: kept fraction of the training set.
+        num_seeds: ``R`` runs per subset (ground truth = their mean; two or more give a ceiling).
+        base_seed: seeds subsets and runs.
+    """
+
+    num_subsets: int = 64
+    alpha: float = 0.5
+    num_seeds: int = 2
+    base_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_subsets < 2 or self.num_seeds < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"invalid bank spec {self}")
+
+
+@dataclass(frozen=True)
+class RetrainRecipe:
+    """How each subset model is trained (the same recipe as the attributed run).
+
+    Attributes:
+        max_epochs: epochs per run.
+        batch_size: training batch size (shuffled with the run's seed).
+        trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments.
+    """
+
+    max_epochs: int = 10
+    batch_size: int = 64
+    trainer_kwargs: dict = field(default_factory=dict)
+
+
+def draw_subsets(num_train: int, spec: BankSpec) -> np.ndarray:
+    """``[M, S]`` sorted kept indices, subset ``j`` from ``default_rng(base_seed + j)``."""
+    size = int(round(spec.alpha * num_train))
+    return np.stack(
+        [
+            np.sort(np.random.default_rng(spec.base_seed + j).choice(num_train, size=size, replace=False))
+            for j in range(spec.num_subsets)
+        ]
+    ).astype(np.int32)
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """sha256 over the pickled items: banks record which data they were built on."""
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        h.update(pickle.dumps(ds[i], protocol=4))
+    return h.hexdigest()
+
+
+def train_on_subset(
+    factory: ModelFactory, train: Dataset, indices: np.ndarray, seed: int, recipe: RetrainRecipe
+) -> Any:
+    """Train ``factory()`` on ``train[indices]`` with ``seed``; returns the trained model (eval mode)."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(seed, verbose=False)
+    model = factory()
+    loader = DataLoader(
+        Subset(train, [int(i) for i in indices]),
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    kwargs = dict(
+        max_epochs=recipe.max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    kwargs.update(recipe.trainer_kwargs)
+    pl.Trainer(**kwargs).fit(model, loader)
+    model.eval()
+    return model
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def _run_job(args: tuple) -> tuple[str, float]:
+    factory, train, queries, measure, indices, seed, recipe, out_file = args
+    t0 = time.perf_counter()
+    model = train_on_subset(factory, train, indices, seed, recipe)
+    with torch.no_grad():
+        values = {k: np.asarray(v, dtype=np.float32) for k, v in measure(model, queries).items()}
+    tmp = f"{out_file}.tmp.npz"
+    np.savez(tmp, **values)
+    os.replace(tmp, out_file)  # a job file is either absent or complete
+    return out_file, time.perf_counter() - t0
+
+
+def run_jobs(
+    jobs: list[tuple[np.ndarray, int, Path]],
+    factory: ModelFactory,
+    train: Dataset,
+    queries: Dataset,
+    measure: Measure,
+    recipe: RetrainRecipe,
+    processes: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Train and measure each ``(indices, seed, out_file)`` whose file does not exist yet."""
+    todo = [(factory, train, queries, measure, idx, seed, recipe, str(f)) for idx, seed, f in jobs if not Path(f).exists()]
+    done = len(jobs) - len(todo)
+    if not todo:
+        return
+    if processes <= 1:
+        _init_worker()
+        for job in todo:
+            _run_job(job)
+            done += 1
+            if progress:
+                progress(done, len(jobs))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_init_worker) as pool:
+        for _ in pool.map(_run_job, todo):
+            done += 1
+            if progress:
+                progress(done, len(jobs))
+
+
+@dataclass
+class Bank:
+    """A loaded bank: subsets ``[M, S]``, outputs ``{name: [M, R, Q]}``, query ids, metadata."""
+
+    subsets: np.ndarray
+    outputs: dict[str, np.ndarray]
+    query_ids: np.ndarray
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Bank:
+        p = Path(path)
+        if not (p / "meta.json").exists():
+            raise FileNotFoundError(f"{p} holds no bank (meta.json missing); build it with build_bank(...)")
+        meta = json.loads((p / "meta.json").read_text())
+        outputs = {n: np.load(p / f"outputs_{n}.npy") for n in meta["measurements"]}
+        return cls(np.load(p / "subsets.npy"), outputs, np.load(p / "query_ids.npy"), meta)
+
+    def measurement(self, name: str) -> str:
+        """``"goodness"`` or ``"loss"``: how ``outputs[name]`` relates to the score sign."""
+        return self.meta["measurements"][name]
+
+
+def build_bank(
+    path: str | os.PathLike,
+    factory: ModelFactory,
+    train: Dataset,
+    queries: Dataset,
+    measure: Measure,
+    measurements: dict[str, str],
+    spec: BankSpec = BankSpec(),
+    recipe: RetrainRecipe = RetrainRecipe(),
+    processes: int = 2,
+    query_ids: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Bank:
+    """Train ``M x R`` subset models (resumable) and write the bank.
+
+    Args:
+        path: bank directory (created; existing finished jobs are reused if the spec and data match).
+        factory: picklable ``() -> LightningModule``.
+        train: the full training set (subsets index its rows).
+        queries: the evaluation queries.
+        measure: picklable ``(model, queries) -> {name: [Q]}``.
+        measurements: ``{name: "goodness" | "loss"}`` for each measured quantity.
+        spec: subsets and seeds.
+        recipe: training recipe of each run.
+        processes: worker processes (one thread each).
+        query_ids: ids to record for the queries (default ``0..Q-1``).
+        progress: ``progress(done, total)`` callback.
+    """
+    p = Path(path)
+    (p / "jobs").mkdir(parents=True, exist_ok=True)
+    fingerprint = {"train": dataset_fingerprint(train), "queries": dataset_fingerprint(queries)}
+    meta = {
+        "spec": asdict(spec),
+        "recipe": asdict(recipe),
+        "fingerprint": fingerprint,
+        "measurements": measurements,
+        "num_train": len(train),
+        "num_queries": len(queries),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    old = p / "meta.json"
+    if old.exists():
+        prev = json.loads(old.read_text())
+        if any(prev.get(k) != meta[k] for k in ("spec", "recipe", "fingerprint", "measurements")):
+            raise ValueError(f"{p} holds a bank of other data or settings; use another directory or delete it")
+    (p / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))  # jobs/ belong to this meta
+    subsets = draw_subsets(len(train), spec)
+    r_total = spec.num_seeds
+    jobs = [
+        (subsets[j], spec.base_seed + j * r_total + r, p / "jobs" / f"{j:04d}_{r:02d}.npz")
+        for j in range(spec.num_subsets)
+        for r in range(r_total)
+    ]
+    t0 = time.perf_counter()
+    run_jobs(jobs, factory, train, queries, measure, recipe, processes, progress)
+    outputs = {n: np.zeros((spec.num_subsets, r_total, len(queries)), dtype=np.float32) for n in measurements}
+    for j in range(spec.num_subsets):
+        for r in range(r_total):
+            with np.load(p / "jobs" / f"{j:04d}_{r:02d}.npz") as f:
+                for n in measurements:
+                    outputs[n][j, r] = f[n]
+    np.save(p / "subsets.npy", subsets)
+    for n, arr in outputs.items():
+        np.save(p / f"outputs_{n}.npy", arr)
+    np.save(p / "query_ids.npy", np.arange(len(queries)) if query_ids is None else np.asarray(query_ids))
+    meta["build_seconds_last_run"] = time.perf_counter() - t0
+    (p / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return Bank.load(p)
