@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyMLP, make_classification
 
-from lightning_tda.eval.retrain import Bank, BankSpec, RetrainRecipe, build_bank, draw_subsets, train_on_subset
+from lightning_tda.eval.retrain import (
+    Bank,
+    BankSpec,
+    RetrainRecipe,
+    build_bank,
+    draw_subsets,
+    train_on_subset,
+)
 
 
 def tiny_factory():
@@ -49,19 +56,41 @@ def test_bank_build_resume_and_reload(tmp_path):
     spec = BankSpec(num_subsets=4, alpha=0.5, num_seeds=2, base_seed=0)
     recipe = RetrainRecipe(max_epochs=2, batch_size=8)
     calls = []
-    bank = build_bank(tmp_path / "bank", tiny_factory, train, queries, tiny_measure, {"loss": "loss"}, spec, recipe,
-                      processes=1, progress=lambda d, t: calls.append((d, t)))
+    bank = build_bank(
+        tmp_path / "bank",
+        tiny_factory,
+        train,
+        queries,
+        tiny_measure,
+        {"loss": "loss"},
+        spec,
+        recipe,
+        processes=1,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert bank.outputs["loss"].shape == (4, 2, 6) and bank.subsets.shape == (4, 16)
     assert calls[-1] == (8, 8)
     # run (j, r) used seed base + j*R + r: retrain one by hand and compare
     model = train_on_subset(tiny_factory, train, bank.subsets[2], 0 + 2 * 2 + 1, recipe)
     with torch.no_grad():
-        np.testing.assert_allclose(bank.outputs["loss"][2, 1], tiny_measure(model, queries)["loss"], rtol=1e-6)
+        np.testing.assert_allclose(
+            bank.outputs["loss"][2, 1], tiny_measure(model, queries)["loss"], rtol=1e-6
+        )
     # resume: a deleted job is the only one retrained
     (tmp_path / "bank" / "jobs" / "0001_00.npz").unlink()
     calls.clear()
-    again = build_bank(tmp_path / "bank", tiny_factory, train, queries, tiny_measure, {"loss": "loss"}, spec, recipe,
-                       processes=1, progress=lambda d, t: calls.append((d, t)))
+    again = build_bank(
+        tmp_path / "bank",
+        tiny_factory,
+        train,
+        queries,
+        tiny_measure,
+        {"loss": "loss"},
+        spec,
+        recipe,
+        processes=1,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert calls == [(8, 8)]
     np.testing.assert_array_equal(again.outputs["loss"], bank.outputs["loss"])
     meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
@@ -69,14 +98,70 @@ def test_bank_build_resume_and_reload(tmp_path):
     assert Bank.load(tmp_path / "bank").measurement("loss") == "loss"
     # other data in the same directory is refused
     with pytest.raises(ValueError, match="other data or settings"):
-        build_bank(tmp_path / "bank", tiny_factory, make_classification(32, seed=9), queries, tiny_measure,
-                   {"loss": "loss"}, spec, recipe, processes=1)
+        build_bank(
+            tmp_path / "bank",
+            tiny_factory,
+            make_classification(32, seed=9),
+            queries,
+            tiny_measure,
+            {"loss": "loss"},
+            spec,
+            recipe,
+            processes=1,
+        )
 
 
 def test_parallel_workers_give_the_same_bank(tmp_path):
     train, queries = make_classification(24), make_classification(4, seed=1)
     spec = BankSpec(num_subsets=2, alpha=0.5, num_seeds=2)
     recipe = RetrainRecipe(max_epochs=1, batch_size=8)
-    serial = build_bank(tmp_path / "a", tiny_factory, train, queries, tiny_measure, {"loss": "loss"}, spec, recipe, processes=1)
-    parallel = build_bank(tmp_path / "b", tiny_factory, train, queries, tiny_measure, {"loss": "loss"}, spec, recipe, processes=2)
+    serial = build_bank(
+        tmp_path / "a",
+        tiny_factory,
+        train,
+        queries,
+        tiny_measure,
+        {"loss": "loss"},
+        spec,
+        recipe,
+        processes=1,
+    )
+    parallel = build_bank(
+        tmp_path / "b",
+        tiny_factory,
+        train,
+        queries,
+        tiny_measure,
+        {"loss": "loss"},
+        spec,
+        recipe,
+        processes=2,
+    )
     np.testing.assert_allclose(parallel.outputs["loss"], serial.outputs["loss"], rtol=1e-6)
+
+
+def test_topk_removal_test_removes_the_right_rows(tmp_path):
+    from lightning_tda.eval.removal import topk_removal_test
+
+    train, queries = make_classification(24), make_classification(3, seed=1)
+    recipe = RetrainRecipe(max_epochs=2, batch_size=8)
+    scores = torch.zeros(3, 24)
+    scores[:, :4] = 1.0  # the first 4 rows are every query's top proponents
+    rep = topk_removal_test(
+        tmp_path,
+        tiny_factory,
+        train,
+        queries,
+        tiny_measure,
+        scores,
+        k=4,
+        seeds=(0,),
+        recipe=recipe,
+        processes=1,
+    )
+    full = train_on_subset(tiny_factory, train, np.arange(24), 0, recipe)
+    without = train_on_subset(tiny_factory, train, np.arange(4, 24), 0, recipe)
+    with torch.no_grad():
+        expect = tiny_measure(without, queries)["loss"] - tiny_measure(full, queries)["loss"]
+    np.testing.assert_allclose(rep.delta_topk, expect, rtol=1e-5, atol=1e-6)
+    assert rep.delta_random.shape == (3,) and "proponents" in str(rep)

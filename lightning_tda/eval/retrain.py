@@ -78,7 +78,11 @@ def draw_subsets(num_train: int, spec: BankSpec) -> np.ndarray:
     size = int(round(spec.alpha * num_train))
     return np.stack(
         [
-            np.sort(np.random.default_rng(spec.base_seed + j).choice(num_train, size=size, replace=False))
+            np.sort(
+                np.random.default_rng(spec.base_seed + j).choice(
+                    num_train, size=size, replace=False
+                )
+            )
             for j in range(spec.num_subsets)
         ]
     ).astype(np.int32)
@@ -153,7 +157,11 @@ def run_jobs(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Train and measure each ``(indices, seed, out_file)`` whose file does not exist yet."""
-    todo = [(factory, train, queries, measure, idx, seed, recipe, str(f)) for idx, seed, f in jobs if not Path(f).exists()]
+    todo = [
+        (factory, train, queries, measure, idx, seed, recipe, str(f))
+        for idx, seed, f in jobs
+        if not Path(f).exists()
+    ]
     done = len(jobs) - len(todo)
     if not todo:
         return
@@ -166,7 +174,9 @@ def run_jobs(
                 progress(done, len(jobs))
         return
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(
+        max_workers=processes, mp_context=ctx, initializer=_init_worker
+    ) as pool:
         for _ in pool.map(_run_job, todo):
             done += 1
             if progress:
@@ -186,7 +196,9 @@ class Bank:
     def load(cls, path: str | os.PathLike) -> Bank:
         p = Path(path)
         if not (p / "meta.json").exists():
-            raise FileNotFoundError(f"{p} holds no bank (meta.json missing); build it with build_bank(...)")
+            raise FileNotFoundError(
+                f"{p} holds no bank (meta.json missing); build it with build_bank(...)"
+            )
         meta = json.loads((p / "meta.json").read_text())
         outputs = {n: np.load(p / f"outputs_{n}.npy") for n in meta["measurements"]}
         return cls(np.load(p / "subsets.npy"), outputs, np.load(p / "query_ids.npy"), meta)
@@ -204,7 +216,7 @@ def build_bank(
     measure: Measure,
     measurements: dict[str, str],
     spec: BankSpec = BankSpec(),
-    recipe: RetrainRecipe = RetrainRecipe(),
+    recipe: RetrainRecipe | None = None,
     processes: int = 2,
     query_ids: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -224,6 +236,7 @@ def build_bank(
         query_ids: ids to record for the queries (default ``0..Q-1``).
         progress: ``progress(done, total)`` callback.
     """
+    recipe = recipe or RetrainRecipe()
     p = Path(path)
     (p / "jobs").mkdir(parents=True, exist_ok=True)
     fingerprint = {"train": dataset_fingerprint(train), "queries": dataset_fingerprint(queries)}
@@ -241,8 +254,12 @@ def build_bank(
     if old.exists():
         prev = json.loads(old.read_text())
         if any(prev.get(k) != meta[k] for k in ("spec", "recipe", "fingerprint", "measurements")):
-            raise ValueError(f"{p} holds a bank of other data or settings; use another directory or delete it")
-    (p / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))  # jobs/ belong to this meta
+            raise ValueError(
+                f"{p} holds a bank of other data or settings; use another directory or delete it"
+            )
+    (p / "meta.json").write_text(
+        json.dumps(meta, indent=2, sort_keys=True)
+    )  # jobs/ belong to this meta
     subsets = draw_subsets(len(train), spec)
     r_total = spec.num_seeds
     jobs = [
@@ -252,7 +269,10 @@ def build_bank(
     ]
     t0 = time.perf_counter()
     run_jobs(jobs, factory, train, queries, measure, recipe, processes, progress)
-    outputs = {n: np.zeros((spec.num_subsets, r_total, len(queries)), dtype=np.float32) for n in measurements}
+    outputs = {
+        n: np.zeros((spec.num_subsets, r_total, len(queries)), dtype=np.float32)
+        for n in measurements
+    }
     for j in range(spec.num_subsets):
         for r in range(r_total):
             with np.load(p / "jobs" / f"{j:04d}_{r:02d}.npz") as f:
@@ -261,7 +281,9 @@ def build_bank(
     np.save(p / "subsets.npy", subsets)
     for n, arr in outputs.items():
         np.save(p / f"outputs_{n}.npy", arr)
-    np.save(p / "query_ids.npy", np.arange(len(queries)) if query_ids is None else np.asarray(query_ids))
+    np.save(
+        p / "query_ids.npy", np.arange(len(queries)) if query_ids is None else np.asarray(query_ids)
+    )
     meta["build_seconds_last_run"] = time.perf_counter() - t0
     (p / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return Bank.load(p)

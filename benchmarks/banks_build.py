@@ -1,0 +1,47 @@
+"""Build (or resume) the retraining banks: ``python -m benchmarks.banks_build [task ...]``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.tasks import TASKS
+from lightning_tda.eval.retrain import build_bank
+
+BANKS = Path(__file__).parent / "banks"
+
+
+def bank_path(task_name: str) -> Path:
+    return BANKS / task_name
+
+
+def build(task_name: str, processes: int = 2):
+    task = TASKS[task_name]()
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done % 20 == 0 or done == total:
+            print(
+                f"  {task_name}: {done}/{total} runs, {time.perf_counter() - t0:.0f}s", flush=True
+            )
+
+    return build_bank(
+        bank_path(task_name),
+        task.factory,
+        task.train,
+        task.queries,
+        task.measure,
+        task.measurements,
+        task.spec,
+        task.recipe,
+        processes=processes,
+        query_ids=task.queries.ids,
+        progress=progress,
+    )
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or ["digits", "tinygpt"]:
+        bank = build(name)
+        print(name, {k: v.shape for k, v in bank.outputs.items()})

@@ -1,0 +1,192 @@
+"""Benchmark tasks: data, model factory, training recipe and measurement, all offline and CPU-sized.
+
+(a) ``digits``: MLP 64-128-10 on scikit-learn digits (1000 train / 200 test), plain SGD, 20 epochs.
+(b) ``tinygpt``: a byte-level GPT-2 (2 layers, d=64) trained from scratch on CPython's ``pydoc_data``
+    topics, one example = one 64-byte text block (1000 train / 100 held-out blocks), AdamW.
+(c) ``mislabel``: the digits MLP trained with 10% of its training labels flipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_tda import IndexedDataset, causal_lm_loss
+from lightning_tda.data.digits import load_digits_splits
+from lightning_tda.demo import DigitsMLP
+from lightning_tda.eval.retrain import BankSpec, RetrainRecipe
+
+
+@dataclass
+class Task:
+    name: str
+    train: IndexedDataset
+    queries: IndexedDataset
+    factory: Callable[[], pl.LightningModule]
+    measure: Callable
+    measurements: dict[str, str]  # name -> "goodness" | "loss"
+    primary: str  # the measurement LDS is reported on
+    recipe: RetrainRecipe
+    spec: BankSpec
+    log_every_n_epochs: int
+    describe: str
+    flipped: np.ndarray | None = None  # mislabel task: which training rows carry a flipped label
+
+
+# -- (a) digits ------------------------------------------------------------------------------------
+
+
+def digits_factory() -> DigitsMLP:
+    return DigitsMLP(hidden=128, lr=0.1, momentum=0.0)
+
+
+def classification_measure(model: torch.nn.Module, queries: Dataset) -> dict[str, np.ndarray]:
+    """TRAK margin ``logit_y - logsumexp(other logits)`` and cross-entropy of each query."""
+    x = torch.stack([queries[i].data[0] for i in range(len(queries))])
+    y = torch.stack([queries[i].data[1] for i in range(len(queries))])
+    logits = model(x).double()
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
+    return {
+        "margin": (correct - others).numpy(),
+        "loss": F.cross_entropy(logits, y, reduction="none").numpy(),
+    }
+
+
+def digits_task(num_subsets: int = 100, num_seeds: int = 4) -> Task:
+    s = load_digits_splits(n_train=1000, n_test=200, seed=0)
+    return Task(
+        name="digits",
+        train=s.train,
+        queries=s.test,
+        factory=digits_factory,
+        measure=classification_measure,
+        measurements={"margin": "goodness", "loss": "loss"},
+        primary="margin",
+        recipe=RetrainRecipe(max_epochs=20, batch_size=64),
+        spec=BankSpec(num_subsets=num_subsets, alpha=0.5, num_seeds=num_seeds, base_seed=0),
+        log_every_n_epochs=4,
+        describe="MLP 64-128-10, sklearn digits 1000 train / 200 test, SGD lr 0.1, 20 epochs, batch 64",
+    )
+
+
+# -- (c) mislabel ----------------------------------------------------------------------------------
+
+
+def mislabel_task(fraction: float = 0.1, seed: int = 0) -> Task:
+    s = load_digits_splits(n_train=1000, n_test=200, seed=0)
+    base = s.train.dataset
+    x, y = base.tensors
+    rng = np.random.default_rng(seed)
+    flipped = rng.random(len(y)) < fraction
+    y_noisy = y.clone()
+    shift = torch.from_numpy(rng.integers(1, 10, size=len(y)))
+    y_noisy[torch.from_numpy(flipped)] = (
+        y[torch.from_numpy(flipped)] + shift[torch.from_numpy(flipped)]
+    ) % 10
+    train = IndexedDataset(TensorDataset(x, y_noisy), ids=s.train.ids)
+    task = digits_task()
+    task.name, task.train, task.flipped = "mislabel", train, flipped
+    task.describe = (
+        f"digits MLP trained with {flipped.mean():.0%} of the 1000 training labels flipped"
+    )
+    return task
+
+
+# -- (b) tiny GPT pre-training -------------------------------------------------------------------
+
+
+BLOCK = 64
+
+
+def pydoc_blocks(
+    num_train: int = 1000, num_queries: int = 100, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint 64-byte blocks of CPython's pydoc topics text (ASCII), seeded selection."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics)).encode("ascii", "replace")
+    n_blocks = len(text) // BLOCK
+    data = (
+        torch.frombuffer(bytearray(text[: n_blocks * BLOCK]), dtype=torch.uint8)
+        .long()
+        .view(n_blocks, BLOCK)
+    )
+    perm = np.random.default_rng(seed).permutation(n_blocks)
+    return data[perm[:num_train]], data[perm[num_train : num_train + num_queries]]
+
+
+class TinyByteGPT(pl.LightningModule):
+    """Byte-level GPT-2 (2 layers, 4 heads, d=64, context 64) from a config; AdamW."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=256,
+            n_positions=BLOCK,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        cfg._attn_implementation = "eager"
+        self.lm = GPT2LMHeadModel(cfg)
+        self.lr = lr
+
+    def per_example_loss(self, batch) -> torch.Tensor:
+        _, (x,) = batch
+        return causal_lm_loss(self.lm(input_ids=x).logits, x)  # summed over the 63 predicted bytes
+
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean() / (BLOCK - 1)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+def tinygpt_factory() -> TinyByteGPT:
+    return TinyByteGPT()
+
+
+def lm_measure(model: torch.nn.Module, queries: Dataset) -> dict[str, np.ndarray]:
+    """Mean next-byte loss of each query block."""
+    x = torch.stack([queries[i].data[0] for i in range(len(queries))])
+    logits = model.lm(input_ids=x).logits
+    return {"loss": (causal_lm_loss(logits, x) / (BLOCK - 1)).double().numpy()}
+
+
+def tinygpt_task(num_subsets: int = 64, num_seeds: int = 2) -> Task:
+    train, test = pydoc_blocks()
+    return Task(
+        name="tinygpt",
+        train=IndexedDataset(TensorDataset(train)),
+        queries=IndexedDataset(TensorDataset(test), ids=range(100000, 100000 + len(test))),
+        factory=tinygpt_factory,
+        measure=lm_measure,
+        measurements={"loss": "loss"},
+        primary="loss",
+        recipe=RetrainRecipe(max_epochs=4, batch_size=32),
+        spec=BankSpec(num_subsets=num_subsets, alpha=0.5, num_seeds=num_seeds, base_seed=0),
+        log_every_n_epochs=1,
+        describe="byte-level GPT-2 2x64 from scratch on pydoc topics, 1000 train / 100 held-out 64-byte "
+        "blocks, AdamW lr 3e-3, 4 epochs, batch 32",
+    )
+
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "digits": digits_task,
+    "tinygpt": tinygpt_task,
+    "mislabel": mislabel_task,
+}
