@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import h5py
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lightning_tda import AttributionStore, GradientLogger
 from lightning_tda.capture.losses import resolve_loss_fn
 from lightning_tda.data.digits import load_digits_splits
 from lightning_tda.demo import DigitsMLP
+from lightning_tda.store import schema
 
 
 class Snapshots(pl.Callback):
@@ -171,6 +173,12 @@ def test_tracin_adam_equals_factored_brute_force(tmp_path):
     )
     trainer(tmp_path, [logger, snap], max_epochs=2).fit(model, loader(data))
     store = AttributionStore(tmp_path / "a.h5")
+    with h5py.File(
+        tmp_path / "a.h5", "r"
+    ) as f:  # float16 rows, preconditioned rows keep bf16's range
+        ck = f[schema.checkpoint_name(store.steps[0])]
+        assert ck[schema.TRAIN].attrs["encoding"] == "float16"
+        assert ck[schema.TRAIN_PRECOND].attrs["encoding"] == "bfloat16"
     got = store.attribute(queries, model=model, method="tracin_adam", top_k=None).scores
     names = [
         n for n, _ in model.named_parameters()

@@ -158,7 +158,9 @@ class StoreReader:
         with h5py.File(self.path, "r") as f:
             arr = self._dataset(f, step, name)[start:stop]
         if arr.ndim == 2:
-            return schema.decode_rows(arr, self.storage_dtype)
+            with h5py.File(self.path, "r") as f:
+                enc = schema.dataset_encoding(self._dataset(f, step, name), self.storage_dtype)
+            return schema.decode_rows(arr, enc)
         return torch.from_numpy(np.ascontiguousarray(arr))
 
     def iter_blocks(
@@ -167,13 +169,17 @@ class StoreReader:
         """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file."""
         with h5py.File(self.path, "r") as f:
             dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
+            encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
             n = self.num_examples
             for start in range(0, n, block_rows):
                 stop = min(n, start + block_rows)
                 yield (
                     start,
                     stop,
-                    [schema.decode_rows(d[start:stop], self.storage_dtype) for d in dsets],
+                    [
+                        schema.decode_rows(d[start:stop], e)
+                        for d, e in zip(dsets, encs, strict=True)
+                    ],
                 )
 
     def state(self, step: int) -> dict[str, torch.Tensor]:

@@ -58,6 +58,18 @@ def h5_dtype(storage: str) -> np.dtype:
     ]
 
 
+def precond_encoding(storage: str) -> str:
+    """Encoding of optimizer-preconditioned rows: bfloat16 where the rows are float16 (same bytes,
+    float32's exponent range)."""
+    return "bfloat16" if storage == "float16" else storage
+
+
+def dataset_encoding(ds: Any, default: str) -> str:
+    """Encoding of a row dataset: its ``encoding`` attribute, else the store's storage dtype."""
+    enc = ds.attrs.get("encoding")
+    return str(enc) if enc is not None else default
+
+
 def encode_rows(rows: torch.Tensor, storage: str) -> np.ndarray:
     """fp32 tensor -> numpy array in the storage encoding (on the CPU)."""
     if storage == "bfloat16":

@@ -277,10 +277,16 @@ class CheckpointWriter:
         g.attrs["global_step"] = self.step
         g.attrs["complete"] = False
         enc = schema.h5_dtype(self.dtype)
+        self.encoding = {schema.TRAIN: self.dtype, schema.QUERY: self.dtype}
         self.ds = {schema.TRAIN: _create_early(g, schema.TRAIN, (self.n, self.width), enc)}
         if self.precond:
+            # 1/sqrt(v) preconditioning spans a far wider range than float16 holds: keep its exponent
+            self.encoding[schema.TRAIN_PRECOND] = schema.precond_encoding(self.dtype)
             self.ds[schema.TRAIN_PRECOND] = _create_early(
-                g, schema.TRAIN_PRECOND, (self.n, self.width), enc
+                g,
+                schema.TRAIN_PRECOND,
+                (self.n, self.width),
+                schema.h5_dtype(self.encoding[schema.TRAIN_PRECOND]),
             )
         self.ds[schema.TRAIN_LOSS] = _create_early(g, schema.TRAIN_LOSS, (self.n,), np.dtype("<f4"))
         self.ds[schema.ROW_IDS] = _create_early(g, schema.ROW_IDS, (self.n,), np.dtype("<i8"))
@@ -289,6 +295,9 @@ class CheckpointWriter:
             self.ds[schema.QUERY_LOSS] = _create_early(
                 g, schema.QUERY_LOSS, (self.q,), np.dtype("<f4")
             )
+        for name, encoding in self.encoding.items():
+            if name in self.ds:
+                self.ds[name].attrs["encoding"] = encoding
         self.group = g
         self.written = np.zeros(self.n, dtype=bool)
         self.seen_ids: set[int] = set()
@@ -309,15 +318,16 @@ class CheckpointWriter:
             finally:
                 self.file.close()
 
-    def _encode(self, rows: torch.Tensor) -> np.ndarray:
-        if self.dtype == "float16":
+    def _encode(self, rows: torch.Tensor, name: str = schema.TRAIN) -> np.ndarray:
+        encoding = self.encoding[name]
+        if encoding == "float16":
             peak = float(rows.abs().max()) if rows.numel() else 0.0
             if peak > schema.FP16_MAX:
                 raise StoreError(
                     f"a projected gradient value ({peak:.3g}) overflows float16 at step {self.step}; "
                     "use GradientLogger(dtype='bfloat16') or dtype='float32'."
                 )
-        return schema.encode_rows(rows, self.dtype)
+        return schema.encode_rows(rows, encoding)
 
     def write_rows(
         self,
@@ -363,7 +373,9 @@ class CheckpointWriter:
         order_t = torch.from_numpy(order).to(rows.device)
         self.ds[schema.TRAIN][sel] = self._encode(rows.index_select(0, order_t))
         if precond is not None:
-            self.ds[schema.TRAIN_PRECOND][sel] = self._encode(precond.index_select(0, order_t))
+            self.ds[schema.TRAIN_PRECOND][sel] = self._encode(
+                precond.index_select(0, order_t), schema.TRAIN_PRECOND
+            )
         self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
         self.ds[schema.ROW_IDS][sel] = ids_np[order]
         self.written[pos] = True
