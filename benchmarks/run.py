@@ -223,52 +223,39 @@ def run_peer_rows(task: Task, model_store, bank, exact_scores, info) -> list[Row
         x_test=qx,
         y_test=qy,
     )
+    return peer_rows(task, run_peers(ctask), bank, exact_scores, info)
+
+
+def peer_rows(task: Task, results, bank, exact_scores, info) -> list[Row]:
+    """Rows (LDS or mislabel AUC) of peer results; records the TracIn plumbing check in ``info``."""
     rows = []
-    for r in run_peers(ctask):
-        if r.error:
-            rows.append(
-                Row(
-                    task.name,
-                    r.method,
-                    r.library,
-                    json.dumps(r.settings),
-                    r.seconds,
-                    notes=f"failed: {r.error[:120]}",
-                )
-            )
-            continue
-        scores = torch.from_numpy(r.scores)
-        if task.flipped is not None:
-            auc = float(
-                mislabel_detection_auc(torch.diagonal(scores), torch.from_numpy(task.flipped))
-            )
-            rows.append(
-                Row(
-                    task.name,
-                    f"{r.method} self-influence",
-                    r.library,
-                    json.dumps(r.settings),
-                    r.seconds,
-                    auc=auc,
-                )
-            )
-            continue
-        out = torch.from_numpy(bank.outputs[task.primary])
-        rep = lds_report(
-            scores,
-            torch.from_numpy(bank.subsets.astype(np.int64)),
-            out,
-            bank.measurement(task.primary),
-        )
+    for r in results:
+        settings, notes = _settings(r.settings)
         row = Row(
             task.name,
             r.method,
             r.library,
-            json.dumps(r.settings),
+            settings,
             r.seconds,
-            rep.mean,
-            (rep.ci_low, rep.ci_high),
+            notes=notes,
+            extra={"settings": r.settings},
         )
+        if r.error:
+            row.notes = f"failed: {r.error.splitlines()[0][:160]}"
+            rows.append(row)
+            continue
+        scores = torch.from_numpy(r.scores)
+        if task.flipped is not None:
+            row.method = f"{r.method} self-influence"
+            row.auc = float(
+                mislabel_detection_auc(torch.diagonal(scores), torch.from_numpy(task.flipped))
+            )
+            rows.append(row)
+            continue
+        out = torch.from_numpy(bank.outputs[task.primary])
+        subsets = torch.from_numpy(bank.subsets.astype(np.int64))
+        rep = lds_report(scores, subsets, out, bank.measurement(task.primary))
+        row.lds, row.ci = rep.mean, (rep.ci_low, rep.ci_high)
         if exact_scores is not None and "TracIn" in r.method and "exact" in r.method.lower():
             rho = float(
                 np.mean([spearmanr(exact_scores[q], scores[q])[0] for q in range(len(scores))])
@@ -277,6 +264,19 @@ def run_peer_rows(task: Task, model_store, bank, exact_scores, info) -> list[Row
             info.setdefault("plumbing", {})[f"{r.library} {r.method}"] = rho
         rows.append(row)
     return rows
+
+
+_NOTE_KEYS = ("note", "known_issue", "workaround")
+
+
+def _settings(settings: dict) -> tuple[str, str]:
+    """Compact ``k=v`` settings and the notes a peer attached (full settings stay in quality.json)."""
+    keep = {k: v for k, v in settings.items() if k not in _NOTE_KEYS and k != "train_batch_size"}
+    text = ", ".join(f"{k}={v}" for k, v in keep.items())
+    notes = "; ".join(str(settings[k]) for k in _NOTE_KEYS if k in settings)
+    return (text[:110] + " ...") if len(text) > 110 else text, (notes[:160] + " ...") if len(
+        notes
+    ) > 160 else notes
 
 
 def _fmt(v: float | None, ci: tuple[float, float] | None = None) -> str:

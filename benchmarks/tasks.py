@@ -123,9 +123,13 @@ def pydoc_blocks(
 
 
 class TinyByteGPT(pl.LightningModule):
-    """Byte-level GPT-2 (2 layers, 4 heads, d=64, context 64) from a config; AdamW."""
+    """Byte-level GPT-2 (2 layers, 4 heads, d=64, context 64) from a config; AdamW, lr decayed linearly to 0.
 
-    def __init__(self, lr: float = 3e-3) -> None:
+    The decay matters for the ground truth: at a constant lr the final loss of a run depends more on its
+    last batches than on its data (runs on the same subset disagreed: split-half reliability < 0).
+    """
+
+    def __init__(self, lr: float = 2e-3) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -153,7 +157,10 @@ class TinyByteGPT(pl.LightningModule):
         return self.per_example_loss(batch).mean() / (BLOCK - 1)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
 def tinygpt_factory() -> TinyByteGPT:
@@ -177,11 +184,11 @@ def tinygpt_task(num_subsets: int = 64, num_seeds: int = 2) -> Task:
         measure=lm_measure,
         measurements={"loss": "loss"},
         primary="loss",
-        recipe=RetrainRecipe(max_epochs=4, batch_size=32),
+        recipe=RetrainRecipe(max_epochs=8, batch_size=32),
         spec=BankSpec(num_subsets=num_subsets, alpha=0.5, num_seeds=num_seeds, base_seed=0),
-        log_every_n_epochs=1,
+        log_every_n_epochs=2,
         describe="byte-level GPT-2 2x64 from scratch on pydoc topics, 1000 train / 100 held-out 64-byte "
-        "blocks, AdamW lr 3e-3, 4 epochs, batch 32",
+        "blocks, AdamW lr 2e-3 decayed linearly to 0, 8 epochs, batch 32",
     )
 
 
@@ -190,3 +197,4 @@ TASKS: dict[str, Callable[[], Task]] = {
     "tinygpt": tinygpt_task,
     "mislabel": mislabel_task,
 }
+

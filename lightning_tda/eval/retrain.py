@@ -89,11 +89,31 @@ def draw_subsets(num_train: int, spec: BankSpec) -> np.ndarray:
 
 
 def dataset_fingerprint(ds: Dataset) -> str:
-    """sha256 over the pickled items: banks record which data they were built on."""
+    """sha256 over the items' values (tensors by dtype, shape and bytes): which data a bank was built on."""
     h = hashlib.sha256()
     for i in range(len(ds)):
-        h.update(pickle.dumps(ds[i], protocol=4))
+        _hash_item(h, ds[i])
     return h.hexdigest()
+
+
+def _hash_item(h: Any, item: Any) -> None:
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(item, np.ndarray):
+        h.update(f"{item.dtype}{item.shape}".encode())
+        h.update(np.ascontiguousarray(item).tobytes())
+    elif isinstance(item, dict):
+        for k in sorted(item, key=str):
+            h.update(repr(k).encode())
+            _hash_item(h, item[k])
+    elif isinstance(item, (tuple, list)):
+        h.update(f"{type(item).__name__}{len(item)}".encode())
+        for x in item:
+            _hash_item(h, x)
+    else:
+        h.update(pickle.dumps(item, protocol=4))
 
 
 def train_on_subset(
