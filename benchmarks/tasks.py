@@ -197,4 +197,3 @@ TASKS: dict[str, Callable[[], Task]] = {
     "tinygpt": tinygpt_task,
     "mislabel": mislabel_task,
 }
-
