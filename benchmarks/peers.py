@@ -80,38 +80,45 @@ _TRAIN_BS = 500
 _TEST_BS = 500
 
 
-def _register(name: str, method: str, library: str, **settings):
-    def deco(fn: Callable[[ClassificationTask, _Spec], tuple[np.ndarray, float, dict]]):
-        spec = _Spec(method, library, dict(settings))
+def make_register(peers: dict, specs: dict, train_batch_size: int):
+    """A decorator registering ``fn(task, spec) -> (scores, seconds, extra)`` as a peer runner."""
 
-        def runner(task: ClassificationTask) -> PeerResult:
-            scores, seconds, extra = fn(task, spec)
-            return PeerResult(
-                method=spec.method,
-                library=spec.library,
-                scores=np.ascontiguousarray(scores, dtype=np.float64),
-                seconds=float(seconds),
-                settings={**spec.settings, "train_batch_size": _TRAIN_BS, **extra},
-            )
+    def register(name: str, method: str, library: str, **settings):
+        def deco(fn: Callable):
+            spec = _Spec(method, library, dict(settings))
 
-        runner.__name__ = f"run_{name}"
-        runner.__doc__ = fn.__doc__
-        PEERS[name] = runner
-        _SPECS[name] = spec
-        return runner
+            def runner(task) -> PeerResult:
+                scores, seconds, extra = fn(task, spec)
+                return PeerResult(
+                    method=spec.method,
+                    library=spec.library,
+                    scores=np.ascontiguousarray(scores, dtype=np.float64),
+                    seconds=float(seconds),
+                    settings={**spec.settings, "train_batch_size": train_batch_size, **extra},
+                )
 
-    return deco
+            runner.__name__ = f"run_{name}"
+            runner.__doc__ = fn.__doc__
+            peers[name] = runner
+            specs[name] = spec
+            return runner
+
+        return deco
+
+    return register
 
 
-def run_peers(task: ClassificationTask, names: Sequence[str] | None = None) -> list[PeerResult]:
-    """Run the named peers (default: all of :data:`PEERS`), one failure never stops the rest."""
+def run_registered(
+    peers: dict, specs: dict, task, names: Sequence[str] | None = None
+) -> list[PeerResult]:
+    """Run the named peers (default: all), turning any failure into ``PeerResult.error``."""
     results = []
-    for name in PEERS if names is None else names:
+    for name in peers if names is None else names:
         t0 = time.perf_counter()
         try:
-            results.append(PEERS[name](task))
+            results.append(peers[name](task))
         except Exception as exc:  # a broken peer is a result, not a crash
-            spec = _SPECS.get(name, _Spec(name, "?", {}))
+            spec = specs.get(name, _Spec(name, "?", {}))
             tb = traceback.format_exc(limit=3)
             results.append(
                 PeerResult(
@@ -124,6 +131,14 @@ def run_peers(task: ClassificationTask, names: Sequence[str] | None = None) -> l
                 )
             )
     return results
+
+
+_register = make_register(PEERS, _SPECS, _TRAIN_BS)
+
+
+def run_peers(task: ClassificationTask, names: Sequence[str] | None = None) -> list[PeerResult]:
+    """Run the named peers (default: all of :data:`PEERS`), one failure never stops the rest."""
+    return run_registered(PEERS, _SPECS, task, names)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -31,7 +31,6 @@ import logging
 import math
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +47,8 @@ from benchmarks.peers import (
     _seeded,
     _spearman_rows,
     _Spec,
+    make_register,
+    run_registered,
 )
 
 __all__ = ["PEERS_LM", "LMTask", "run_peers_lm"]
@@ -77,50 +78,12 @@ _PROJ_DIM = 2048
 _CAPTUM_BS = 4
 
 
-def _register(name: str, method: str, library: str, **settings):
-    def deco(fn: Callable[[LMTask, _Spec], tuple[np.ndarray, float, dict]]):
-        spec = _Spec(method, library, dict(settings))
-
-        def runner(task: LMTask) -> PeerResult:
-            scores, seconds, extra = fn(task, spec)
-            return PeerResult(
-                method=spec.method,
-                library=spec.library,
-                scores=np.ascontiguousarray(scores, dtype=np.float64),
-                seconds=float(seconds),
-                settings={**spec.settings, "train_batch_size": _TRAIN_BS, **extra},
-            )
-
-        runner.__name__ = f"run_{name}"
-        runner.__doc__ = fn.__doc__
-        PEERS_LM[name] = runner
-        _SPECS_LM[name] = spec
-        return runner
-
-    return deco
+_register = make_register(PEERS_LM, _SPECS_LM, _TRAIN_BS)
 
 
 def run_peers_lm(task: LMTask, names: Sequence[str] | None = None) -> list[PeerResult]:
     """Run the named LM peers (default: all of :data:`PEERS_LM`); a failure never stops the rest."""
-    results = []
-    for name in PEERS_LM if names is None else names:
-        t0 = time.perf_counter()
-        try:
-            results.append(PEERS_LM[name](task))
-        except Exception as exc:  # a broken peer is a result, not a crash
-            spec = _SPECS_LM.get(name, _Spec(name, "?", {}))
-            tb = traceback.format_exc(limit=3)
-            results.append(
-                PeerResult(
-                    method=spec.method,
-                    library=spec.library,
-                    scores=np.empty((0, 0), dtype=np.float64),
-                    seconds=time.perf_counter() - t0,
-                    settings=dict(spec.settings),
-                    error=f"{type(exc).__name__}: {exc}\n{tb}",
-                )
-            )
-    return results
+    return run_registered(PEERS_LM, _SPECS_LM, task, names)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -201,6 +201,8 @@ def run_task(task: Task, workdir: Path, peers: bool) -> tuple[list[Row], dict]:
         )
     if peers and task.name in ("digits", "mislabel"):
         rows += run_peer_rows(task, models["exact"], bank, exact_scores, info)
+    if peers and task.name == "tinygpt":
+        rows += run_lm_peer_rows(task, models["kronecker r16 pca"][1], bank, info)
     return rows, info
 
 
@@ -224,6 +226,39 @@ def run_peer_rows(task: Task, model_store, bank, exact_scores, info) -> list[Row
         y_test=qy,
     )
     return peer_rows(task, run_peers(ctask), bank, exact_scores, info)
+
+
+class GPTLogits(torch.nn.Module):
+    """The task model's GPT-2 as ``input_ids -> logits`` (what the LM peer adapters take)."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.lm = task.factory().lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def run_lm_peer_rows(task: Task, store: AttributionStore, bank, info) -> list[Row]:
+    from benchmarks.peers_lm import LMTask, run_peers_lm
+
+    def full_state(
+        step: int,
+    ) -> dict[str, torch.Tensor]:  # the store keeps trainable tensors; tied ones come back here
+        model = GPTLogits(task)
+        model.load_state_dict(store.state(step), strict=False)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    tokens = torch.stack([task.train[i].data[0] for i in range(len(task.train))])
+    queries = torch.stack([task.queries[i].data[0] for i in range(len(task.queries))])
+    lm_task = LMTask(
+        model_factory=lambda: GPTLogits(task),
+        checkpoints=[full_state(s) for s in store.steps],
+        lr_weights=[c.lr_sum[0] for c in store.checkpoints],
+        train_tokens=tokens,
+        test_tokens=queries,
+    )
+    return peer_rows(task, run_peers_lm(lm_task), bank, None, info)
 
 
 def peer_rows(task: Task, results, bank, exact_scores, info) -> list[Row]:
