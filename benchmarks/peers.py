@@ -480,7 +480,7 @@ def _run_kronfluence_ekfac(task: ClassificationTask, spec: _Spec):
     Sign: with measurement = query loss, kronfluence returns grad_q^T (G + lambda I)^-1 grad_i;
     upweighting train i moves the query loss by minus that, so positive = helpful (sign +1).
     """
-    from kronfluence import Analyzer, FactorArguments, ScoreArguments, prepare_model
+    from kronfluence import prepare_model
 
     train_ds = TensorDataset(task.x_train.float(), task.y_train.long())
     test_ds = TensorDataset(task.x_test.float(), task.y_test.long())
@@ -488,33 +488,7 @@ def _run_kronfluence_ekfac(task: ClassificationTask, spec: _Spec):
         t0 = time.perf_counter()
         ktask = _kronfluence_task_cls()()
         model = prepare_model(_fresh_model(task, task.checkpoints[-1]), ktask)
-        analyzer = Analyzer(
-            analysis_name="peer",
-            model=model,
-            task=ktask,
-            cpu=True,
-            log_level=logging.WARNING,
-            disable_tqdm=True,
-            output_dir=out,
-        )
-        analyzer.fit_all_factors(
-            factors_name="ekfac",
-            dataset=train_ds,
-            per_device_batch_size=_TRAIN_BS,
-            factor_args=FactorArguments(strategy="ekfac"),
-            overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            scores_name="pairwise",
-            factors_name="ekfac",
-            query_dataset=test_ds,
-            train_dataset=train_ds,
-            per_device_query_batch_size=min(_TEST_BS, len(test_ds)),
-            per_device_train_batch_size=_TRAIN_BS,
-            score_args=ScoreArguments(damping_factor=None),
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
+        scores = kronfluence_ekfac_scores(model, ktask, train_ds, test_ds, out, "peer")
         seconds = time.perf_counter() - t0
     return _to_qn(scores, task, +1.0, train_first=False), seconds, {}
 
@@ -659,6 +633,40 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     den = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (ra * rb).sum(1) / den
+
+
+def kronfluence_ekfac_scores(model, ktask, train_ds, test_ds, out: str, name: str) -> torch.Tensor:
+    """kronfluence EK-FAC pairwise scores ``[Q, N]`` (factors fitted on ``train_ds``, damping heuristic)."""
+    from kronfluence.analyzer import Analyzer
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    analyzer = Analyzer(
+        analysis_name=name,
+        model=model,
+        task=ktask,
+        cpu=True,
+        log_level=logging.WARNING,
+        disable_tqdm=True,
+        output_dir=out,
+    )
+    analyzer.fit_all_factors(
+        factors_name="ekfac",
+        dataset=train_ds,
+        per_device_batch_size=_TRAIN_BS,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
+    analyzer.compute_pairwise_scores(
+        scores_name="pairwise",
+        factors_name="ekfac",
+        query_dataset=test_ds,
+        train_dataset=train_ds,
+        per_device_query_batch_size=min(_TEST_BS, len(test_ds)),
+        per_device_train_batch_size=_TRAIN_BS,
+        score_args=ScoreArguments(damping_factor=None),
+        overwrite_output_dir=True,
+    )
+    return analyzer.load_pairwise_scores("pairwise")["all_modules"]
 
 
 def _digits_task(n_train: int = 300, n_test: int = 20, epochs: int = 5) -> ClassificationTask:

@@ -47,6 +47,7 @@ from benchmarks.peers import (
     _seeded,
     _spearman_rows,
     _Spec,
+    kronfluence_ekfac_scores,
     make_register,
     run_registered,
 )
@@ -363,7 +364,7 @@ def _run_kronfluence_ekfac_lm(task: LMTask, spec: _Spec):
     Sign: with measurement = query loss, kronfluence returns grad_q^T (G + lambda I)^-1 grad_i;
     upweighting train i moves the query loss by minus that, so positive = helpful (sign +1).
     """
-    from kronfluence import Analyzer, FactorArguments, ScoreArguments, prepare_model
+    from kronfluence import prepare_model
 
     train_ds = TensorDataset(task.train_tokens.long())
     test_ds = TensorDataset(task.test_tokens.long())
@@ -376,33 +377,7 @@ def _run_kronfluence_ekfac_lm(task: LMTask, spec: _Spec):
             raise ValueError("no nn.Linear module kronfluence could track")
         ktask = _kronfluence_lm_task_cls()(tracked)
         model = prepare_model(model, ktask)
-        analyzer = Analyzer(
-            analysis_name="peer_lm",
-            model=model,
-            task=ktask,
-            cpu=True,
-            log_level=logging.WARNING,
-            disable_tqdm=True,
-            output_dir=out,
-        )
-        analyzer.fit_all_factors(
-            factors_name="ekfac",
-            dataset=train_ds,
-            per_device_batch_size=_TRAIN_BS,
-            factor_args=FactorArguments(strategy="ekfac"),
-            overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            scores_name="pairwise",
-            factors_name="ekfac",
-            query_dataset=test_ds,
-            train_dataset=train_ds,
-            per_device_query_batch_size=min(_TEST_BS, len(test_ds)),
-            per_device_train_batch_size=_TRAIN_BS,
-            score_args=ScoreArguments(damping_factor=None),
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
+        scores = kronfluence_ekfac_scores(model, ktask, train_ds, test_ds, out, "peer_lm")
         seconds = time.perf_counter() - t0
     extra = {"conv1d_converted": converted, "tracked_modules": tracked, "untracked_tied": tied}
     return _to_qn(scores, task, +1.0, train_first=False), seconds, extra
