@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
+import h5py
 import torch
 from torch import nn
 
@@ -166,8 +168,6 @@ class AttributionStore(StoreReader):
 
     def summary(self) -> str:
         """Human-readable description of the store: checkpoints, shapes, dtypes and sizes."""
-        import os
-
         lines = [
             f"store: {self.path} ({os.path.getsize(self.path) / 2**20:.1f} MiB, schema {schema.SCHEMA_VERSION}, "
             f"lightning_tda {self.attrs.get('library_version', '?')})",
@@ -191,27 +191,24 @@ class AttributionStore(StoreReader):
             lines.append("optimizer: " + ", ".join(o["class"] for o in opt))
         lines.append(f"checkpoints ({len(self.checkpoints)} complete):")
         lines.append(f"  {'step':>8} {'epoch':>5} {'trigger':<12} {'lr_sum':>10}  datasets")
-        for c in self.checkpoints:
-            with __import__("h5py").File(self.path, "r") as f:
+        with h5py.File(self.path, "r") as f:
+            for c in self.checkpoints:
                 g = f[schema.checkpoint_name(c.global_step)]
                 ds = [
-                    f"{k} {list(g[k].shape)} {_dtype_name(g[k], self.storage_dtype)} {g[k].id.get_storage_size() / 2**20:.2f}MiB"
+                    f"{k} {list(g[k].shape)} {schema.dataset_encoding(g[k], self.storage_dtype)} "
+                    f"{g[k].id.get_storage_size() / 2**20:.2f}MiB"
                     for k in (schema.TRAIN, schema.TRAIN_PRECOND, schema.QUERY)
                     if k in g
                 ]
                 if schema.STATE in g:
                     nbytes = sum(d.id.get_storage_size() for d in g[schema.STATE].values())
                     ds.append(f"state {len(g[schema.STATE])} tensors {nbytes / 2**20:.2f}MiB")
-            lr = ",".join(f"{x:.3g}" for x in c.lr_sum) or "-"
-            lines.append(
-                f"  {c.global_step:>8} {c.epoch:>5} {c.trigger:<12} {lr:>10}  " + "; ".join(ds)
-            )
+                lr = ",".join(f"{x:.3g}" for x in c.lr_sum) or "-"
+                lines.append(
+                    f"  {c.global_step:>8} {c.epoch:>5} {c.trigger:<12} {lr:>10}  " + "; ".join(ds)
+                )
         if self.incomplete:
             lines.append(
                 f"incomplete (ignored, rewritten on resume): steps {sorted(self.incomplete)}"
             )
         return "\n".join(lines)
-
-
-def _dtype_name(ds: Any, storage: str) -> str:
-    return storage if ds.dtype.kind in "fu" and ds.ndim == 2 else str(ds.dtype)

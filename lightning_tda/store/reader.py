@@ -156,10 +156,10 @@ class StoreReader:
     ) -> torch.Tensor:
         """Rows ``[start:stop]`` of a checkpoint dataset as fp32 ``[n, D]`` (or ``[n]``)."""
         with h5py.File(self.path, "r") as f:
-            arr = self._dataset(f, step, name)[start:stop]
+            ds = self._dataset(f, step, name)
+            arr = ds[start:stop]
+            enc = schema.dataset_encoding(ds, self.storage_dtype)
         if arr.ndim == 2:
-            with h5py.File(self.path, "r") as f:
-                enc = schema.dataset_encoding(self._dataset(f, step, name), self.storage_dtype)
             return schema.decode_rows(arr, enc)
         return torch.from_numpy(np.ascontiguousarray(arr))
 
