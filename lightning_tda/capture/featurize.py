@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +156,3 @@ def preserved_training_state(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
-
-
-def iterate(loader: Any, to_device: Callable[[Any], Any]) -> Iterator[Any]:
-    for batch in loader:
-        yield to_device(batch)

@@ -6,7 +6,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from lightning_tda.capture.projection import ProjectionConfig
@@ -173,7 +172,3 @@ def check_layers_match(stored: Sequence[LayerSpec], found: Sequence[LayerSpec]) 
 
 class ProjectionMismatchError(ValueError):
     """Query-side layers or projection differ from the store's."""
-
-
-def named_parameter_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(model.named_parameters())
