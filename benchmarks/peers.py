@@ -669,6 +669,44 @@ def kronfluence_ekfac_scores(model, ktask, train_ds, test_ds, out: str, name: st
     return analyzer.load_pairwise_scores("pairwise")["all_modules"]
 
 
+def check_runners(
+    peers: dict,
+    run: Callable,
+    task,
+    exact: np.ndarray,
+    graddot: np.ndarray,
+    tracin_runners: Sequence[str],
+    tracin_ok: Callable[[np.ndarray], bool],
+    tracin_rule: str,
+) -> bool:
+    """Self-check table: each runner's per-query Spearman against exact TracIn and GradDot.
+
+    Returns ``True`` when a runner failed, a TracIn runner broke ``tracin_ok``, or a sign looks wrong.
+    """
+    hdr = f"{'runner':22s} {'method':36s} {'lib':11s} {'sec':>6s} {'rho_TracIn':>10s} "
+    print(hdr + f"{'min_q':>7s} {'rho_GD':>7s}  error")
+    failed = False
+    for name in peers:
+        (res,) = run(task, [name])
+        json.dumps(res.settings)  # settings must stay JSON-serialisable (benchmark tables)
+        if res.error is None and res.scores.shape == exact.shape:
+            rho = _spearman_rows(res.scores, exact)
+            rho_gd = np.nanmean(_spearman_rows(res.scores, graddot))
+            line = f"{np.nanmean(rho):10.4f} {np.nanmin(rho):7.4f} {rho_gd:7.3f}  -"
+            if name in tracin_runners and not tracin_ok(rho):
+                failed = True
+                line += f"  FAIL ({tracin_rule})"
+            if not rho_gd > 0:
+                failed = True
+                line += "  SIGN? (not positively correlated with GradDot)"
+        else:
+            failed = True
+            first = (res.error or "bad shape").strip().splitlines()[0]
+            line = f"{'-':>10s} {'-':>7s} {'-':>7s}  {first[:200]}"
+        print(f"{name:22s} {res.method:36s} {res.library:11s} {res.seconds:6.2f} {line}")
+    return failed
+
+
 def _digits_task(n_train: int = 300, n_test: int = 20, epochs: int = 5) -> ClassificationTask:
     from sklearn.datasets import load_digits
 
@@ -736,27 +774,16 @@ def _self_check() -> int:
         f"lr_weights={task.lr_weights} test acc={acc:.3f}"
     )
     run_peers(task, ["dattri_graddot"])  # warm-up (imports, torch.func), not reported
-    hdr = f"{'runner':22s} {'method':36s} {'lib':11s} {'sec':>6s} {'rho_TracIn':>10s} "
-    print(hdr + f"{'min_q':>7s} {'rho_GD':>7s}  error")
-    failed = False
-    for name in PEERS:
-        (res,) = run_peers(task, [name])
-        json.dumps(res.settings)  # settings must stay JSON-serialisable (benchmark tables)
-        if res.error is None and res.scores.shape == exact.shape:
-            rho = _spearman_rows(res.scores, exact)
-            rho_gd = np.nanmean(_spearman_rows(res.scores, graddot))
-            line = f"{np.nanmean(rho):10.4f} {np.nanmin(rho):7.4f} {rho_gd:7.3f}  -"
-            if name in ("dattri_tracin", "captum_tracincp") and not np.nanmin(rho) > 0.999:
-                failed = True
-                line += "  FAIL (needs rho > 0.999 on every query)"
-            if not rho_gd > 0:
-                failed = True
-                line += "  SIGN? (not positively correlated with GradDot)"
-        else:
-            failed = True
-            first = (res.error or "bad shape").strip().splitlines()[0]
-            line = f"{'-':>10s} {'-':>7s} {'-':>7s}  {first[:200]}"
-        print(f"{name:22s} {res.method:36s} {res.library:11s} {res.seconds:6.2f} {line}")
+    failed = check_runners(
+        PEERS,
+        run_peers,
+        task,
+        exact,
+        graddot,
+        tracin_runners=("dattri_tracin", "captum_tracincp"),
+        tracin_ok=lambda rho: np.nanmin(rho) > 0.999,
+        tracin_rule="needs rho > 0.999 on every query",
+    )
     print(f"total self-check time {time.perf_counter() - t_all:.1f}s")
     return 1 if failed else 0
 

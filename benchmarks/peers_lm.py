@@ -26,7 +26,6 @@ imported lazily inside its runner, so a missing library only fails its own runne
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import tempfile
@@ -45,8 +44,8 @@ from benchmarks.peers import (
     _clone_ckpts,
     _dattri_defaults_guard,
     _seeded,
-    _spearman_rows,
     _Spec,
+    check_runners,
     kronfluence_ekfac_scores,
     make_register,
     run_registered,
@@ -540,27 +539,16 @@ def _self_check() -> int:
     import dattri.algorithm.trak  # noqa: F401
     import kronfluence  # noqa: F401
 
-    hdr = f"{'runner':22s} {'method':28s} {'lib':11s} {'sec':>6s} {'rho_TracIn':>10s} "
-    print(hdr + f"{'min_q':>7s} {'rho_GD':>7s}  error")
-    failed = False
-    for name in PEERS_LM:
-        (res,) = run_peers_lm(task, [name])
-        json.dumps(res.settings)  # settings must stay JSON-serialisable (benchmark tables)
-        if res.error is None and res.scores.shape == exact.shape:
-            rho = _spearman_rows(res.scores, exact)
-            rho_gd = np.nanmean(_spearman_rows(res.scores, graddot))
-            line = f"{np.nanmean(rho):10.4f} {np.nanmin(rho):7.4f} {rho_gd:7.3f}  -"
-            if name in ("dattri_tracin_lm", "captum_tracincp_lm") and not np.nanmean(rho) > 0.9:
-                failed = True
-                line += "  FAIL (TracIn runner needs mean rho > 0.9)"
-            if not rho_gd > 0:
-                failed = True
-                line += "  SIGN? (not positively correlated with GradDot)"
-        else:
-            failed = True
-            first = (res.error or "bad shape").strip().splitlines()[0]
-            line = f"{'-':>10s} {'-':>7s} {'-':>7s}  {first[:200]}"
-        print(f"{name:22s} {res.method:28s} {res.library:11s} {res.seconds:6.2f} {line}")
+    failed = check_runners(
+        PEERS_LM,
+        run_peers_lm,
+        task,
+        exact,
+        graddot,
+        tracin_runners=("dattri_tracin_lm", "captum_tracincp_lm"),
+        tracin_ok=lambda rho: np.nanmean(rho) > 0.9,
+        tracin_rule="TracIn runner needs mean rho > 0.9",
+    )
     print(f"total self-check time {time.perf_counter() - t_all:.1f}s")
     return 1 if failed else 0
 
