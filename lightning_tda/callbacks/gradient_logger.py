@@ -66,6 +66,9 @@ class GradientLogger(pl.Callback):
         exclude: names/regexes of modules to skip.
         optimizer_state: record optimizer hyper-parameters, factored Adam second moments and
             preconditioned rows (for ``tracin_adam``) at each checkpoint.
+        curvature: accumulate each layer's projected K-FAC factors ``A' = E[x̃ x̃^T]`` and
+            ``S' = E[δ̃ δ̃^T]`` during the sweep (``k_in² + k_out²`` floats per layer and checkpoint), for
+            ``influence(mode="ekfac")`` and ``source``.
         save_state: save trainable parameters and buffers at each checkpoint (needed to recompute query
             gradients later).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
@@ -103,6 +106,7 @@ class GradientLogger(pl.Callback):
         modules: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         optimizer_state: bool = True,
+        curvature: bool = True,
         save_state: bool = True,
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
@@ -146,6 +150,7 @@ class GradientLogger(pl.Callback):
         self.modules = list(modules) if modules is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.optimizer_state = optimizer_state
+        self.curvature = curvature
         self.save_state = save_state
         self.loss_fn = loss_fn
         self.batch_size = batch_size
@@ -328,6 +333,7 @@ class GradientLogger(pl.Callback):
             scales=scales[0] if scales else None,
             dense_scales=scales[1] if scales else None,
             bases=bases,
+            covariances=self.curvature,
         )
         n = len(loader.dataset)
         nq = len(qloader.dataset) if qloader is not None else 0
@@ -340,6 +346,8 @@ class GradientLogger(pl.Callback):
             for batch in loader:
                 fb = self._featurize(trainer, feat, batch)
                 cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
+            if self.curvature:
+                cw.write_arrays(schema.KFAC, feat.take_covariances())
             if qloader is not None:
                 feat.require_ids = False
                 for batch in qloader:

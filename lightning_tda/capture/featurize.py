@@ -55,6 +55,7 @@ class Featurizer:
             (full-shape tensors) for dense parameters.
         require_ids: raise when a batch has no example ids.
         bases: stored projection bases (``ProjectionConfig.basis == "pca"``).
+        covariances: accumulate projected K-FAC factors over every batch (see :meth:`take_covariances`).
     """
 
     def __init__(
@@ -68,15 +69,27 @@ class Featurizer:
         dense_scales: dict[str, torch.Tensor] | None = None,
         require_ids: bool = True,
         bases: Bases | None = None,
+        covariances: bool = False,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.require_ids = require_ids
-        self.hooks = LayerGradientHooks(model, layers, config, device, scales, bases)
+        self.hooks = LayerGradientHooks(model, layers, config, device, scales, bases, covariances)
         dense = [s for s in layers if s.kind == DENSE]
         self.dense = DenseProjector(model, dense[0], config, device) if dense else None
         self.dense_scales = dense_scales
         self.scaled = scales is not None
+
+    def take_covariances(self) -> dict[str, torch.Tensor]:
+        """``{"<layer>/A": [k_in, k_in], "<layer>/S": [k_out, k_out]}`` token-averaged factors accumulated
+        so far; stops accumulating (later batches, e.g. queries, are not counted)."""
+        covs = self.hooks.covariances or {}
+        self.hooks.covariances = None
+        out = {}
+        for name, c in covs.items():
+            if c.tokens:
+                out[f"{name}/A"], out[f"{name}/S"] = c.means()
+        return out
 
     def __call__(self, batch: Any) -> FeatureBatch:
         ids = None

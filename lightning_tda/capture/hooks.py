@@ -32,6 +32,33 @@ class _Record:
 
 
 @dataclass
+class ProjectedCovariance:
+    """Running projected K-FAC factors of one layer (methods.md §8.7).
+
+    ``A' = Σ_t x̃_t x̃_t^T`` (``[k_in, k_in]``) and ``S' = Σ_t δ̃_t δ̃_t^T`` (``[k_out, k_out]``) over
+    every token of every example, from the loss-gradient backward (empirical Fisher).
+    """
+
+    a: torch.Tensor | None = None
+    s: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor, d: torch.Tensor) -> None:
+        """``x``: ``[B, T, k_in]`` projected inputs, ``d``: ``[B, T, k_out]`` projected output grads."""
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        d2 = d.reshape(-1, d.shape[-1]).double()
+        a, s = x2.T @ x2, d2.T @ d2
+        self.a = a if self.a is None else self.a + a
+        self.s = s if self.s is None else self.s + s
+        self.tokens += x2.shape[0]
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A', S')`` averaged over tokens, fp32."""
+        n = max(self.tokens, 1)
+        return (self.a / n).float(), (self.s / n).float()
+
+
+@dataclass
 class LayerProjector:
     spec: LayerSpec
     p_out: torch.Tensor | None  # [O, k_out], None = exact
@@ -96,12 +123,16 @@ class LayerGradientHooks:
         device: torch.device,
         scales: Scales | None = None,
         bases: Bases | None = None,
+        covariances: bool = False,
     ) -> None:
         self.model = model
         self.layers = [s for s in layers if s.kind != DENSE]
         self.width = row_width(layers)
         self.projectors = build_projectors(self.layers, config, device, bases)
         self.scales = scales
+        self.covariances: dict[str, ProjectedCovariance] | None = (
+            {s.name: ProjectedCovariance() for s in self.layers} if covariances else None
+        )
         self._handles: list = []
 
     def __enter__(self) -> LayerGradientHooks:
@@ -176,6 +207,8 @@ class LayerGradientHooks:
             dp = d if proj.p_out is None else d @ proj.p_out
             sl = slice(spec.offset, spec.offset + spec.size)
             rows[:, sl] += torch.einsum("bto,bti->boi", dp, rec.x).reshape(b, -1)
+            if self.covariances is not None:
+                self.covariances[spec.name].add(rec.x, dp)
             if scaled is not None:
                 ds = d * self.scales[spec.name][0]
                 ds = ds if proj.p_out is None else ds @ proj.p_out

@@ -7,6 +7,7 @@ proponents/opponents (or the dense ``[Q, N]`` matrix on request) are kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,22 +24,33 @@ class ScoreTerm:
         dataset: ``"train"`` or ``"train_precond"``.
         query: ``[Q, D]`` fp32 query vectors with any per-column weights already applied.
         normalize_train: divide each train row by its L2 norm first (cosine).
+        row_weight: optional ``[N]`` factor per train row (store order), e.g. TRAK's ``1 - p_i`` or a
+            stage-membership mask.
     """
 
     step: int
     dataset: str
     query: torch.Tensor
     normalize_train: bool = False
+    row_weight: torch.Tensor | None = None
 
 
 @dataclass
 class SelfTerm:
-    """``weight * <a_i, b_i>`` between two datasets of one checkpoint (``weight``: ``[D]``)."""
+    """``row_weight_i * <apply(a_i) * weight, b_i>`` between two datasets of one checkpoint.
+
+    Attributes:
+        weight: ``[D]`` per-column factor.
+        apply: optional map of a block of rows ``[B, D] -> [B, D]`` (e.g. a preconditioner).
+        row_weight: optional ``[N]`` factor per row.
+    """
 
     step: int
     dataset_a: str
     dataset_b: str
     weight: torch.Tensor
+    apply: Callable[[torch.Tensor], torch.Tensor] | None = None
+    row_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,7 +90,10 @@ def stream_scores(
             x = x.to(device, non_blocking=True)
             if t.normalize_train:
                 x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            s.addmm_(t.query, x.T)
+            if t.row_weight is None:
+                s.addmm_(t.query, x.T)
+            else:
+                s += (t.query @ x.T) * t.row_weight[start:stop].to(device)
         if dense is not None:
             dense[:, start:stop] = s.cpu()
             continue
@@ -112,6 +127,11 @@ def stream_self_influence(
         acc = torch.zeros(stop - start, dtype=torch.float64)
         for j, t in enumerate(terms):
             a, b = blocks[2 * j], blocks[2 * j + 1]
-            acc += (a * t.weight * b).sum(dim=1).double()
+            if t.apply is not None:
+                a = t.apply(a)
+            term = (a * t.weight * b).sum(dim=1).double()
+            if t.row_weight is not None:
+                term = term * t.row_weight[start:stop].double()
+            acc += term
         out[start:stop] = acc
     return out.float()

@@ -212,6 +212,24 @@ class StoreReader:
             )
             return out
 
+    def kfac_factors(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer: (A' [k_in, k_in], S' [k_out, k_out])}`` projected K-FAC factors of a checkpoint."""
+        arrays = self.arrays(step, schema.KFAC)
+        if not arrays:
+            raise KeyError(
+                f"checkpoint {step} has no curvature factors; log with GradientLogger(curvature=True) "
+                "or use mode='raw'"
+            )
+        out = {}
+        for key in arrays:
+            name, side = key.rsplit("/", 1)
+            if side == "A":
+                out[name] = (
+                    torch.from_numpy(arrays[key]).float(),
+                    torch.from_numpy(arrays[f"{name}/S"]).float(),
+                )
+        return out
+
     def checkpoint_attrs(self, step: int) -> dict[str, Any]:
         with h5py.File(self.path, "r") as f:
             g = f[schema.checkpoint_name(step)]

@@ -25,6 +25,7 @@ ROW_IDS = "ids"  # [N] example id of each row
 QUERY = "query"  # [Q, D]
 QUERY_LOSS = "query_loss"  # [Q]
 OPTIMIZER = "optimizer"  # group: factored second moments per layer
+KFAC = "kfac"  # group: <layer>/A [k_in, k_in], <layer>/S [k_out, k_out] projected K-FAC factors
 STATE = "state"  # group: trainable parameters and buffers at this checkpoint
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
