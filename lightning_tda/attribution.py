@@ -18,6 +18,7 @@ from lightning_tda.capture.layers import (
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
 from lightning_tda.methods import AttributionMethod, get_method
+from lightning_tda.methods.influence import QueryVectors
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
@@ -56,7 +57,8 @@ class AttributionStore(StoreReader):
                 during training; or ``{global_step: Tensor[Q, D]}`` of precomputed projected gradients.
             model: the model class that was trained (any weights; each checkpoint's state is loaded
                 temporarily and the model is left as it was). Needed unless queries are logged/precomputed.
-            method: a name (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``) or a method instance.
+            method: a name (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``, ``"influence"``,
+                ``"source"``, ...; see ``lightning_tda.methods.METHODS``) or a method instance.
             top_k: keep the ``k`` strongest proponents and opponents per query; ``None`` for dense ``[Q, N]``.
             loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default: ``model.per_example_loss``).
             batch_size: batch size of the query sweep when ``queries`` is a Dataset.
@@ -72,7 +74,12 @@ class AttributionStore(StoreReader):
         m = get_method(method, **method_kwargs)
         steps = [c.global_step for c in m.used_checkpoints(self)]
         qvecs, qids = self.query_vectors(
-            queries, model, steps, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+            queries,
+            model,
+            m.query_steps(self),
+            loss_fn=loss_fn,
+            batch_size=batch_size,
+            collate_fn=collate_fn,
         )
         terms = m.score_terms(self, qvecs)
         out = stream_scores(self, terms, top_k, block_rows)
@@ -107,7 +114,10 @@ class AttributionStore(StoreReader):
         batch_size: int = 64,
         collate_fn: Any = None,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids."""
+        """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids.
+
+        Returns a :class:`~lightning_tda.methods.influence.QueryVectors` (a dict that also carries the
+        query losses per step when they are known)."""
         if isinstance(queries, str):
             if queries != "logged":
                 raise ValueError(
@@ -118,7 +128,10 @@ class AttributionStore(StoreReader):
                 raise ValueError(
                     f"checkpoints {missing} logged no queries; pass query_data= to GradientLogger"
                 )
-            return {s: self.read(s, schema.QUERY) for s in steps}, self.query_ids
+            return QueryVectors(
+                {s: self.read(s, schema.QUERY) for s in steps},
+                {s: self.read(s, schema.QUERY_LOSS) for s in steps},
+            ), self.query_ids
         if isinstance(queries, dict) and all(isinstance(v, torch.Tensor) for v in queries.values()):
             out = {}
             for s in steps:
@@ -149,11 +162,12 @@ class AttributionStore(StoreReader):
                 f"{self.path} uses a PCA projection basis but stores none; the file is incomplete"
             )
         out: dict[int, torch.Tensor] = {}
+        losses: dict[int, torch.Tensor] = {}
         ids = None
         device = model_device(model)
         for s in steps:
             with loaded_state(model, self.state(s)):
-                rows, ids, _ = featurize_data(
+                rows, ids, losses[s] = featurize_data(
                     model,
                     queries,
                     self.layers,
@@ -164,7 +178,7 @@ class AttributionStore(StoreReader):
                     self.bases,
                 )
             out[s] = rows.to(device)
-        return out, ids
+        return QueryVectors(out, losses), ids
 
     def summary(self) -> str:
         """Human-readable description of the store: checkpoints, shapes, dtypes and sizes."""

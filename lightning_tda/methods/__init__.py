@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_tda.methods.base import AttributionMethod
+from lightning_tda.methods.influence import Influence
+from lightning_tda.methods.source import Source
 from lightning_tda.methods.tracin import GradCos, GradDot, TracIn, TracInAdam
 
 METHODS: dict[str, type[AttributionMethod]] = {
-    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam)
+    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source)
 }
 
 
@@ -30,6 +32,8 @@ __all__ = [
     "AttributionMethod",
     "GradCos",
     "GradDot",
+    "Influence",
+    "Source",
     "TracIn",
     "TracInAdam",
     "get_method",

@@ -26,6 +26,10 @@ class AttributionMethod(ABC):
     def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
         """The checkpoints whose query gradients this method needs."""
 
+    def query_steps(self, store: StoreReader) -> list[int]:
+        """The checkpoints at which query gradients are needed (default: every used checkpoint)."""
+        return [c.global_step for c in self.used_checkpoints(store)]
+
     @abstractmethod
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         """``queries[step]``: ``[Q, D]`` projected query gradients at that checkpoint."""

@@ -37,9 +37,10 @@ class ScoreTerm:
 
 @dataclass
 class SelfTerm:
-    """``row_weight_i * <apply(a_i) * weight, b_i>`` between two datasets of one checkpoint.
+    """``row_weight_i * <apply(a_i) * weight, b_i>`` between two row datasets.
 
     Attributes:
+        step: checkpoint of ``dataset_a`` (and of ``dataset_b`` unless ``step_b`` is given).
         weight: ``[D]`` per-column factor.
         apply: optional map of a block of rows ``[B, D] -> [B, D]`` (e.g. a preconditioner).
         row_weight: optional ``[N]`` factor per row.
@@ -51,6 +52,7 @@ class SelfTerm:
     weight: torch.Tensor
     apply: Callable[[torch.Tensor], torch.Tensor] | None = None
     row_weight: torch.Tensor | None = None
+    step_b: int | None = None
 
 
 @dataclass
@@ -120,7 +122,7 @@ def stream_self_influence(
     """``[N]``: ``Σ_t <weight ⊙ a_i, b_i>`` for every stored row."""
     keys: list[tuple[int, str]] = []
     for t in terms:
-        keys += [(t.step, t.dataset_a), (t.step, t.dataset_b)]
+        keys += [(t.step, t.dataset_a), (t.step if t.step_b is None else t.step_b, t.dataset_b)]
     block = block_rows or default_block_rows(store.width, len(keys))
     out = torch.zeros(store.num_examples, dtype=torch.float64)
     for start, stop, blocks in store.iter_blocks(keys, block):

@@ -1,0 +1,158 @@
+"""Curvature-aware influence in the projected space: LoGra-style ``raw``, ``ekfac`` and ``trak``.
+
+``s(i, q) = Σ_l g̃_q,l^T (F_l + λ_l I)^{-1} g̃_i,l`` per checkpoint (block-diagonal over layers,
+methods.md §4.2, §6), averaged over the selected checkpoints (an ensemble over checkpoints,
+methods.md §10). Positive = including example ``i`` lowers the query loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from lightning_tda.methods.base import AttributionMethod, select_checkpoints
+from lightning_tda.methods.curvature import (
+    damped_inverse,
+    default_damping,
+    fit_curvature,
+)
+from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
+from lightning_tda.store import schema
+from lightning_tda.store.reader import CheckpointInfo, StoreReader
+
+InfluenceMode = Literal["raw", "ekfac", "trak"]
+
+
+class QueryVectors(dict):
+    """``{step: [Q, D]}`` query vectors plus, when known, ``losses``: ``{step: [Q]}`` query losses."""
+
+    def __init__(self, vectors: dict, losses: dict | None = None) -> None:
+        super().__init__(vectors)
+        self.losses = losses
+
+
+@dataclass
+class Influence(AttributionMethod):
+    """Damped block-diagonal influence function on the stored projected gradients.
+
+    Modes:
+        ``"raw"``: ``F_l`` is the exact empirical Fisher of the layer's stored projected gradients
+        (``k × k`` per layer, eigendecomposed in float64).
+        ``"ekfac"``: ``F_l`` in the eigenbasis of the projected K-FAC factors logged during the sweep
+        (``GradientLogger(curvature=True)``), eigenvalues corrected from the stored rows.
+        ``"trak"``: TRAK (methods.md §3) for classifiers trained with cross-entropy: features are
+        margin gradients ``φ_i = -g_i / (1 - p_i)`` (recovered from the stored loss gradients and the
+        stored loss ``-log p_i``), kernel ``Σ_i φ_i φ_i^T`` per layer, the out-to-loss reweighting
+        ``1 - p_i`` averaged over checkpoints, scores averaged over checkpoints as an ensemble.
+        Store rows in ``float32`` for this mode: ``g_i`` of well-fit examples underflow float16.
+
+    Args:
+        mode: ``"raw"``, ``"ekfac"`` or ``"trak"``.
+        checkpoints: global steps to average over; ``None`` = the last checkpoint (``"raw"``,
+            ``"ekfac"``) or every checkpoint (``"trak"``).
+        damping: absolute ``λ`` for every layer; ``None`` = ``damping_scale × mean eigenvalue`` of each
+            layer's curvature (LoGra/kronfluence default), derived from the training rows only.
+        damping_scale: see ``damping``.
+    """
+
+    mode: InfluenceMode = "raw"
+    checkpoints: Sequence[int] | None = None
+    damping: float | None = None
+    damping_scale: float = 0.1
+    name: ClassVar[str] = "influence"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("raw", "ekfac", "trak"):
+            raise ValueError(f"mode must be 'raw', 'ekfac' or 'trak', got {self.mode!r}")
+        if self.checkpoints is not None:
+            self.checkpoints = [int(s) for s in self.checkpoints]
+        if self.damping is not None and not self.damping > 0:
+            raise ValueError(f"damping must be > 0 (or None for the default), got {self.damping!r}")
+        if not self.damping_scale > 0:
+            raise ValueError(f"damping_scale must be > 0, got {self.damping_scale!r}")
+
+    def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
+        if self.checkpoints is None and self.mode != "trak":
+            return [store.checkpoint(None)]
+        return select_checkpoints(store, self.checkpoints)
+
+    def _curvatures(self, store: StoreReader):
+        """Per checkpoint: (step, curvature, damping per block, TRAK 1/(1-p) or None)."""
+        out = []
+        for ck in self.used_checkpoints(store):
+            step = ck.global_step
+            inv_q = None
+            weights = None
+            if self.mode == "trak":
+                inv_q = 1.0 / _one_minus_p(store.read(step, schema.TRAIN_LOSS).double(), step)
+                weights = {step: inv_q**2}
+            mode = "ekfac" if self.mode == "ekfac" else "raw"
+            curv = fit_curvature(store, [step], mode, row_weights=weights)
+            if self.mode == "trak":  # TRAK's kernel is Φ^T Φ (a sum, not a mean)
+                total = float(weights[step].sum())
+                for b in curv:
+                    b.sigma = b.sigma * total
+            out.append((step, curv, default_damping(curv, self.damping, self.damping_scale), inv_q))
+        return out
+
+    def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
+        fits = self._curvatures(store)
+        m = len(fits)
+        qbar = _trak_q_bar(fits) if self.mode == "trak" else None
+        terms = []
+        for step, curv, lam, inv_q in fits:
+            v = queries[step]
+            if self.mode == "trak":
+                losses = getattr(queries, "losses", None)
+                if losses is None or step not in losses:
+                    raise ValueError(
+                        "influence(mode='trak') needs the query losses (for the margin gradient); pass the "
+                        "queries as data or 'logged', not as precomputed vectors"
+                    )
+                inv_pq = 1.0 / _one_minus_p(losses[step].double().to(v.device), step)
+                v = v * inv_pq[:, None].float()
+            u = damped_inverse([b.to(v.device) for b in curv], lam)(v) / m
+            row_weight = None if inv_q is None else (qbar * inv_q).float()
+            terms.append(ScoreTerm(step, schema.TRAIN, u, row_weight=row_weight))
+        return terms
+
+    def self_terms(self, store: StoreReader) -> list[SelfTerm]:
+        fits = self._curvatures(store)
+        m = len(fits)
+        qbar = _trak_q_bar(fits) if self.mode == "trak" else None
+        ones = torch.ones(store.width) / m
+        terms = []
+        for step, curv, lam, inv_q in fits:
+            row_weight = None if inv_q is None else (qbar * inv_q * inv_q).float()
+            terms.append(
+                SelfTerm(
+                    step,
+                    schema.TRAIN,
+                    schema.TRAIN,
+                    ones,
+                    apply=damped_inverse(curv, lam),
+                    row_weight=row_weight,
+                )
+            )
+        return terms
+
+
+def _one_minus_p(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """``1 - p`` from cross-entropy losses ``-log p`` (``[N]``), floored at 1e-6."""
+    if (loss < -1e-4).any():
+        raise ValueError(
+            f"checkpoint {step} has negative per-example losses; influence(mode='trak') needs the "
+            "cross-entropy loss -log p of a classifier. Use mode='raw' for other losses."
+        )
+    return (-torch.expm1(-loss.clamp_min(0))).clamp_min(1e-6)
+
+
+def _trak_q_bar(fits) -> torch.Tensor:
+    """``[N]`` TRAK's out-to-loss term ``mean_m (1 - p_im)``."""
+    return torch.stack([1.0 / f[3] for f in fits]).mean(0)
+
+
+__all__ = ["Influence", "QueryVectors"]
