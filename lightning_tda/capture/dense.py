@@ -88,7 +88,7 @@ class DenseProjector:
         parts = []
         total = None
         for n in self.names:
-            g = grads[f"model.{n}"].float()
+            g = grads[f"model.{n}"].detach().float()
             if scales is not None:
                 g = g * scales[n]
             g = g.reshape(g.shape[0], -1)

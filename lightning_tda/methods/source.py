@@ -150,7 +150,7 @@ class Source(AttributionMethod):
         if kind == "auto":
             kind = "adam" if opts and "adam" in opts[0]["class"].lower() else "sgd"
         if kind == "adam":
-            return kind, [1.0] * max(1, len(groups))
+            return kind, [0.0] * max(1, len(groups))
         betas = [
             float(self.momentum if self.momentum is not None else g.get("momentum", 0.0) or 0.0)
             for g in groups
