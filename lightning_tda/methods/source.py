@@ -296,7 +296,9 @@ def _layer_preconditioners(
         for b in curv:
             row, col = arrays.get(f"{b.name}/row"), arrays.get(f"{b.name}/col")
             if row is None or col is None:
-                sums[b.name] = sums.get(b.name, 0.0) + 1.0
+                sums[b.name] = sums.get(b.name, 0.0) + _dense_preconditioner(
+                    arrays, b.name, beta2, eps
+                )
                 continue
             t = float(arrays.get(f"{b.name}/step", 0.0))
             corr = 1.0 - beta2**t if t > 0 else 1.0
@@ -307,6 +309,25 @@ def _layer_preconditioners(
             bb = 1.0 / (c.sqrt() + math.sqrt(eps))
             sums[b.name] = sums.get(b.name, 0.0) + float(a.mean() * bb.mean())
     return {k: v / len(steps) for k, v in sums.items()}
+
+
+def _dense_preconditioner(arrays: dict, block: str, beta2: float, eps: float) -> float:
+    """Mean ``1/(√v̂ + ε)`` over the parameters of a ``<dense>`` block (1.0 when none is logged)."""
+    total, count = 0.0, 0
+    for key, value in arrays.items():
+        if not key.startswith(f"{block}/") or key.endswith("/step") or key.endswith("/col"):
+            continue
+        base = key.rsplit("/", 1)[0]
+        t = float(arrays.get(f"{base}/step", 0.0))
+        corr = 1.0 - beta2**t if t > 0 else 1.0
+        v = torch.from_numpy(value).double() / corr
+        if key.endswith("/row"):  # 2-D parameter: Adafactor reconstruction from row/col means
+            c = torch.from_numpy(arrays[f"{base}/col"]).double() / corr
+            v = torch.outer(v, c) / v.mean().clamp_min(1e-30)
+        p = 1.0 / (v.clamp_min(0).sqrt() + eps)
+        total += float(p.sum())
+        count += p.numel()
+    return total / count if count else 1.0
 
 
 __all__ = ["Source", "phi1", "source_functions"]
