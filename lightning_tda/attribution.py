@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -10,6 +11,7 @@ import h5py
 import torch
 from torch import nn
 
+from lightning_tda.capture.ensemble import dropout_member
 from lightning_tda.capture.layers import (
     ProjectionMismatchError,
     check_layers_match,
@@ -22,6 +24,12 @@ from lightning_tda.methods.influence import QueryVectors
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
+from lightning_tda.store.members import (
+    member_dataset,
+    member_loss_dataset,
+    order_rows,
+    write_checkpoint_rows,
+)
 from lightning_tda.store.reader import StoreReader
 from lightning_tda.store.writer import StoreError
 
@@ -104,6 +112,92 @@ class AttributionStore(StoreReader):
         m = get_method(method, **method_kwargs)
         return stream_self_influence(self, m.self_terms(self))
 
+    def add_dropout_ensemble(
+        self,
+        model: nn.Module,
+        data: Any,
+        members: int = 4,
+        p: float = 0.1,
+        seed: int = 0,
+        steps: list[int] | None = None,
+        *,
+        loss_fn: LossFn | None = None,
+        batch_size: int = 64,
+        collate_fn: Any = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Add dropout-ensemble members (methods.md §10) to checkpoints of this store.
+
+        At each checkpoint (from its saved state) the attribution data is featurized through ``members``
+        seeded sub-networks (:func:`~lightning_tda.capture.ensemble.dropout_member`: each captured
+        layer's input units kept with probability ``1 - p``) and stored next to ``train``. Methods use them
+        with e.g. ``Influence(dropout_members=members)``; query gradients are recomputed through the same
+        sub-networks.
+
+        Args:
+            model: the trained model class (each checkpoint's state is loaded temporarily).
+            data: the attribution data that was logged (every example once, with ids).
+            members: number of sub-networks.
+            p: drop probability per input unit.
+            seed: mask seed (recorded with the rows).
+            steps: checkpoints to extend (default: the last one).
+        """
+        if not isinstance(members, int) or members < 1:
+            raise ValueError(f"members must be a positive int, got {members!r}")
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"p must be in (0, 1), got {p!r}")
+        fn = resolve_loss_fn(model, loss_fn)
+        self._check_model(model)
+        steps = [self.checkpoint(None).global_step] if steps is None else [int(s) for s in steps]
+        for step in steps:
+            for m in range(members):
+                with (
+                    loaded_state(model, self.state(step)),
+                    dropout_member(model, self.layers, p, seed, m),
+                ):
+                    rows, ids, losses = featurize_data(
+                        model,
+                        data,
+                        self.layers,
+                        self.projection,
+                        fn,
+                        batch_size,
+                        collate_fn,
+                        self.bases,
+                    )
+                attrs = {"dropout_p": p, "dropout_seed": seed, "member": m}
+                write_checkpoint_rows(
+                    self.path,
+                    step,
+                    member_dataset(m),
+                    order_rows(rows, ids, self.example_ids),
+                    attrs,
+                    overwrite,
+                )
+                write_checkpoint_rows(
+                    self.path,
+                    step,
+                    member_loss_dataset(m),
+                    order_rows(losses, ids, self.example_ids),
+                    attrs,
+                    overwrite,
+                )
+        with h5py.File(self.path, "r") as f:
+            self._read_meta(f)
+
+    def dataset_attrs(self, step: int, name: str) -> dict[str, Any]:
+        """Attributes of one checkpoint dataset."""
+        with h5py.File(self.path, "r") as f:
+            ds = self._dataset(f, step, name)
+            return {k: ds.attrs[k] for k in ds.attrs}
+
+    def _check_model(self, model: nn.Module) -> None:
+        selection = json.loads(self.attrs.get("capture_selection", "{}"))
+        layers, _ = discover_layers(
+            model, self.projection, selection.get("modules"), selection.get("exclude")
+        )
+        check_layers_match(self.layers, layers)
+
     def query_vectors(
         self,
         queries: Any,
@@ -122,6 +216,10 @@ class AttributionStore(StoreReader):
             if queries != "logged":
                 raise ValueError(
                     f"queries must be data, a dict of vectors or 'logged', got {queries!r}"
+                )
+            if any(isinstance(s, tuple) for s in steps):
+                raise ValueError(
+                    "dropout-ensemble members need their own query gradients; pass the queries as data"
                 )
             missing = [s for s in steps if not self.checkpoint(s).has_queries]
             if missing:
@@ -151,11 +249,7 @@ class AttributionStore(StoreReader):
             raise ValueError(
                 "pass model= (the trained model class) so query gradients can be recomputed"
             )
-        selection = json.loads(self.attrs.get("capture_selection", "{}"))
-        layers, _ = discover_layers(
-            model, self.projection, selection.get("modules"), selection.get("exclude")
-        )
-        check_layers_match(self.layers, layers)
+        self._check_model(model)
         fn = resolve_loss_fn(model, loss_fn)
         if self.projection.basis == "pca" and self.bases is None:
             raise StoreError(
@@ -166,7 +260,14 @@ class AttributionStore(StoreReader):
         ids = None
         device = model_device(model)
         for s in steps:
-            with loaded_state(model, self.state(s)):
+            step, member = s if isinstance(s, tuple) else (s, None)
+            sub = contextlib.nullcontext()
+            if member is not None:
+                a = self.dataset_attrs(step, member_dataset(member))
+                sub = dropout_member(
+                    model, self.layers, float(a["dropout_p"]), int(a["dropout_seed"]), member
+                )
+            with loaded_state(model, self.state(step)), sub:
                 rows, ids, losses[s] = featurize_data(
                     model,
                     queries,

@@ -21,6 +21,7 @@ from lightning_tda.methods.curvature import (
 )
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store import schema
+from lightning_tda.store.members import member_dataset, member_loss_dataset
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
 
 InfluenceMode = Literal["raw", "ekfac", "trak"]
@@ -56,12 +57,16 @@ class Influence(AttributionMethod):
         damping: absolute ``λ`` for every layer; ``None`` = ``damping_scale × mean eigenvalue`` of each
             layer's curvature (LoGra/kronfluence default), derived from the training rows only.
         damping_scale: see ``damping``.
+        dropout_members: average over this many dropout sub-networks per checkpoint (Efficient
+            Ensembles, methods.md §10), added beforehand with
+            :meth:`~lightning_tda.AttributionStore.add_dropout_ensemble`; ``0`` uses the logged rows.
     """
 
     mode: InfluenceMode = "raw"
     checkpoints: Sequence[int] | None = None
     damping: float | None = None
     damping_scale: float = 0.1
+    dropout_members: int = 0
     name: ClassVar[str] = "influence"
 
     def __post_init__(self) -> None:
@@ -73,29 +78,51 @@ class Influence(AttributionMethod):
             raise ValueError(f"damping must be > 0 (or None for the default), got {self.damping!r}")
         if not self.damping_scale > 0:
             raise ValueError(f"damping_scale must be > 0, got {self.damping_scale!r}")
+        if not isinstance(self.dropout_members, int) or self.dropout_members < 0:
+            raise ValueError(f"dropout_members must be an int >= 0, got {self.dropout_members!r}")
 
     def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
         if self.checkpoints is None and self.mode != "trak":
             return [store.checkpoint(None)]
         return select_checkpoints(store, self.checkpoints)
 
-    def _curvatures(self, store: StoreReader):
-        """Per checkpoint: (step, curvature, damping per block, TRAK 1/(1-p) or None)."""
+    def _members(self, store: StoreReader) -> list[tuple[int, str, str, int | tuple[int, int]]]:
+        """Ensemble members: ``(step, rows dataset, loss dataset, query key)``."""
         out = []
         for ck in self.used_checkpoints(store):
             step = ck.global_step
+            if not self.dropout_members:
+                out.append((step, schema.TRAIN, schema.TRAIN_LOSS, step))
+                continue
+            for r in range(self.dropout_members):
+                if member_dataset(r) not in ck.datasets:
+                    raise ValueError(
+                        f"checkpoint {step} has no dropout member {r}; add it with "
+                        f"store.add_dropout_ensemble(model, data, members={self.dropout_members})"
+                    )
+                out.append((step, member_dataset(r), member_loss_dataset(r), (step, r)))
+        return out
+
+    def query_steps(self, store: StoreReader) -> list:
+        return [m[3] for m in self._members(store)]
+
+    def _curvatures(self, store: StoreReader):
+        """Per member: (step, dataset, query key, curvature, damping per block, TRAK 1/(1-p) or None)."""
+        out = []
+        for step, dataset, loss_name, key in self._members(store):
             inv_q = None
             weights = None
             if self.mode == "trak":
-                inv_q = 1.0 / _one_minus_p(store.read(step, schema.TRAIN_LOSS).double(), step)
+                inv_q = 1.0 / _one_minus_p(store.read(step, loss_name).double(), step)
                 weights = {step: inv_q**2}
             mode = "ekfac" if self.mode == "ekfac" else "raw"
-            curv = fit_curvature(store, [step], mode, row_weights=weights)
+            curv = fit_curvature(store, [step], mode, dataset, row_weights=weights)
             if self.mode == "trak":  # TRAK's kernel is Φ^T Φ (a sum, not a mean)
                 total = float(weights[step].sum())
                 for b in curv:
                     b.sigma = b.sigma * total
-            out.append((step, curv, default_damping(curv, self.damping, self.damping_scale), inv_q))
+            lam = default_damping(curv, self.damping, self.damping_scale)
+            out.append((step, dataset, key, curv, lam, inv_q))
         return out
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
@@ -103,20 +130,20 @@ class Influence(AttributionMethod):
         m = len(fits)
         qbar = _trak_q_bar(fits) if self.mode == "trak" else None
         terms = []
-        for step, curv, lam, inv_q in fits:
-            v = queries[step]
+        for step, dataset, key, curv, lam, inv_q in fits:
+            v = queries[key]
             if self.mode == "trak":
                 losses = getattr(queries, "losses", None)
-                if losses is None or step not in losses:
+                if losses is None or key not in losses:
                     raise ValueError(
                         "influence(mode='trak') needs the query losses (for the margin gradient); pass the "
                         "queries as data or 'logged', not as precomputed vectors"
                     )
-                inv_pq = 1.0 / _one_minus_p(losses[step].double().to(v.device), step)
+                inv_pq = 1.0 / _one_minus_p(losses[key].double().to(v.device), step)
                 v = v * inv_pq[:, None].float()
             u = damped_inverse([b.to(v.device) for b in curv], lam)(v) / m
             row_weight = None if inv_q is None else (qbar * inv_q).float()
-            terms.append(ScoreTerm(step, schema.TRAIN, u, row_weight=row_weight))
+            terms.append(ScoreTerm(step, dataset, u, row_weight=row_weight))
         return terms
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
@@ -125,13 +152,13 @@ class Influence(AttributionMethod):
         qbar = _trak_q_bar(fits) if self.mode == "trak" else None
         ones = torch.ones(store.width) / m
         terms = []
-        for step, curv, lam, inv_q in fits:
+        for step, dataset, _, curv, lam, inv_q in fits:
             row_weight = None if inv_q is None else (qbar * inv_q * inv_q).float()
             terms.append(
                 SelfTerm(
                     step,
-                    schema.TRAIN,
-                    schema.TRAIN,
+                    dataset,
+                    dataset,
                     ones,
                     apply=damped_inverse(curv, lam),
                     row_weight=row_weight,
@@ -152,7 +179,7 @@ def _one_minus_p(loss: torch.Tensor, step: int) -> torch.Tensor:
 
 def _trak_q_bar(fits) -> torch.Tensor:
     """``[N]`` TRAK's out-to-loss term ``mean_m (1 - p_im)``."""
-    return torch.stack([1.0 / f[3] for f in fits]).mean(0)
+    return torch.stack([1.0 / f[5] for f in fits]).mean(0)
 
 
 __all__ = ["Influence", "QueryVectors"]
