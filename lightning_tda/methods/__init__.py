@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_tda.methods.base import AttributionMethod
+from lightning_tda.methods.datainf import DataInf
 from lightning_tda.methods.influence import Influence
 from lightning_tda.methods.source import Source
 from lightning_tda.methods.tracin import GradCos, GradDot, TracIn, TracInAdam
 
 METHODS: dict[str, type[AttributionMethod]] = {
-    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source)
+    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf)
 }
 
 
@@ -30,6 +31,7 @@ def get_method(method: str | AttributionMethod, **kwargs: Any) -> AttributionMet
 __all__ = [
     "METHODS",
     "AttributionMethod",
+    "DataInf",
     "GradCos",
     "GradDot",
     "Influence",
