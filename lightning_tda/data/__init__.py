@@ -1,4 +1,4 @@
-"""Example identity and small offline datasets."""
+"""Example identity, staged (multi-stage) training data and small offline datasets."""
 
 from lightning_tda.data.indexed import (
     Indexed,
@@ -6,5 +6,12 @@ from lightning_tda.data.indexed import (
     MissingExampleIdsError,
     get_example_ids,
 )
+from lightning_tda.data.staged import StagedDataModule
 
-__all__ = ["Indexed", "IndexedDataset", "MissingExampleIdsError", "get_example_ids"]
+__all__ = [
+    "Indexed",
+    "IndexedDataset",
+    "MissingExampleIdsError",
+    "StagedDataModule",
+    "get_example_ids",
+]

@@ -63,14 +63,59 @@ class RetrainRecipe:
     """How each subset model is trained (the same recipe as the attributed run).
 
     Attributes:
-        max_epochs: epochs per run.
+        max_epochs: epochs per run (with ``stages``: their total epochs).
         batch_size: training batch size (shuffled with the run's seed).
         trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments.
+        stages: optional multi-stage curriculum ``((num_epochs, member_example_ids | None), ...)``
+            in training order (member ids are example ids of the training set, ``None`` = every
+            example). A run on subset ``S`` trains stage ``k`` on ``S ∩ members_k`` for its epochs,
+            all in one ``Trainer.fit`` (:class:`~lightning_tda.data.StagedDataModule`). Build one with
+            :meth:`staged` to get ``max_epochs`` right.
+
+    Raises:
+        ValueError: invalid stages, or ``max_epochs`` different from the stages' total.
     """
 
     max_epochs: int = 10
     batch_size: int = 64
     trainer_kwargs: dict = field(default_factory=dict)
+    stages: tuple[tuple[int, tuple[int, ...] | None], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stages is None:
+            return
+        from lightning_tda.data.staged import normalize_stages
+
+        stages = normalize_stages(self.stages)
+        object.__setattr__(self, "stages", stages)
+        total = sum(e for e, _ in stages)
+        if self.max_epochs != total:
+            raise ValueError(
+                f"max_epochs={self.max_epochs} but the stages train {total} epochs; "
+                "use RetrainRecipe.staged(stages, ...) or max_epochs=sum of stage epochs"
+            )
+
+    @classmethod
+    def staged(
+        cls, stages, batch_size: int = 64, trainer_kwargs: dict | None = None
+    ) -> RetrainRecipe:
+        """A multi-stage recipe, ``max_epochs`` = the stages' total epochs."""
+        from lightning_tda.data.staged import normalize_stages
+
+        stages = normalize_stages(stages)
+        return cls(
+            max_epochs=sum(e for e, _ in stages),
+            batch_size=batch_size,
+            trainer_kwargs=dict(trainer_kwargs or {}),
+            stages=stages,
+        )
+
+    def to_meta(self) -> dict:
+        """JSON-ready dict (ids as lists); ``stages`` is left out when unset, as in older banks."""
+        d = asdict(self)
+        if d["stages"] is None:
+            del d["stages"]
+        return json.loads(json.dumps(d))
 
 
 def draw_subsets(num_train: int, spec: BankSpec) -> np.ndarray:
@@ -119,17 +164,32 @@ def _hash_item(h: Any, item: Any) -> None:
 def train_on_subset(
     factory: ModelFactory, train: Dataset, indices: np.ndarray, seed: int, recipe: RetrainRecipe
 ) -> Any:
-    """Train ``factory()`` on ``train[indices]`` with ``seed``; returns the trained model (eval mode)."""
+    """Train ``factory()`` on ``train[indices]`` with ``seed``; returns the trained model (eval mode).
+
+    With ``recipe.stages`` the run follows the curriculum restricted to ``indices``: stage ``k``
+    trains on the rows of ``indices`` whose example ids are members of stage ``k``.
+    """
     import lightning.pytorch as pl
 
     pl.seed_everything(seed, verbose=False)
     model = factory()
-    loader = DataLoader(
-        Subset(train, [int(i) for i in indices]),
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    if recipe.stages is not None:
+        from lightning_tda.data.staged import StagedDataModule
+
+        data = dict(
+            datamodule=StagedDataModule(
+                train, recipe.stages, batch_size=recipe.batch_size, seed=seed, indices=indices
+            )
+        )
+    else:
+        data = dict(
+            train_dataloaders=DataLoader(
+                Subset(train, [int(i) for i in indices]),
+                batch_size=recipe.batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(seed),
+            )
+        )
     kwargs = dict(
         max_epochs=recipe.max_epochs,
         logger=False,
@@ -139,8 +199,10 @@ def train_on_subset(
         accelerator="cpu",
         devices=1,
     )
+    if recipe.stages is not None:
+        kwargs["reload_dataloaders_every_n_epochs"] = 1
     kwargs.update(recipe.trainer_kwargs)
-    pl.Trainer(**kwargs).fit(model, loader)
+    pl.Trainer(**kwargs).fit(model, **data)
     model.eval()
     return model
 
@@ -262,7 +324,7 @@ def build_bank(
     fingerprint = {"train": dataset_fingerprint(train), "queries": dataset_fingerprint(queries)}
     meta = {
         "spec": asdict(spec),
-        "recipe": asdict(recipe),
+        "recipe": recipe.to_meta(),
         "fingerprint": fingerprint,
         "measurements": measurements,
         "num_train": len(train),
