@@ -1,4 +1,9 @@
-"""Build (or resume) the retraining banks: ``python -m benchmarks.banks_build [task ...]``."""
+"""Build (or resume) the retraining banks: ``python -m benchmarks.banks_build [task ...]``.
+
+Tasks: digits, tinygpt (the default pair), digits_short, digits_two_stage (mislabel has no bank).
+A staged task's recipe carries its curriculum, so each subset run trains stage by stage on
+``subset ∩ stage members``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ def bank_path(task_name: str) -> Path:
 
 
 def build(task_name: str, processes: int = 2):
+    if task_name not in TASKS or task_name == "mislabel":
+        raise SystemExit(
+            f"no bank for task {task_name!r}; choose from {sorted(set(TASKS) - {'mislabel'})}"
+        )
     task = TASKS[task_name]()
     t0 = time.perf_counter()
 
@@ -43,5 +52,11 @@ def build(task_name: str, processes: int = 2):
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or ["digits", "tinygpt"]:
+        t0 = time.perf_counter()
         bank = build(name)
-        print(name, {k: v.shape for k, v in bank.outputs.items()})
+        print(
+            name,
+            {k: v.shape for k, v in bank.outputs.items()},
+            f"{time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )

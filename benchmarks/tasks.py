@@ -4,6 +4,9 @@
 (b) ``tinygpt``: a byte-level GPT-2 (2 layers, d=64) trained from scratch on CPython's ``pydoc_data``
     topics, one example = one 64-byte text block (1000 train / 100 held-out blocks), AdamW.
 (c) ``mislabel``: the digits MLP trained with 10% of its training labels flipped.
+(d) ``digits_short``: the digits MLP deliberately under-trained (2 epochs), checkpoints every 8 steps.
+(e) ``digits_two_stage``: the digits MLP trained 10 epochs on half A of the training set, then 10
+    epochs on the disjoint half B (one fit, same optimizer; :class:`~lightning_tda.data.StagedDataModule`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_tda import IndexedDataset, causal_lm_loss
+from lightning_tda.data import StagedDataModule
 from lightning_tda.data.digits import load_digits_splits
 from lightning_tda.demo import DigitsMLP
 from lightning_tda.eval.retrain import BankSpec, RetrainRecipe
@@ -37,6 +41,40 @@ class Task:
     log_every_n_epochs: int
     describe: str
     flipped: np.ndarray | None = None  # mislabel task: which training rows carry a flipped label
+    # log every n optimizer steps instead of every n epochs (None: log_every_n_epochs)
+    log_every_n_train_steps: int | None = None
+    # multi-stage task: {"boundaries": global steps ending each stage but the last (logged
+    # checkpoints of the full run), "members": per stage the trained example ids, "epochs": per
+    # stage, "stage_end_steps": global step at the end of every stage}; SOURCE takes
+    # Source(boundaries=stages["boundaries"], stage_members=stages["members"])
+    stages: dict | None = None
+
+    def logger_schedule(self) -> dict[str, int]:
+        """The GradientLogger trigger of the logged run (``every_n_train_steps`` or ``every_n_epochs``)."""
+        if self.log_every_n_train_steps is not None:
+            return {"every_n_train_steps": self.log_every_n_train_steps}
+        return {"every_n_epochs": self.log_every_n_epochs}
+
+    def fit_setup(self, seed: int = 0) -> tuple[dict, dict]:
+        """``(trainer_kwargs, fit_kwargs)`` of the logged run on the full training set.
+
+        The same data order as :func:`~lightning_tda.eval.retrain.train_on_subset` on every row with
+        ``seed``: ``pl.Trainer(**trainer_kwargs, ...).fit(model, **fit_kwargs)``.
+        """
+        trainer_kwargs = {"max_epochs": self.recipe.max_epochs, **self.recipe.trainer_kwargs}
+        if self.recipe.stages is not None:
+            trainer_kwargs["reload_dataloaders_every_n_epochs"] = 1
+            dm = StagedDataModule(
+                self.train, self.recipe.stages, batch_size=self.recipe.batch_size, seed=seed
+            )
+            return trainer_kwargs, {"datamodule": dm}
+        loader = DataLoader(
+            self.train,
+            batch_size=self.recipe.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return trainer_kwargs, {"train_dataloaders": loader}
 
 
 # -- (a) digits ------------------------------------------------------------------------------------
@@ -74,6 +112,61 @@ def digits_task(num_subsets: int = 100, num_seeds: int = 4) -> Task:
         log_every_n_epochs=4,
         describe="MLP 64-128-10, sklearn digits 1000 train / 200 test, SGD lr 0.1, 20 epochs, batch 64",
     )
+
+
+# -- (d) digits_short: under-trained ---------------------------------------------------------------
+
+
+def digits_short_task(num_subsets: int = 100, num_seeds: int = 4) -> Task:
+    """The digits MLP stopped after 2 epochs (32 SGD steps), far from converged."""
+    task = digits_task(num_subsets, num_seeds)
+    task.name = "digits_short"
+    task.recipe = RetrainRecipe(max_epochs=2, batch_size=64)
+    task.log_every_n_epochs = 1
+    task.log_every_n_train_steps = 8  # steps 8, 16 (end of epoch 1), 24, 32 (end of epoch 2)
+    task.describe = (
+        "digits MLP under-trained: SGD lr 0.1, batch 64, only 2 epochs (32 steps), "
+        "checkpoints every 8 steps"
+    )
+    return task
+
+
+# -- (e) digits_two_stage: continual training on two disjoint halves ------------------------------
+
+
+def two_stage_split(train: IndexedDataset, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Disjoint halves ``(A, B)`` of the training ids (sorted) from ``default_rng(seed).permutation``."""
+    perm = np.random.default_rng(seed).permutation(len(train))
+    half = len(train) // 2
+    ids = np.asarray(train.ids)
+    return sorted(ids[perm[:half]].tolist()), sorted(ids[perm[half:]].tolist())
+
+
+def digits_two_stage_task(
+    num_subsets: int = 100, num_seeds: int = 4, epochs: tuple[int, int] = (10, 10)
+) -> Task:
+    """Stage 1 trains on half A of the digits (epochs 0..9), stage 2 on half B (epochs 10..19)."""
+    task = digits_task(num_subsets, num_seeds)
+    a, b = two_stage_split(task.train, seed=0)
+    recipe = RetrainRecipe.staged([(epochs[0], a), (epochs[1], b)], batch_size=64)
+    ends = StagedDataModule(task.train, recipe.stages, batch_size=64).stage_end_steps()
+    task.name = "digits_two_stage"
+    task.recipe = recipe
+    task.log_every_n_epochs = 2  # epoch 10 ends stage 1 (step 80): a logged checkpoint
+    if epochs[0] % task.log_every_n_epochs:
+        raise ValueError("stage 1 must end on a logged epoch")
+    task.stages = {
+        "boundaries": ends[:-1],
+        "members": [a, b],
+        "epochs": list(epochs),
+        "stage_end_steps": ends,
+    }
+    task.describe = (
+        f"digits MLP trained {epochs[0]} epochs on a random half A ({len(a)}) of the 1000 training "
+        f"examples, then {epochs[1]} epochs on the other half B ({len(b)}); SGD lr 0.1, batch 64, one "
+        f"fit (stage boundary at step {ends[0]})"
+    )
+    return task
 
 
 # -- (c) mislabel ----------------------------------------------------------------------------------
@@ -196,4 +289,6 @@ TASKS: dict[str, Callable[[], Task]] = {
     "digits": digits_task,
     "tinygpt": tinygpt_task,
     "mislabel": mislabel_task,
+    "digits_short": digits_short_task,
+    "digits_two_stage": digits_two_stage_task,
 }
