@@ -143,9 +143,10 @@ class LDSReport:
     ci_high: float
     per_query: torch.Tensor
     num_nan: int
-    ceiling: float | None = (
-        None  # Spearman–Brown reliability of the bank (None without per-seed outputs)
-    )
+    # noise ceiling sqrt(reliability): the best Spearman a noise-free predictor can expect against
+    # the bank's seed average (None without per-seed outputs)
+    ceiling: float | None = None
+    reliability: float | None = None  # Spearman–Brown reliability of the seed average
 
     def __str__(self) -> str:
         ceil = f", ceiling {self.ceiling:.3f}" if self.ceiling is not None else ""
@@ -163,13 +164,16 @@ def lds_report(
     """:func:`linear_datamodeling_score` with its bootstrap CI and the bank's ceiling."""
     per_query = linear_datamodeling_score(scores, subsets, outputs, measurement)
     lo, hi = bootstrap_ci(per_query, num_resamples, seed=seed)
-    ceiling = (
+    reliability = (
         split_half_reliability(outputs, measurement)[1]
         if outputs.dim() == 3 and outputs.shape[1] >= 2
         else None
     )
+    ceiling = None if reliability is None else float(np.sqrt(max(reliability, 0.0)))
     nan = int(torch.isnan(per_query).sum())
-    return LDSReport(float(np.nanmean(per_query.numpy())), lo, hi, per_query, nan, ceiling)
+    return LDSReport(
+        float(np.nanmean(per_query.numpy())), lo, hi, per_query, nan, ceiling, reliability
+    )
 
 
 class LinearDatamodelingScore(Metric):
