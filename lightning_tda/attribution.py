@@ -312,7 +312,13 @@ class AttributionStore(StoreReader):
                 ds = [
                     f"{k} {list(g[k].shape)} {schema.dataset_encoding(g[k], self.storage_dtype)} "
                     f"{g[k].id.get_storage_size() / 2**20:.2f}MiB"
-                    for k in (schema.TRAIN, schema.TRAIN_PRECOND, schema.QUERY)
+                    for k in (
+                        schema.TRAIN,
+                        schema.TRAIN_FACTORS,
+                        schema.TRAIN_PRECOND,
+                        schema.TRAIN_PRECOND_FACTORS,
+                        schema.QUERY,
+                    )
                     if k in g
                 ]
                 if schema.STATE in g:

@@ -26,6 +26,7 @@ from lightning_tda.capture.basis import Bases, fit_pca_bases
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
 from lightning_tda.capture.layers import LayerSpec, discover_layers, row_width
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import schema
 from lightning_tda.store.writer import StoreError, StoreWriter
@@ -75,6 +76,14 @@ class GradientLogger(pl.Callback):
         batch_size: sweep batch size when ``attribution_data``/``query_data`` is a Dataset (default 64).
         collate_fn: collate function for Dataset inputs.
         dtype: storage dtype of rows: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        storage: ``"dense"`` (default) stores each example's projected gradient as is (``train``,
+            ``k_out·k_in`` values per layer); ``"lorif"`` stores rank-``c`` factors ``U√S``, ``V√S`` of
+            each layer's ``[k_out, k_in]`` block from a per-example truncated SVD (``train_factors``,
+            ``c·(k_out + k_in)`` values per layer; LoRIF, methods.md §5). Queries stay dense. Every method
+            reads the reconstruction ``U V^T``; ``method="lorif"`` works on the factors directly.
+        lorif_rank: ``c`` for ``storage="lorif"`` (per layer ``min(lorif_rank, k_out, k_in)``). A
+            non-sequence layer's per-example gradient has rank 1, so ``1`` is exact there; a
+            sequence of ``T`` tokens has rank ``<= T``.
         overwrite: replace an existing store at ``path`` on a fresh (not resumed) fit.
         verbose: print one line per logged checkpoint.
 
@@ -112,10 +121,22 @@ class GradientLogger(pl.Callback):
         batch_size: int | None = None,
         collate_fn: Any = None,
         dtype: str = "float16",
+        storage: str = "dense",
+        lorif_rank: int = 1,
         overwrite: bool = False,
         verbose: bool = True,
     ) -> None:
         super().__init__()
+        if storage not in schema.STORAGE_KINDS:
+            raise MisconfigurationException(
+                f"storage must be 'dense' or 'lorif' (rank-c factors per layer), got {storage!r}"
+            )
+        if isinstance(lorif_rank, bool) or not isinstance(lorif_rank, int) or lorif_rank < 1:
+            raise MisconfigurationException(
+                f"lorif_rank must be a positive int (the rank c of the stored factors), got {lorif_rank!r}"
+            )
+        self.storage = storage
+        self.lorif_rank = lorif_rank
         self.schedule = LogSchedule(
             every_n_train_steps, every_n_epochs, at_steps, log_at_fit_start, log_at_fit_end
         )
@@ -165,6 +186,7 @@ class GradientLogger(pl.Callback):
         self._resumed = False
         self._layers: list[LayerSpec] = []
         self._bases: Bases | None = None
+        self._factors: FactorLayout | None = None
 
     # -- Lightning plumbing -----------------------------------------------------------------
     @property
@@ -206,6 +228,19 @@ class GradientLogger(pl.Callback):
                 + (f" matching modules={self.modules}" if self.modules else "")
                 + "; pass dense_dim>0 to project the other trainable parameters with torch.func."
             )
+        self._factors = (
+            FactorLayout.from_layers(self._layers, self.lorif_rank)
+            if self.storage == "lorif"
+            else None
+        )
+        if self._factors is not None:
+            larger = [b.name for b in self._factors.blocks if b.size > b.dense_size]
+            if larger:
+                rank_zero_info(
+                    f"GradientLogger: at lorif_rank={self.lorif_rank} the factors of {len(larger)} layers "
+                    f"({', '.join(larger[:4])}{' ...' if len(larger) > 4 else ''}) take more space than their "
+                    "dense k_out x k_in blocks (c (k_out + k_in) > k_out k_in); lower lorif_rank to save space."
+                )
         if self._other:
             rank_zero_info(
                 f"GradientLogger: {len(self._other)} trainable parameters outside Linear/Conv1D/LoRA layers are not "
@@ -233,7 +268,8 @@ class GradientLogger(pl.Callback):
             self._lr_cumsum_at_last = [0.0] * n_groups
             self._step_at_last = trainer.global_step
         self.writer.write_run_metadata(
-            self._run_metadata(trainer, pl_module), compare=("layers", "projection")
+            self._run_metadata(trainer, pl_module),
+            compare=("layers", "projection", "storage", "factor_layout"),
         )
         if self.schedule.log_at_fit_start:
             self._log(trainer, pl_module, "fit_start")
@@ -311,6 +347,12 @@ class GradientLogger(pl.Callback):
             "loss_reduction": "per-example loss; sequence losses summed over supervised tokens",
             "optimizers": schema.to_json(optimizer_summary(trainer.optimizers)),
             "schedule": schema.to_json(self.schedule.to_dict()),
+            "storage": self.storage,
+            **(
+                {"lorif_rank": self.lorif_rank, "factor_layout": self._factors.to_json()}
+                if self._factors is not None
+                else {}
+            ),
         }
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
@@ -340,7 +382,9 @@ class GradientLogger(pl.Callback):
         width = row_width(self._layers)
         lr_sum = [c - p for c, p in zip(self._lr_cumsum, self._lr_cumsum_at_last, strict=True)]
         with (
-            self.writer.begin_checkpoint(step, n, width, nq, precond=scales is not None) as cw,
+            self.writer.begin_checkpoint(
+                step, n, width, nq, precond=scales is not None, factors=self._factors
+            ) as cw,
             preserved_training_state(pl_module),
         ):
             for batch in loader:

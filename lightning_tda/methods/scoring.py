@@ -26,6 +26,8 @@ class ScoreTerm:
         normalize_train: divide each train row by its L2 norm first (cosine).
         row_weight: optional ``[N]`` factor per train row (store order), e.g. TRAK's ``1 - p_i`` or a
             stage-membership mask.
+        score_fn: optional ``score_fn(query, block) -> [Q, B]`` replacing the dense ``query @ block.T``
+            for datasets whose rows are not plain vectors (e.g. LoRIF's rank-c factors).
     """
 
     step: int
@@ -33,6 +35,7 @@ class ScoreTerm:
     query: torch.Tensor
     normalize_train: bool = False
     row_weight: torch.Tensor | None = None
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -44,6 +47,8 @@ class SelfTerm:
         weight: ``[D]`` per-column factor.
         apply: optional map of a block of rows ``[B, D] -> [B, D]`` (e.g. a preconditioner).
         row_weight: optional ``[N]`` factor per row.
+        pair_fn: optional ``pair_fn(a, b) -> [B]`` replacing ``<apply(a) * weight, b>`` (for rows that
+            are not plain vectors, e.g. LoRIF's factors).
     """
 
     step: int
@@ -53,6 +58,7 @@ class SelfTerm:
     apply: Callable[[torch.Tensor], torch.Tensor] | None = None
     row_weight: torch.Tensor | None = None
     step_b: int | None = None
+    pair_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -92,7 +98,10 @@ def stream_scores(
             x = x.to(device, non_blocking=True)
             if t.normalize_train:
                 x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            if t.row_weight is None:
+            if t.score_fn is not None:
+                ts = t.score_fn(t.query, x)
+                s += ts if t.row_weight is None else ts * t.row_weight[start:stop].to(device)
+            elif t.row_weight is None:
                 s.addmm_(t.query, x.T)
             else:
                 s += (t.query @ x.T) * t.row_weight[start:stop].to(device)
@@ -120,18 +129,23 @@ def stream_self_influence(
     store: StoreReader, terms: list[SelfTerm], block_rows: int | None = None
 ) -> torch.Tensor:
     """``[N]``: ``Σ_t <weight ⊙ a_i, b_i>`` for every stored row."""
-    keys: list[tuple[int, str]] = []
-    for t in terms:
-        keys += [(t.step, t.dataset_a), (t.step if t.step_b is None else t.step_b, t.dataset_b)]
+    pairs: list[tuple[tuple[int, str], tuple[int, str]]] = [
+        ((t.step, t.dataset_a), (t.step if t.step_b is None else t.step_b, t.dataset_b))
+        for t in terms
+    ]
+    keys = list(dict.fromkeys(k for pair in pairs for k in pair))  # each dataset read once
     block = block_rows or default_block_rows(store.width, len(keys))
     out = torch.zeros(store.num_examples, dtype=torch.float64)
     for start, stop, blocks in store.iter_blocks(keys, block):
         acc = torch.zeros(stop - start, dtype=torch.float64)
-        for j, t in enumerate(terms):
-            a, b = blocks[2 * j], blocks[2 * j + 1]
-            if t.apply is not None:
-                a = t.apply(a)
-            term = (a * t.weight * b).sum(dim=1).double()
+        for (ka, kb), t in zip(pairs, terms, strict=True):
+            a, b = blocks[keys.index(ka)], blocks[keys.index(kb)]
+            if t.pair_fn is not None:
+                term = t.pair_fn(a, b).double()
+            else:
+                if t.apply is not None:
+                    a = t.apply(a)
+                term = (a * t.weight * b).sum(dim=1).double()
             if t.row_weight is not None:
                 term = term * t.row_weight[start:stop].double()
             acc += term

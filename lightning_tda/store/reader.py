@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lightning_tda.capture.layers import LayerSpec
+from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import schema
 from lightning_tda.store.writer import StoreError, read_bases
@@ -37,11 +38,41 @@ class CheckpointInfo:
 
     @property
     def has_precond(self) -> bool:
-        return schema.TRAIN_PRECOND in self.datasets
+        return (
+            schema.TRAIN_PRECOND in self.datasets or schema.TRAIN_PRECOND_FACTORS in self.datasets
+        )
+
+    @property
+    def factored(self) -> bool:
+        """Whether the train rows are stored as rank-c factors (``GradientLogger(storage="lorif")``)."""
+        return schema.TRAIN_FACTORS in self.datasets
 
     @property
     def has_queries(self) -> bool:
         return schema.QUERY in self.datasets
+
+
+class FactoredRows:
+    """Read-only stand-in for a dense row dataset stored as factors: slicing returns ``U V^T`` per layer.
+
+    Lets every method that reads ``train`` / ``train_precond`` run on a ``storage="lorif"`` store; it
+    sees the rank-``c`` reconstruction (exact when ``c`` is at least each per-example gradient's rank).
+    """
+
+    def __init__(self, factors: h5py.Dataset, layout: FactorLayout, storage_dtype: str) -> None:
+        self.factors = factors
+        self.layout = layout
+        self.encoding = schema.dataset_encoding(factors, storage_dtype)
+        self.shape = (factors.shape[0], layout.dense_width)
+        self.ndim = 2
+        self.attrs = {**dict(factors.attrs), "encoding": "float32"}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        x = schema.decode_rows(self.factors[sel], self.encoding)
+        return self.layout.reconstruct(x).numpy()
 
 
 class StoreReader:
@@ -83,6 +114,12 @@ class StoreReader:
         self.layer_groups = json.loads(f.attrs["layer_groups"])
         self.bases = read_bases(f) if self.projection.basis == "pca" else None
         self.width = sum(s.size for s in self.layers)
+        self.storage = str(f.attrs.get("storage", "dense"))
+        self.factor_layout = (
+            FactorLayout.from_json(str(f.attrs["factor_layout"]))
+            if "factor_layout" in f.attrs
+            else None
+        )
         ck = []
         for g in f.get(schema.CHECKPOINTS, {}).values():
             if not g.attrs.get("complete", False):
@@ -140,8 +177,16 @@ class StoreReader:
                 return c
         raise KeyError(f"no complete checkpoint at step {step}; the store has steps {self.steps}")
 
-    def _dataset(self, f: h5py.File, step: int, name: str) -> h5py.Dataset:
+    def _dataset(self, f: h5py.File, step: int, name: str) -> h5py.Dataset | FactoredRows:
         path = f"{schema.checkpoint_name(step)}/{name}"
+        factored = f"{schema.checkpoint_name(step)}/{schema.FACTORED.get(name, '')}"
+        if path not in f and name in schema.FACTORED and factored in f:
+            if self.factor_layout is None:
+                raise StoreError(
+                    f"{self.path} stores factored rows at step {step} but no factor_layout attribute; "
+                    "the file is incomplete or was written by another tool"
+                )
+            return FactoredRows(f[factored], self.factor_layout, self.storage_dtype)
         if path not in f:
             hint = (
                 " (log with optimizer_state=True and an Adam-family optimizer)"
@@ -151,10 +196,29 @@ class StoreReader:
             raise KeyError(f"checkpoint {step} has no {name!r} dataset{hint}")
         return f[path]
 
+    def stored_rows(self, step: int, name: str = schema.TRAIN) -> tuple[str, FactorLayout]:
+        """The dataset actually holding rows ``name`` at ``step``, and how to decode it.
+
+        Returns ``("train_factors", layout)`` on a factored checkpoint, ``("train", identity layout)``
+        on a dense one (every block raw), so a method can work on factors without caring which.
+        """
+        ck = self.checkpoint(step)
+        factored = schema.FACTORED.get(name)
+        if factored is not None and factored in ck.datasets:
+            if self.factor_layout is None:
+                raise StoreError(
+                    f"{self.path} stores factored rows but no factor_layout attribute; the file is incomplete"
+                )
+            return factored, self.factor_layout
+        return name, FactorLayout.identity(self.layers)
+
     def read(
         self, step: int, name: str = schema.TRAIN, start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
-        """Rows ``[start:stop]`` of a checkpoint dataset as fp32 ``[n, D]`` (or ``[n]``)."""
+        """Rows ``[start:stop]`` of a checkpoint dataset as fp32 ``[n, D]`` (or ``[n]``).
+
+        On a ``storage="lorif"`` checkpoint ``train`` / ``train_precond`` are reconstructed from their
+        factors (``train_factors`` / ``train_precond_factors`` read the factors themselves)."""
         with h5py.File(self.path, "r") as f:
             ds = self._dataset(f, step, name)
             arr = ds[start:stop]
@@ -166,7 +230,9 @@ class StoreReader:
     def iter_blocks(
         self, steps_and_names: Sequence[tuple[int, str]], block_rows: int
     ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-        """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file."""
+        """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file.
+
+        ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block."""
         with h5py.File(self.path, "r") as f:
             dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]

@@ -20,6 +20,11 @@ QUERY_IDS = "queries/ids"
 
 TRAIN = "train"  # [N, D] projected gradients
 TRAIN_PRECOND = "train_precond"  # [N, D] projected optimizer-preconditioned gradients
+# storage="lorif": rank-c factors of each layer's block instead of the dense rows (docs/store.md)
+TRAIN_FACTORS = "train_factors"  # [N, W] factor rows standing for `train`
+TRAIN_PRECOND_FACTORS = "train_precond_factors"  # [N, W] factor rows standing for `train_precond`
+FACTORED = {TRAIN: TRAIN_FACTORS, TRAIN_PRECOND: TRAIN_PRECOND_FACTORS}  # dense name -> factored
+STORAGE_KINDS = ("dense", "lorif")
 TRAIN_LOSS = "loss"  # [N] per-example loss
 ROW_IDS = "ids"  # [N] example id of each row
 QUERY = "query"  # [Q, D]

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import torch
 
+from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.store import schema
 
 
@@ -224,12 +225,19 @@ class StoreWriter:
         width: int,
         num_queries: int = 0,
         precond: bool = False,
+        factors: FactorLayout | None = None,
     ) -> CheckpointWriter:
-        return CheckpointWriter(self, global_step, num_rows, width, num_queries, precond)
+        """Start checkpoint ``global_step``; with ``factors`` the train rows are stored as rank-c factors."""
+        return CheckpointWriter(self, global_step, num_rows, width, num_queries, precond, factors)
 
 
 class CheckpointWriter:
-    """Writes one checkpoint's rows; use as a context manager, call :meth:`commit` at the end."""
+    """Writes one checkpoint's rows; use as a context manager, call :meth:`commit` at the end.
+
+    With ``factors`` (``GradientLogger(storage="lorif")``) the dense ``[B, D]`` rows given to
+    :meth:`write_rows` are factored per layer (:meth:`FactorLayout.factor`) and stored in
+    ``train_factors`` / ``train_precond_factors`` (``[N, W]``) instead of ``train`` / ``train_precond``.
+    """
 
     def __init__(
         self,
@@ -239,6 +247,7 @@ class CheckpointWriter:
         width: int,
         num_queries: int,
         precond: bool,
+        factors: FactorLayout | None = None,
     ) -> None:
         self.store = store
         self.step = int(global_step)
@@ -246,6 +255,11 @@ class CheckpointWriter:
         self.q = int(num_queries)
         self.width = int(width)
         self.precond = precond
+        self.factors = factors
+        if factors is not None and factors.dense_width != self.width:
+            raise StoreError(
+                f"factor layout covers {factors.dense_width} columns but rows have D={self.width}"
+            )
         self.dtype = store.storage_dtype
         self.file = _open(store.path, "a")
         try:
@@ -277,17 +291,30 @@ class CheckpointWriter:
         g.attrs["global_step"] = self.step
         g.attrs["complete"] = False
         enc = schema.h5_dtype(self.dtype)
+        # logical name -> stored dataset name and row width (factor rows under storage="lorif")
+        factored = self.factors is not None
+        self.stored_name = {
+            k: schema.FACTORED[k] if factored else k for k in (schema.TRAIN, schema.TRAIN_PRECOND)
+        }
+        row_width = self.factors.width if factored else self.width
         self.encoding = {schema.TRAIN: self.dtype, schema.QUERY: self.dtype}
-        self.ds = {schema.TRAIN: _create_early(g, schema.TRAIN, (self.n, self.width), enc)}
+        self.ds = {
+            schema.TRAIN: _create_early(g, self.stored_name[schema.TRAIN], (self.n, row_width), enc)
+        }
         if self.precond:
             # 1/sqrt(v) preconditioning spans a far wider range than float16 holds: keep its exponent
             self.encoding[schema.TRAIN_PRECOND] = schema.precond_encoding(self.dtype)
             self.ds[schema.TRAIN_PRECOND] = _create_early(
                 g,
-                schema.TRAIN_PRECOND,
-                (self.n, self.width),
+                self.stored_name[schema.TRAIN_PRECOND],
+                (self.n, row_width),
                 schema.h5_dtype(self.encoding[schema.TRAIN_PRECOND]),
             )
+        if factored:
+            for k in (schema.TRAIN, schema.TRAIN_PRECOND):
+                if k in self.ds:
+                    self.ds[k].attrs["factors_of"] = k
+                    self.ds[k].attrs["lorif_rank"] = self.factors.rank
         self.ds[schema.TRAIN_LOSS] = _create_early(g, schema.TRAIN_LOSS, (self.n,), np.dtype("<f4"))
         self.ds[schema.ROW_IDS] = _create_early(g, schema.ROW_IDS, (self.n,), np.dtype("<i8"))
         if self.q:
@@ -371,15 +398,19 @@ class CheckpointWriter:
         contiguous = b > 0 and pos_s[-1] - pos_s[0] == b - 1
         sel = slice(int(pos_s[0]), int(pos_s[-1]) + 1) if contiguous else pos_s
         order_t = torch.from_numpy(order).to(rows.device)
-        self.ds[schema.TRAIN][sel] = self._encode(rows.index_select(0, order_t))
+        self.ds[schema.TRAIN][sel] = self._encode(self._stored(rows.index_select(0, order_t)))
         if precond is not None:
             self.ds[schema.TRAIN_PRECOND][sel] = self._encode(
-                precond.index_select(0, order_t), schema.TRAIN_PRECOND
+                self._stored(precond.index_select(0, order_t)), schema.TRAIN_PRECOND
             )
         self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
         self.ds[schema.ROW_IDS][sel] = ids_np[order]
         self.written[pos] = True
         self.seen_ids.update(batch_ids)
+
+    def _stored(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows as stored: factored per layer under ``storage="lorif"``, else as given."""
+        return rows if self.factors is None else self.factors.factor(rows)
 
     def write_queries(
         self, ids: torch.Tensor | None, rows: torch.Tensor, losses: torch.Tensor
