@@ -181,8 +181,8 @@ class StoreWriter:
             for k in compare:
                 if k in f.attrs and k in attrs and f.attrs[k] != attrs[k]:
                     raise StoreError(
-                        f"{self.path} was written with a different {k} than this run has (model layers or "
-                        "projection changed). Use a new path, or overwrite=True to start the file again."
+                        f"{self.path} was written with a different {k} than this run has (model layers, projection or "
+                        "storage= changed). Use a new path, or overwrite=True to start the file again."
                     )
             for k, v in attrs.items():
                 if k not in f.attrs:
