@@ -16,6 +16,7 @@ import platform
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -24,15 +25,16 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from benchmarks.banks_build import bank_path
 from benchmarks.banks_build import build as build_bank
-from benchmarks.tasks import TASKS, Task
+from benchmarks.tasks import TASKS, Task, classification_measure
 from lightning_tda import AttributionStore, GradientLogger
 from lightning_tda.eval.metrics import lds_report, mislabel_detection_auc
 from lightning_tda.eval.removal import topk_removal_test
 from lightning_tda.eval.retrain import Bank
+from lightning_tda.methods import AttributionMethod, DataInf, Influence, Source, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -61,14 +63,14 @@ def fit_logged(
     logger = GradientLogger(
         path,
         attribution_data=task.train,
-        every_n_epochs=task.log_every_n_epochs,
         overwrite=True,
         verbose=False,
         batch_size=250,
+        **task.logger_schedule(),
         **logger_kwargs,
     )
+    trainer_kwargs, fit_kwargs = task.fit_setup(seed)
     trainer = pl.Trainer(
-        max_epochs=task.recipe.max_epochs,
         callbacks=[logger],
         logger=False,
         enable_checkpointing=False,
@@ -76,15 +78,10 @@ def fit_logged(
         enable_model_summary=False,
         accelerator="cpu",
         devices=1,
-    )
-    loader = DataLoader(
-        task.train,
-        batch_size=task.recipe.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        **trainer_kwargs,
     )
     t0 = time.perf_counter()
-    trainer.fit(model, loader)
+    trainer.fit(model, **fit_kwargs)
     seconds = time.perf_counter() - t0
     store = AttributionStore(path)
     assert torch.equal(store.example_ids, torch.as_tensor(task.train.ids)), (
@@ -93,20 +90,145 @@ def fit_logged(
     return model, store, seconds
 
 
+def stored_bytes_per_example(store: AttributionStore) -> float:
+    """On-disk bytes of the per-example row datasets of one checkpoint, divided by N."""
+    import h5py
+
+    from lightning_tda.store import schema
+
+    with h5py.File(store.path, "r") as f:
+        g = f[schema.checkpoint_name(store.steps[-1])]
+        total = sum(
+            g[k].id.get_storage_size()
+            for k in g
+            if isinstance(g[k], h5py.Dataset) and k.startswith("train") and "dropout" not in k
+        )
+    return total / max(1, store.num_examples)
+
+
 def logging_seconds(store: AttributionStore) -> float:
     return float(sum(store.checkpoint_attrs(s)["seconds"] for s in store.steps))
 
 
-def our_configs(task: Task) -> list[tuple[str, dict, list[str]]]:
-    """(label, GradientLogger kwargs, methods) per logged configuration."""
-    adam = task.name == "tinygpt"
-    methods = ["graddot", "gradcos", "tracin"] + (["tracin_adam"] if adam else [])
-    configs = [
-        ("kronecker r16 pca", dict(projection="kronecker", rank=16, basis="pca"), methods),
-        ("kronecker r16 random", dict(projection="kronecker", rank=16), ["tracin"]),
+MethodFactory = Callable[[AttributionStore, Task], "str | AttributionMethod"]
+
+
+@dataclass
+class Config:
+    """One logged run of a task: GradientLogger kwargs and the methods scored on its store."""
+
+    label: str
+    logger: dict
+    methods: list[tuple[str, MethodFactory]]
+    dropout_members: int = 0  # add a dropout ensemble of this many members to every checkpoint
+
+
+def _named(*names: str) -> list[tuple[str, MethodFactory]]:
+    return [(n, lambda store, task, n=n: n) for n in names]
+
+
+def curvature_methods(task: Task, adam: bool) -> list[tuple[str, MethodFactory]]:
+    """Influence, SOURCE and DataInf at their defaults (nothing tuned on the evaluation queries)."""
+    out: list[tuple[str, MethodFactory]] = [
+        ("influence (raw, last ckpt)", lambda store, task: Influence()),
+        ("influence (raw, all ckpts)", lambda store, task: Influence(checkpoints=store.steps)),
+        ("influence (ekfac, last ckpt)", lambda store, task: Influence(mode="ekfac")),
     ]
-    if task.name != "tinygpt":  # exact rows of the GPT would be ~100k wide
-        configs.insert(0, ("exact", dict(projection="exact", dtype="float32"), methods))
+    if task.measure is classification_measure:
+        out.append(("influence (trak, all ckpts)", lambda store, task: Influence(mode="trak")))
+    out += [
+        ("source (L=3)", lambda store, task: Source()),
+        ("source (L=1)", lambda store, task: Source(segments=1)),
+    ]
+    if adam:
+        out.append(
+            ("source (L=3, Adam form)", lambda store, task: Source(optimizer="adam")),
+        )
+    if task.stages is not None:
+        out.append(
+            (
+                "source (stage boundaries)",
+                lambda store, task: Source(
+                    boundaries=task.stages["boundaries"], stage_members=task.stages["members"]
+                ),
+            )
+        )
+    out.append(("datainf (last ckpt)", lambda store, task: DataInf()))
+    return out
+
+
+def our_configs(task: Task) -> list[Config]:
+    """The logged configurations of a task and the methods scored on each."""
+    adam = task.name == "tinygpt"
+    base = _named("graddot", "gradcos", "tracin") + (_named("tracin_adam") if adam else [])
+    curv = curvature_methods(task, adam)
+    lorif = [("lorif (last ckpt)", lambda store, task: get_method("lorif"))]
+    if task.name in ("digits_short", "digits_two_stage"):
+        return [
+            Config(
+                "kronecker r32 pca fp32",
+                dict(rank=32, basis="pca", dtype="float32"),
+                _named("tracin") + curv,
+            )
+        ]
+    if task.flipped is not None:  # mislabel: self-influence
+        return [
+            Config("exact", dict(projection="exact", dtype="float32"), _named("graddot", "tracin")),
+            Config(
+                "kronecker r16 pca",
+                dict(rank=16, basis="pca"),
+                _named("graddot", "tracin") + curv[:4],
+            ),
+        ]
+    configs = [
+        Config("kronecker r16 pca", dict(rank=16, basis="pca"), base + curv + lorif),
+        Config("kronecker r16 random", dict(rank=16), _named("tracin") + curv[:1]),
+        Config(
+            "lorif c=1, kronecker r16 pca",
+            dict(rank=16, basis="pca", storage="lorif", lorif_rank=1),
+            lorif,
+        ),
+    ]
+    if adam:
+        configs.append(
+            Config(
+                "lorif c=4, kronecker r16 pca",
+                dict(rank=16, basis="pca", storage="lorif", lorif_rank=4),
+                lorif,
+            )
+        )
+        configs.append(
+            Config(
+                "kronecker r16 pca + dense 256",
+                dict(rank=16, basis="pca", dense_dim=256),
+                _named("tracin", "tracin_adam") + curv[:6],
+            )
+        )
+    else:  # exact rows of the GPT would be ~100k wide
+        configs.insert(0, Config("exact", dict(projection="exact", dtype="float32"), base))
+        configs.append(
+            Config(
+                "kronecker r32 pca fp32 + dropout ensemble",
+                dict(rank=32, basis="pca", dtype="float32"),
+                curv[:3]
+                + [
+                    (
+                        "influence (raw, last ckpt, 8 dropout members p=0.1)",
+                        lambda store, task: Influence(dropout_members=8),
+                    ),
+                    (
+                        "influence (raw, all ckpts, 8 dropout members p=0.1)",
+                        lambda store, task: Influence(dropout_members=8, checkpoints=store.steps),
+                    ),
+                    (
+                        "influence (trak, all ckpts, 8 dropout members p=0.1)",
+                        lambda store, task: Influence(mode="trak", dropout_members=8),
+                    ),
+                ]
+                + curv[3:],
+                dropout_members=8,
+            )
+        )
     return configs
 
 
@@ -131,47 +253,80 @@ def run_task(task: Task, workdir: Path, peers: bool) -> tuple[list[Row], dict]:
             bank.measurement(task.primary),
         )
         info["bank"]["ceiling"] = rep.ceiling
+        info["bank"]["reliability"] = rep.reliability
         rows.append(
             Row(task.name, "random scores", "-", "-", 0.0, rep.mean, (rep.ci_low, rep.ci_high))
         )
     exact_scores = None
     models = {}
-    for label, kwargs, methods in our_configs(task):
+    for cfg in our_configs(task):
+        label, kwargs = cfg.label, cfg.logger
         model, store, fit_s = fit_logged(
-            task, workdir / f"{task.name}-{label.replace(' ', '_')}.h5", **kwargs
+            task, workdir / f"{task.name}-{label.replace(' ', '_').replace(',', '')}.h5", **kwargs
         )
         models[label] = (model, store)
         log_s = logging_seconds(store)
-        for method in methods:
+        if cfg.dropout_members:
             t0 = time.perf_counter()
+            store.add_dropout_ensemble(
+                model,
+                task.train,
+                members=cfg.dropout_members,
+                p=0.1,
+                steps=store.steps,
+                batch_size=250,
+            )
+            log_s += time.perf_counter() - t0
+        info.setdefault("bytes_per_example_per_checkpoint", {})[label] = stored_bytes_per_example(
+            store
+        )
+        for method_label, factory in cfg.methods:
+            method = factory(store, task)
+            t0 = time.perf_counter()
+            try:
+                if bank is not None:
+                    res = store.attribute(task.queries, model=model, method=method, top_k=None)
+                else:
+                    si = store.self_influence(method=method)
+            except Exception as e:  # report, never hide: a failing method is a row with its error
+                rows.append(
+                    Row(
+                        task.name,
+                        method_label,
+                        "lightning_tda",
+                        label,
+                        0.0,
+                        notes=f"failed: {e!r}"[:200],
+                    )
+                )
+                continue
+            secs = time.perf_counter() - t0 + log_s
             if bank is not None:
-                res = store.attribute(task.queries, model=model, method=method, top_k=None)
-                secs = time.perf_counter() - t0 + log_s
                 rep = lds_report(res.scores, subsets, out, bank.measurement(task.primary))
                 rows.append(
                     Row(
                         task.name,
-                        method,
+                        method_label,
                         "lightning_tda",
                         label,
                         secs,
                         rep.mean,
                         (rep.ci_low, rep.ci_high),
-                        extra={
-                            "bytes_per_example_per_checkpoint": store.width
-                            * (4 if kwargs.get("dtype") == "float32" else 2)
-                        },
+                        extra={"bytes_per_example_per_checkpoint": stored_bytes_per_example(store)},
                     )
                 )
                 if label == "exact" and method == "tracin":
                     exact_scores = res.scores
-            elif method != "gradcos":
-                si = store.self_influence(method=method)
-                secs = time.perf_counter() - t0 + log_s
+            else:
                 auc = float(mislabel_detection_auc(si, torch.from_numpy(task.flipped)))
                 rows.append(
                     Row(
-                        task.name, f"{method} self-influence", "lightning_tda", label, secs, auc=auc
+                        task.name,
+                        f"{method_label} self-influence",
+                        "lightning_tda",
+                        label,
+                        secs,
+                        auc=auc,
                     )
                 )
         info.setdefault("fit_seconds", {})[label] = fit_s
@@ -201,12 +356,19 @@ def run_task(task: Task, workdir: Path, peers: bool) -> tuple[list[Row], dict]:
         )
     if peers and task.name in ("digits", "mislabel"):
         rows += run_peer_rows(task, models["exact"], bank, exact_scores, info)
+    if peers and (task.stages is not None or task.name == "digits_short"):
+        rows += run_peer_rows(
+            task, next(iter(models.values())), bank, None, info, names=CURVATURE_PEERS
+        )
     if peers and task.name == "tinygpt":
         rows += run_lm_peer_rows(task, models["kronecker r16 pca"][1], bank, info)
     return rows, info
 
 
-def run_peer_rows(task: Task, model_store, bank, exact_scores, info) -> list[Row]:
+CURVATURE_PEERS = ("dattri_trak", "kronfluence_ekfac")
+
+
+def run_peer_rows(task: Task, model_store, bank, exact_scores, info, names=None) -> list[Row]:
     from benchmarks.peers import ClassificationTask, run_peers
 
     model, store = model_store
@@ -225,7 +387,7 @@ def run_peer_rows(task: Task, model_store, bank, exact_scores, info) -> list[Row
         x_test=qx,
         y_test=qy,
     )
-    return peer_rows(task, run_peers(ctask), bank, exact_scores, info)
+    return peer_rows(task, run_peers(ctask, names), bank, exact_scores, info)
 
 
 class GPTLogits(torch.nn.Module):
@@ -327,7 +489,8 @@ def write_markdown(rows: list[Row], infos: dict, command: str) -> str:
         f"Produced by `{command}` on {date.today().isoformat()} ({platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}). LDS = mean per-query Spearman "
         "between the summed scores of each retraining subset and the subset models' measurement, with a 95% "
-        "bootstrap CI over queries; the ceiling is the Spearman–Brown reliability of the bank's seed average. "
+        "bootstrap CI over queries; the noise ceiling is the square root of the Spearman–Brown reliability of the bank's seed average "
+        "(the correlation a noise-free predictor can expect against that average). "
         "Seconds are wall time in this process: logging sweeps (or a peer's featurization) plus scoring; "
         "lightning_tda's training itself is not counted. Every method runs at its default settings "
         "(settings column); nothing is tuned on the evaluation queries.",
@@ -341,7 +504,8 @@ def write_markdown(rows: list[Row], infos: dict, command: str) -> str:
             ceil = f"{b['ceiling']:.3f}" if b.get("ceiling") is not None else "n/a"
             lines.append(
                 f"Bank: M = {b['M']} subsets × R = {b['R']} seeds, α = {b['alpha']}, Q = {b['Q']} queries, "
-                f"measurement `{b['measurement']}`; ceiling {ceil}."
+                f"measurement `{b['measurement']}`; reliability {b.get('reliability', float('nan')):.3f}, "
+                f"noise ceiling {ceil}."
             )
             lines.append("")
         if info.get("plumbing"):
@@ -359,6 +523,15 @@ def write_markdown(rows: list[Row], infos: dict, command: str) -> str:
                 f"query's top-{rm['k']} proponents changes its loss by {rm['mean_topk']:+.4f} on average, "
                 f"without {rm['k']} random examples by {rm['mean_random']:+.4f}; the proponents' removal "
                 f"hurts more for {rm['fraction']:.0%} of queries ({rm['seconds']:.0f} s)."
+            )
+            lines.append("")
+        if info.get("bytes_per_example_per_checkpoint"):
+            lines.append(
+                "Stored row bytes per example per checkpoint: "
+                + ", ".join(
+                    f"{k} {v:,.0f} B" for k, v in info["bytes_per_example_per_checkpoint"].items()
+                )
+                + "."
             )
             lines.append("")
         metric = "LDS [95% CI]" if "bank" in info else "mislabel AUC"

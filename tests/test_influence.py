@@ -350,3 +350,34 @@ def test_source_bad_arguments(mlp_run):
         Source(boundaries=[kron.steps[0]], stage_members=[[5], None]).build(kron)
     with pytest.raises(ValueError, match="segments"):
         Source(segments=0)
+
+
+def test_source_adam_form_without_curvature_is_tracin_adam(tmp_path):
+    """optimizer='adam', L = 1, H → 0: SOURCE = Σ_c η_c <g_q(θ_T), P_c g_i(θ_c)> / N (TracIn-Adam)."""
+    torch.manual_seed(0)
+    data = make_classification(64)
+    queries = make_classification(8, seed=1)
+
+    def tiny_loss(model, batch):
+        return 1e-4 * model.per_example_loss(batch)
+
+    model = TinyMLP(optimizer="adam", lr=0.01)
+    logger = GradientLogger(
+        tmp_path / "a.h5",
+        attribution_data=data,
+        every_n_epochs=2,
+        rank=4,
+        loss_fn=tiny_loss,
+        dtype="float32",
+        verbose=False,
+    )
+    trainer(tmp_path, [logger], max_epochs=6).fit(model, loader(data))
+    store = AttributionStore(tmp_path / "a.h5")
+    last = store.steps[-1]
+    qv, _ = store.query_vectors(queries, model, [last], loss_fn=tiny_loss)
+    at_t = {s: qv[last] for s in store.steps}
+    src = store.attribute(at_t, method=Source(segments=1, optimizer="adam"), top_k=None).scores
+    ref = store.attribute(at_t, method="tracin_adam", top_k=None).scores
+    torch.testing.assert_close(src.double() * len(data), ref.double(), rtol=2e-3, atol=0)
+    auto = store.attribute(at_t, method=Source(segments=1, optimizer="auto"), top_k=None).scores
+    torch.testing.assert_close(auto, src)

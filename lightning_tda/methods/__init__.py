@@ -7,11 +7,12 @@ from typing import Any
 from lightning_tda.methods.base import AttributionMethod
 from lightning_tda.methods.datainf import DataInf
 from lightning_tda.methods.influence import Influence
+from lightning_tda.methods.lorif import LoRIF
 from lightning_tda.methods.source import Source
 from lightning_tda.methods.tracin import GradCos, GradDot, TracIn, TracInAdam
 
 METHODS: dict[str, type[AttributionMethod]] = {
-    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf)
+    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf, LoRIF)
 }
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "GradCos",
     "GradDot",
     "Influence",
+    "LoRIF",
     "Source",
     "TracIn",
     "TracInAdam",

@@ -17,6 +17,10 @@ Adam/AdamW (methods.md §8.4, a per-layer version of SOURCE's diagonal approxima
 update of an example is the Adam-preconditioned gradient ``P ḡ`` (the stored ``train_precond`` rows)
 and the exponents use ``x = η̄K p̄_l σ`` with ``p̄_l`` the layer's mean preconditioner ``1/(√v̂ + ε)``
 from the logged second moments, so ``F_r = η̄K · φ(x)`` still tends to TracIn-Adam as ``H̄ → 0``.
+It is opt-in (``optimizer="adam"`` or ``"auto"``): one scalar per layer is a crude stand-in for the
+elementwise preconditioner (rare embedding rows with tiny ``v̂`` dominate the mean), and on the
+AdamW-trained tiny GPT benchmark it scored below the SGD form (BENCHMARKS.md), so the default treats
+every run as SGD with the logged learning rates.
 
 Multi-stage runs: give ``boundaries`` at the stage changes and ``stage_members`` (the example ids
 trained on in each stage). An example absent from a stage contributes nothing there (and is left
@@ -85,7 +89,8 @@ class Source(AttributionMethod):
             checkpoint.
         stage_members: per segment, the example ids trained on in it (``None`` = every example).
         curvature: ``"raw"`` (exact block Fisher of the stored rows) or ``"ekfac"`` (logged K-FAC basis).
-        optimizer: ``"auto"`` (from the store's optimizer record), ``"sgd"`` or ``"adam"``.
+        optimizer: ``"sgd"`` (default: plain loss-gradient rows and the logged lr sums), ``"adam"``
+            (the Adam variant above) or ``"auto"`` (``"adam"`` when the store logged an Adam optimizer).
         momentum: SGD heavy-ball ``β``; ``None`` = the logged hyper-parameter (``η/(1-β)`` is used).
         damping: optional extra ``λ`` added to every eigenvalue (numerical safety; default 0).
         checkpoints: restrict to these logged steps (default: all).
@@ -95,7 +100,7 @@ class Source(AttributionMethod):
     boundaries: Sequence[int] | None = None
     stage_members: Sequence[Sequence[int] | None] | None = None
     curvature: CurvatureMode = "raw"
-    optimizer: Literal["auto", "sgd", "adam"] = "auto"
+    optimizer: Literal["auto", "sgd", "adam"] = "sgd"
     momentum: float | None = None
     damping: float = 0.0
     checkpoints: Sequence[int] | None = None
