@@ -155,16 +155,7 @@ class AttributionStore(StoreReader):
                     loaded_state(model, self.state(step)),
                     dropout_member(model, self.layers, p, seed, m),
                 ):
-                    rows, ids, losses = featurize_data(
-                        model,
-                        data,
-                        self.layers,
-                        self.projection,
-                        fn,
-                        batch_size,
-                        collate_fn,
-                        self.bases,
-                    )
+                    rows, ids, losses = self._featurize(model, data, fn, batch_size, collate_fn)
                 attrs = {"dropout_p": p, "dropout_seed": seed, "member": m}
                 write_checkpoint_rows(
                     self.path,
@@ -190,6 +181,12 @@ class AttributionStore(StoreReader):
         with h5py.File(self.path, "r") as f:
             ds = self._dataset(f, step, name)
             return {k: ds.attrs[k] for k in ds.attrs}
+
+    def _featurize(self, model: nn.Module, data: Any, fn: LossFn, batch_size: int, collate_fn: Any):
+        """``(rows [Q, D], ids, losses [Q])`` of ``data`` at the model's current weights."""
+        return featurize_data(
+            model, data, self.layers, self.projection, fn, batch_size, collate_fn, self.bases
+        )
 
     def _check_model(self, model: nn.Module) -> None:
         selection = json.loads(self.attrs.get("capture_selection", "{}"))
@@ -268,16 +265,7 @@ class AttributionStore(StoreReader):
                     model, self.layers, float(a["dropout_p"]), int(a["dropout_seed"]), member
                 )
             with loaded_state(model, self.state(step)), sub:
-                rows, ids, losses[s] = featurize_data(
-                    model,
-                    queries,
-                    self.layers,
-                    self.projection,
-                    fn,
-                    batch_size,
-                    collate_fn,
-                    self.bases,
-                )
+                rows, ids, losses[s] = self._featurize(model, queries, fn, batch_size, collate_fn)
             out[s] = rows.to(device)
         return QueryVectors(out, losses), ids
 

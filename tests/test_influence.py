@@ -246,34 +246,39 @@ def test_source_matrix_functions_are_finite_and_have_the_right_limits():
     torch.testing.assert_close(phi1(x), -torch.expm1(-x) / x, rtol=1e-12, atol=0)
 
 
-def test_source_without_curvature_is_lr_weighted_tracin(tmp_path):
-    """L = 1 and H → 0 (loss scaled by 1e-4): SOURCE = Σ_c η_c <g_q(θ_T), g_i(θ_c)> / N."""
+def _tiny_loss(model, batch):
+    return 1e-4 * model.per_example_loss(batch)
+
+
+def _tiny_curvature_run(tmp_path, optimizer: str, lr: float):
+    """A run whose loss is scaled by 1e-4, so ``η̄K H`` → 0; returns the store and query vectors at θ_T."""
     torch.manual_seed(0)
     data = make_classification(64)
     queries = make_classification(8, seed=1)
-
-    def tiny_loss(model, batch):
-        return 1e-4 * model.per_example_loss(batch)
-
-    model = TinyMLP(optimizer="sgd_sched", lr=0.2)
+    model = TinyMLP(optimizer=optimizer, lr=lr)
     logger = GradientLogger(
         tmp_path / "s.h5",
         attribution_data=data,
         every_n_epochs=2,
         rank=4,
-        loss_fn=tiny_loss,
+        loss_fn=_tiny_loss,
         dtype="float32",
         verbose=False,
     )
     trainer(tmp_path, [logger], max_epochs=6).fit(model, loader(data))
     store = AttributionStore(tmp_path / "s.h5")
     last = store.steps[-1]
-    qv, _ = store.query_vectors(queries, model, [last], loss_fn=tiny_loss)
-    at_t = {s: qv[last] for s in store.steps}
+    qv, _ = store.query_vectors(queries, model, [last], loss_fn=_tiny_loss)
+    return store, {s: qv[last] for s in store.steps}, len(data)
+
+
+def test_source_without_curvature_is_lr_weighted_tracin(tmp_path):
+    """L = 1 and H → 0: SOURCE = Σ_c η_c <g_q(θ_T), g_i(θ_c)> / N."""
+    store, at_t, n = _tiny_curvature_run(tmp_path, "sgd_sched", 0.2)
     src = store.attribute(at_t, method=Source(segments=1), top_k=None).scores.double()
     tracin = store.attribute(at_t, method="tracin", top_k=None).scores.double()
     # momentum 0.9: SOURCE uses η/(1-β)
-    torch.testing.assert_close(src * len(data) * (1 - 0.9), tracin, rtol=1e-3, atol=0)
+    torch.testing.assert_close(src * n * (1 - 0.9), tracin, rtol=1e-3, atol=0)
 
 
 def _dense_source(store, qv_last, groups, masks, beta=0.0):
@@ -354,30 +359,9 @@ def test_source_bad_arguments(mlp_run):
 
 def test_source_adam_form_without_curvature_is_tracin_adam(tmp_path):
     """optimizer='adam', L = 1, H → 0: SOURCE = Σ_c η_c <g_q(θ_T), P_c g_i(θ_c)> / N (TracIn-Adam)."""
-    torch.manual_seed(0)
-    data = make_classification(64)
-    queries = make_classification(8, seed=1)
-
-    def tiny_loss(model, batch):
-        return 1e-4 * model.per_example_loss(batch)
-
-    model = TinyMLP(optimizer="adam", lr=0.01)
-    logger = GradientLogger(
-        tmp_path / "a.h5",
-        attribution_data=data,
-        every_n_epochs=2,
-        rank=4,
-        loss_fn=tiny_loss,
-        dtype="float32",
-        verbose=False,
-    )
-    trainer(tmp_path, [logger], max_epochs=6).fit(model, loader(data))
-    store = AttributionStore(tmp_path / "a.h5")
-    last = store.steps[-1]
-    qv, _ = store.query_vectors(queries, model, [last], loss_fn=tiny_loss)
-    at_t = {s: qv[last] for s in store.steps}
+    store, at_t, n = _tiny_curvature_run(tmp_path, "adam", 0.01)
     src = store.attribute(at_t, method=Source(segments=1, optimizer="adam"), top_k=None).scores
     ref = store.attribute(at_t, method="tracin_adam", top_k=None).scores
-    torch.testing.assert_close(src.double() * len(data), ref.double(), rtol=2e-3, atol=0)
+    torch.testing.assert_close(src.double() * n, ref.double(), rtol=2e-3, atol=0)
     auto = store.attribute(at_t, method=Source(segments=1, optimizer="auto"), top_k=None).scores
     torch.testing.assert_close(auto, src)
