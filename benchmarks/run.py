@@ -229,6 +229,13 @@ def our_configs(task: Task) -> list[Config]:
                 dropout_members=8,
             )
         )
+        configs.append(
+            Config(
+                "lorif c=1, kronecker r32 pca fp32",
+                dict(rank=32, basis="pca", dtype="float32", storage="lorif", lorif_rank=1),
+                curv[:1] + curv[4:6] + lorif,
+            )
+        )
     return configs
 
 
@@ -561,7 +568,7 @@ def update_benchmarks_md(section: str, marker: str = "quality") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", choices=["quality"], default="quality")
-    ap.add_argument("--tasks", default="digits,tinygpt,mislabel")
+    ap.add_argument("--tasks", default="digits,tinygpt,mislabel,digits_short,digits_two_stage")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -592,7 +599,9 @@ def main() -> None:
         json.dumps({"rows": [r.__dict__ for r in rows], "tasks": infos}, indent=1, default=float)
     )
     command = "python -m benchmarks.run --suite quality" + (
-        f" --tasks {args.tasks}" if args.tasks != "digits,tinygpt,mislabel" else ""
+        f" --tasks {args.tasks}"
+        if args.tasks != "digits,tinygpt,mislabel,digits_short,digits_two_stage"
+        else ""
     )
     update_benchmarks_md(write_markdown(rows, infos, command))
     print("wrote BENCHMARKS.md and benchmarks/results/quality.json")
