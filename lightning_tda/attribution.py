@@ -81,6 +81,13 @@ class AttributionStore(StoreReader):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         m = get_method(method, **method_kwargs)
         steps = [c.global_step for c in m.used_checkpoints(self)]
+        if getattr(
+            m, "measures_queries", False
+        ):  # e.g. STRIDE: scores queries with the model itself
+            dense, qids = m.scores(
+                self, queries, model, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+            )
+            return _result(m.name, dense, top_k, self.example_ids, qids, steps)
         qvecs, qids = self.query_vectors(
             queries,
             model,
@@ -321,3 +328,14 @@ class AttributionStore(StoreReader):
                 f"incomplete (ignored, rewritten on resume): steps {sorted(self.incomplete)}"
             )
         return "\n".join(lines)
+
+
+def _result(name, dense, top_k, ids, qids, steps) -> AttributionResult:
+    """An :class:`AttributionResult` from dense ``[Q, N]`` scores (top-k when ``top_k`` is set)."""
+    if top_k is None:
+        return AttributionResult(name, dense, None, None, None, ids, qids, steps)
+    k = min(int(top_k), dense.shape[1])
+    hi, lo = dense.topk(k, dim=1), dense.topk(k, dim=1, largest=False)
+    return AttributionResult(
+        name, hi.values, ids[hi.indices], lo.values, ids[lo.indices], ids, qids, steps
+    )

@@ -1,0 +1,602 @@
+"""Fitting steering operators with a Lightning ``Trainer`` of their own (methods.md §12.3, §12.6).
+
+``fit(store, model, train_data, config)`` loads a checkpoint's saved state into ``model``, reads the
+chosen layer's activations and the logits of every training example (cached in fp16 when they fit in
+``config.cache_bytes``, else recomputed per batch), trains the shared basis and the per-subset heads
+with the fidelity, stability and linearity losses, chooses the Lasso penalty on held-out *training*
+examples, and writes operators, design and config into the store's ``stride/`` group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import h5py
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.replay import as_loader, loaded_state, model_device
+from lightning_tda.store.reader import StoreReader
+from lightning_tda.store.writer import StoreError, _open
+from lightning_tda.stride.design import GROUP, PARTIAL, SubsetDesign
+from lightning_tda.stride.operator import (
+    IGNORE,
+    Features,
+    SteeringOperators,
+    TargetsFn,
+    default_layer,
+    extract,
+    output_module_name,
+    token_ce,
+)
+from lightning_tda.stride.recover import ALPHA_GRID, choose_alpha
+
+
+@dataclass
+class StrideConfig:
+    """Hyper-parameters of STRIDE (saved as JSON next to the operators).
+
+    Attributes:
+        num_subsets: ``K`` subsets (operators).
+        degree: ``d`` subsets per example.
+        rank: ``r`` of the shared basis ``B_ψ``.
+        head_rank: ``r'`` of factored heads (``None``: full ``[r, C]`` heads while ``K·r·C ≤ 2^24``).
+        layer: module whose output is ``h`` (``"<name>:input"`` for its input); ``None``: see
+            :func:`~lightning_tda.stride.operator.default_layer`.
+        output_module: module whose output are the logits (default: the last Linear/Conv1D).
+        fidelity_weight, stability_weight, linearity_weight: loss weights.
+        lr: Adam learning rate.
+        steps: optimisation steps.
+        subsets_per_step: subsets sampled per step.
+        members_per_subset: members (fidelity) and non-members (stability) sampled per subset.
+        holdout: training examples held out of fidelity/stability; used by the linearity loss and to
+            choose the Lasso penalty.
+        linearity_batch: held-out examples measured per step for the linearity loss.
+        sketch_dim: ``q`` columns of the JL sketch ``M̃ = M R``.
+        ridge: ``γ`` of the linearity loss.
+        seed: seed of the design, the sketch, the sampling and the hold-out split.
+        alpha: Lasso penalty as a fraction of ``λ_max``; ``None`` chooses it from ``alpha_grid``.
+        alpha_grid: candidates for ``alpha``.
+        positive: non-negative Lasso (only proponents) instead of the two-sided one.
+        lasso_iters: FISTA iterations.
+        cache_bytes: cache features (fp16) when ``n·T·(d_h + C)·2`` bytes fit in this budget.
+        batch_size: batch size of the feature sweep.
+    """
+
+    num_subsets: int = 300
+    degree: int = 10
+    rank: int = 16
+    head_rank: int | None = None
+    layer: str | None = None
+    output_module: str | None = None
+    fidelity_weight: float = 1.0
+    stability_weight: float = 1.0
+    linearity_weight: float = 1.0
+    lr: float = 1e-2
+    steps: int = 200
+    subsets_per_step: int = 16
+    members_per_subset: int = 16
+    holdout: int = 64
+    linearity_batch: int = 8
+    sketch_dim: int = 64
+    ridge: float = 1.0
+    seed: int = 0
+    alpha: float | None = None
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    positive: bool = False
+    lasso_iters: int = 500
+    cache_bytes: int = 2**30
+    batch_size: int = 64
+
+    def validate(self, n: int) -> None:
+        for name in (
+            "num_subsets",
+            "degree",
+            "rank",
+            "steps",
+            "subsets_per_step",
+            "members_per_subset",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"StrideConfig.{name} must be a positive int, got {v!r}")
+        if self.num_subsets < self.degree:
+            raise ValueError(
+                f"StrideConfig: K={self.num_subsets} subsets < d={self.degree} subsets per example; "
+                "every example must be in d distinct subsets"
+            )
+        if not 0 <= self.holdout < n:
+            raise ValueError(f"StrideConfig.holdout={self.holdout} must be in [0, n={n})")
+        if self.alpha is not None and not 0 < self.alpha < 1:
+            raise ValueError(f"StrideConfig.alpha must be in (0, 1), got {self.alpha!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> StrideConfig:
+        d = json.loads(s)
+        d["alpha_grid"] = tuple(d.get("alpha_grid", ALPHA_GRID))
+        return cls(**d)
+
+
+# -- features ---------------------------------------------------------------------------------
+class FeatureSource:
+    """Features of training examples by store row position: cached fp16 or recomputed."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        store_ids: torch.Tensor,
+        layer: str,
+        output: str,
+        loss_fn: LossFn,
+        targets_fn: TargetsFn | None,
+        batch_size: int,
+        collate_fn: Any,
+        cache_bytes: int,
+    ) -> None:
+        self.model, self.layer, self.output = model, layer, output
+        self.loss_fn, self.targets_fn = loss_fn, targets_fn
+        self.device = model_device(model)
+        self.collate = collate_fn or getattr(data, "collate_fn", None) or default_collate
+        self.dataset = data.dataset if isinstance(data, DataLoader) else data
+        n = len(store_ids)
+        pos = {int(i): r for r, i in enumerate(store_ids.tolist())}
+        hs, os_, ts, ids = [], [], [], []
+        self.cached = True
+        for batch in as_loader(data, batch_size, collate_fn):
+            f = self._extract(batch)
+            if f.ids is None:
+                raise StoreError(
+                    "the training data carries no example ids; wrap it in IndexedDataset"
+                )
+            if not hs:
+                per = f.h.shape[1] * (f.h.shape[2] + f.o.shape[2]) * 2
+                if n * per > cache_bytes:
+                    self.cached = False
+                    break
+            hs.append(f.h.half())
+            os_.append(f.o.half())
+            ts.append(f.targets)
+            ids.append(f.ids)
+        if self.cached:
+            self.h, self.o, self.t = _pad_cat(hs, 0.0), _pad_cat(os_, 0.0), _pad_cat(ts, IGNORE)
+            got = torch.cat(ids)
+            order = _order(got, store_ids)
+            self.h, self.o, self.t = self.h[order], self.o[order], self.t[order]
+            self.d_h, self.num_outputs = self.h.shape[-1], self.o.shape[-1]
+        else:
+            ds_ids = getattr(self.dataset, "ids", None)
+            if ds_ids is None:
+                raise ValueError(
+                    "features exceed cache_bytes and the data has no .ids to look examples up by id; "
+                    "raise StrideConfig.cache_bytes or pass an IndexedDataset"
+                )
+            dpos = {int(i): r for r, i in enumerate(ds_ids)}
+            self.index = torch.tensor([dpos[int(i)] for i in store_ids.tolist()])
+            self.d_h, self.num_outputs = f.h.shape[-1], f.o.shape[-1]
+        del pos
+
+    def _extract(self, batch: Any) -> Features:
+        batch = move_data_to_device(batch, self.device)
+        return extract(self.model, batch, self.layer, self.output, self.loss_fn, self.targets_fn)
+
+    def get(self, positions: torch.Tensor) -> Features:
+        """Features (fp32, CPU) of store rows ``positions`` (1-D)."""
+        positions = positions.cpu()
+        if self.cached:
+            return Features(
+                self.h[positions].float(), self.o[positions].float(), self.t[positions], None
+            )
+        items = [self.dataset[int(i)] for i in self.index[positions].tolist()]
+        f = self._extract(self.collate(items))
+        return Features(f.h.cpu(), f.o.cpu(), f.targets.cpu(), f.ids)
+
+
+def _pad_cat(xs: list[torch.Tensor], value: float) -> torch.Tensor:
+    t = max(x.shape[1] for x in xs)
+    return torch.cat(
+        [F.pad(x, (0, 0) * (x.dim() - 2) + (0, t - x.shape[1]), value=value) for x in xs]
+    )
+
+
+def _order(ids: torch.Tensor, store_ids: torch.Tensor) -> torch.Tensor:
+    pos = {int(i): r for r, i in enumerate(ids.tolist())}
+    missing = [int(i) for i in store_ids.tolist() if int(i) not in pos]
+    if missing or len(pos) != len(store_ids):
+        raise StoreError(
+            f"the training data must hold exactly the store's {len(store_ids)} examples (missing ids "
+            f"{missing[:5]}, {len(pos)} given); pass the attribution data that was logged"
+        )
+    return torch.tensor([pos[int(i)] for i in store_ids.tolist()])
+
+
+# -- losses -----------------------------------------------------------------------------------
+def responses(ops: SteeringOperators, f: Features, ks: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, S]`` differentiable ``loss_base - loss_k`` of examples ``f`` under operators ``ks``."""
+    ks = torch.arange(ops.num_subsets, device=f.h.device) if ks is None else ks
+    base = token_ce(f.o, f.targets)
+    logits = f.o.unsqueeze(0) + torch.einsum("btr,krc->kbtc", ops.basis(f.h), ops.head(ks))
+    return (base.unsqueeze(0) - token_ce(logits, f.targets.unsqueeze(0))).T
+
+
+def kl_base_steered(o: torch.Tensor, steered: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(o) ‖ softmax(õ))`` summed over supervised tokens -> ``[...]``."""
+    lp, lq = F.log_softmax(o, -1), F.log_softmax(steered, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return (kl * (targets != IGNORE).to(kl.dtype)).sum(-1)
+
+
+class StrideFitModule(pl.LightningModule):
+    """Trains the shared basis and all heads jointly; the base model stays frozen (outside this module)."""
+
+    def __init__(
+        self,
+        operators: SteeringOperators,
+        source: FeatureSource,
+        design: SubsetDesign,
+        config: StrideConfig,
+        holdout: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.operators = operators
+        self.source, self.design, self.config = source, design, config
+        n, k = design.num_examples, design.num_subsets
+        self.holdout = holdout
+        is_train = torch.ones(n, dtype=torch.bool)
+        is_train[holdout] = False
+        self.train_positions = torch.nonzero(is_train).squeeze(1)
+        self.is_train = is_train
+        # padded member lists per subset (training positions only)
+        m = design.matrix
+        lists = [
+            torch.from_numpy(m.indices[m.indptr[j] : m.indptr[j + 1]].astype(np.int64))
+            for j in range(k)
+        ]
+        lists = [x[is_train[x]] for x in lists]
+        self.member_len = torch.tensor([len(x) for x in lists])
+        width = max(1, int(self.member_len.max()))
+        self.members = torch.zeros(k, width, dtype=torch.long)
+        for j, x in enumerate(lists):
+            self.members[j, : len(x)] = x
+        self.table = torch.from_numpy(design.table)
+        g = torch.Generator().manual_seed(config.seed + 1)
+        r = torch.randn(n, config.sketch_dim, generator=g) / config.sketch_dim**0.5
+        mt = torch.from_numpy(m @ r.numpy()).float()  # [K, q]
+        gram = mt.T @ mt + config.ridge * torch.eye(config.sketch_dim)
+        self.proj = mt @ torch.linalg.solve(gram, mt.T)  # [K, K] ridge hat matrix
+        self.gen = torch.Generator().manual_seed(config.seed + 2)
+
+    def train_dataloader(self) -> DataLoader:
+        ks = torch.arange(self.design.num_subsets)
+        return DataLoader(
+            TensorDataset(ks),
+            batch_size=self.config.subsets_per_step,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.config.seed + 3),
+        )
+
+    def _features(self, positions: torch.Tensor) -> Features:
+        f = self.source.get(positions.reshape(-1))
+        return Features(f.h.to(self.device), f.o.to(self.device), f.targets.to(self.device), None)
+
+    def losses(self, ks: torch.Tensor) -> dict[str, torch.Tensor]:
+        c, ops = self.config, self.operators
+        ks = ks.cpu()
+        s, m = len(ks), c.members_per_subset
+        out: dict[str, torch.Tensor] = {}
+        lens = self.member_len[ks].clamp_min(1)
+        pick = (torch.rand(s, m, generator=self.gen) * lens.unsqueeze(1)).long()
+        mem = torch.gather(self.members[ks], 1, pick)  # [S, m]
+        has = (self.member_len[ks] > 0).float().to(self.device)
+        kd = ks.to(self.device)
+        f = self._features(mem)
+        shp = (s, m)
+        h, o, t = (x.view(*shp, *x.shape[1:]) for x in (f.h, f.o, f.targets))
+        fid = token_ce(ops.steered(o, h, kd), t).mean(1)
+        out["fidelity"] = (fid * has).sum() / has.sum().clamp_min(1)
+        tp = self.train_positions
+        non = tp[torch.randint(len(tp), (s, m), generator=self.gen)]
+        keep = ~(self.table[non] == ks.view(s, 1, 1)).any(-1)  # [S, m] not in subset k
+        f = self._features(non)
+        h, o, t = (x.view(*shp, *x.shape[1:]) for x in (f.h, f.o, f.targets))
+        kl = kl_base_steered(o, ops.steered(o, h, kd), t)
+        w = keep.float().to(self.device)
+        out["stability"] = (kl * w).sum() / w.sum().clamp_min(1)
+        if c.linearity_weight > 0 and len(self.holdout):
+            b = self.holdout[
+                torch.randint(len(self.holdout), (c.linearity_batch,), generator=self.gen)
+            ]
+            y = responses(ops, self._features(b))  # [B, K]
+            res = y @ self.proj.to(y).T - y
+            out["linearity"] = (res**2).sum(1).mean() / self.design.num_subsets
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        c = self.config
+        parts = self.losses(batch[0])
+        weights = {"fidelity": c.fidelity_weight, "stability": c.stability_weight}
+        weights["linearity"] = c.linearity_weight
+        loss = sum(weights[k] * v for k, v in parts.items())
+        for k, v in parts.items():
+            self.log(f"stride/{k}", v.detach(), prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.operators.parameters(), lr=self.config.lr)
+
+
+# -- entry point ------------------------------------------------------------------------------
+@dataclass
+class StrideResult:
+    """One fitted set of operators. ``alpha``: the Lasso penalty fraction used by ``Stride``."""
+
+    step: int
+    operators: SteeringOperators
+    design: SubsetDesign
+    config: StrideConfig
+    layer: str
+    output_module: str
+    alpha: float
+    alpha_scores: dict[float, float] = field(default_factory=dict)
+    fit_seconds: float = 0.0
+
+
+def step_group(step: int) -> str:
+    return f"{int(step):010d}"
+
+
+def fit(
+    store: Any,
+    model: nn.Module,
+    train_data: Any,
+    config: StrideConfig | None = None,
+    checkpoint: int | None = None,
+    *,
+    checkpoints: list[int] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    ckpt_path: str | None = None,
+    loss_fn: LossFn | None = None,
+    targets_fn: TargetsFn | None = None,
+    collate_fn: Any = None,
+    overwrite: bool = False,
+) -> StrideResult | list[StrideResult] | None:
+    """Fit STRIDE operators at one checkpoint (default: the last) or at each of ``checkpoints``.
+
+    Args:
+        store: path of the attribution store or a :class:`StoreReader`.
+        model: the trained model class (each checkpoint's saved state is loaded temporarily).
+        train_data: the attribution data that was logged (every example once, with ids).
+        config: :class:`StrideConfig`.
+        checkpoint: global step to fit at (default: the last complete checkpoint).
+        checkpoints: several global steps (checkpoint-aware STRIDE); returns a list.
+        trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments (``enable_checkpointing``,
+            ``enable_progress_bar``, ``default_root_dir``, ``accelerator`` ...).
+        ckpt_path: resume the operator fit from a Lightning checkpoint of an interrupted run.
+        loss_fn: per-example loss (default ``model.per_example_loss``); run once per batch to fire hooks.
+        targets_fn: ``targets_fn(batch) -> Tensor`` when targets are not ``(x, y)[-1]`` or ``labels``.
+        overwrite: replace operators already stored for the step.
+
+    Returns:
+        A :class:`StrideResult` (a list with ``checkpoints=``); ``None`` on non-zero ranks.
+    """
+    reader = store if isinstance(store, StoreReader) else StoreReader(store)
+    config = config or StrideConfig()
+    n = reader.num_examples
+    config.validate(n)
+    if checkpoints is not None and checkpoint is not None:
+        raise ValueError("pass checkpoint= or checkpoints=, not both")
+    steps = (
+        [int(s) for s in checkpoints]
+        if checkpoints is not None
+        else [reader.checkpoint(checkpoint).global_step]
+    )
+    for s in steps:
+        reader.checkpoint(s)  # raises for unknown steps
+    design = SubsetDesign.load(reader.path)
+    if design is None or (design.num_subsets, design.degree, design.seed) != (
+        config.num_subsets,
+        config.degree,
+        config.seed,
+    ):
+        design = SubsetDesign.draw(
+            reader.example_ids, config.num_subsets, config.degree, config.seed
+        )
+        design.save(reader.path, overwrite=True)
+    elif not np.array_equal(design.ids, reader.example_ids.numpy()):
+        raise StoreError("the stored STRIDE design does not cover the store's example ids")
+    fn = resolve_loss_fn(model, loss_fn)
+    output = config.output_module or output_module_name(model)
+    layer = config.layer or default_layer(model, output)
+    results = []
+    for s in steps:
+        results.append(
+            _fit_one(
+                reader,
+                model,
+                train_data,
+                config,
+                design,
+                s,
+                layer,
+                output,
+                fn,
+                targets_fn,
+                collate_fn,
+                trainer_kwargs,
+                ckpt_path,
+                overwrite,
+            )
+        )
+    if any(r is None for r in results):
+        return None
+    return results if checkpoints is not None else results[0]
+
+
+def _fit_one(
+    reader,
+    model,
+    data,
+    config,
+    design,
+    step,
+    layer,
+    output,
+    fn,
+    targets_fn,
+    collate_fn,
+    trainer_kwargs,
+    ckpt_path,
+    overwrite,
+):
+    t0 = time.perf_counter()
+    if exists(reader.path, step) and not overwrite:
+        raise StoreError(
+            f"{reader.path} already holds STRIDE operators for checkpoint {step}; pass overwrite=True"
+        )
+    torch.manual_seed(config.seed)
+    with loaded_state(model, reader.state(step)):
+        source = FeatureSource(
+            model,
+            data,
+            reader.example_ids,
+            layer,
+            output,
+            fn,
+            targets_fn,
+            config.batch_size,
+            collate_fn,
+            config.cache_bytes,
+        )
+        ops = SteeringOperators(
+            config.num_subsets, source.d_h, source.num_outputs, config.rank, config.head_rank
+        )
+        holdout = torch.from_numpy(
+            np.sort(
+                np.random.default_rng(config.seed).permutation(design.num_examples)[
+                    : config.holdout
+                ]
+            )
+        )
+        module = StrideFitModule(ops, source, design, config, holdout)
+        kw = dict(
+            max_steps=config.steps,
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=True,
+            num_sanity_val_steps=0,
+        )
+        kw.update(trainer_kwargs or {})
+        trainer = pl.Trainer(**kw)
+        trainer.fit(module, ckpt_path=ckpt_path)
+        if not trainer.is_global_zero:
+            return None
+        ops = module.operators.cpu().eval()
+        alpha, scores = config.alpha, {}
+        if alpha is None:
+            if len(holdout) < 2:
+                raise ValueError("choosing alpha needs StrideConfig.holdout >= 2 held-out examples")
+            y = torch.cat(
+                [ops.measure(source.get(holdout[i : i + 64])) for i in range(0, len(holdout), 64)]
+            )
+            alpha, scores = choose_alpha(
+                design.matrix, y, config.alpha_grid, positive=config.positive, seed=config.seed
+            )
+    res = StrideResult(
+        step, ops, design, config, layer, output, float(alpha), scores, time.perf_counter() - t0
+    )
+    save(reader.path, res, overwrite)
+    return res
+
+
+def exists(path: str | os.PathLike, step: int) -> bool:
+    with h5py.File(os.fspath(path), "r") as f:
+        return f"{GROUP}/{step_group(step)}" in f
+
+
+def fitted_steps(path: str | os.PathLike) -> list[int]:
+    with h5py.File(os.fspath(path), "r") as f:
+        g = f.get(GROUP)
+        return [] if g is None else sorted(int(k) for k in g if k.isdigit())
+
+
+def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) -> None:
+    """Write operators + config under ``stride/<step>``, visible only once complete."""
+    name = step_group(res.step)
+    with _open(os.fspath(path), "a") as f:
+        g = f.require_group(GROUP)
+        if name in g:
+            if not overwrite:
+                raise StoreError(f"{path} already holds STRIDE operators for step {res.step}")
+            del g[name]
+        part = g.require_group(PARTIAL)
+        if name in part:
+            del part[name]
+        sg = part.create_group(name)
+        og = sg.create_group("operator")
+        for k, v in res.operators.state_dict().items():
+            og.create_dataset(k, data=v.detach().cpu().float().numpy(), track_times=False)
+        sg.attrs["config"] = res.config.to_json()
+        sg.attrs["layer"] = res.layer
+        sg.attrs["output_module"] = res.output_module
+        sg.attrs["alpha"] = res.alpha
+        sg.attrs["alpha_scores"] = json.dumps({str(k): v for k, v in res.alpha_scores.items()})
+        sg.attrs["d_h"] = res.operators.basis.in_features
+        sg.attrs["num_outputs"] = res.operators.num_outputs
+        sg.attrs["design_seed"] = res.design.seed
+        sg.attrs["fit_seconds"] = res.fit_seconds
+        f.flush()
+        f.move(f"{GROUP}/{PARTIAL}/{name}", f"{GROUP}/{name}")
+        f.flush()
+
+
+def load(path: str | os.PathLike, step: int) -> StrideResult:
+    """Operators fitted at ``step`` (raises naming ``lightning_tda.stride.fit`` when absent)."""
+    design = SubsetDesign.load(path)
+    with h5py.File(os.fspath(path), "r") as f:
+        g = f.get(f"{GROUP}/{step_group(step)}")
+        if g is None or design is None:
+            have = fitted_steps(path) if GROUP in f else []
+            raise StoreError(
+                f"no STRIDE operators for checkpoint {step} in {path} (fitted: {have or 'none'}); "
+                "run lightning_tda.stride.fit(store, model, train_data, config) first"
+            )
+        config = StrideConfig.from_json(str(g.attrs["config"]))
+        state = {k: torch.from_numpy(g["operator"][k][()]) for k in g["operator"]}
+        ops = SteeringOperators(
+            config.num_subsets,
+            int(g.attrs["d_h"]),
+            int(g.attrs["num_outputs"]),
+            config.rank,
+            config.head_rank if "out" not in state else state["out"].shape[0],
+        )
+        if "out" not in state:
+            ops.out = None
+            ops.heads = nn.Parameter(torch.zeros_like(state["heads"]))
+        ops.load_state_dict(state)
+        scores = {float(k): v for k, v in json.loads(str(g.attrs["alpha_scores"])).items()}
+        return StrideResult(
+            step,
+            ops.eval(),
+            design,
+            config,
+            str(g.attrs["layer"]),
+            str(g.attrs["output_module"]),
+            float(g.attrs["alpha"]),
+            scores,
+            float(g.attrs["fit_seconds"]),
+        )

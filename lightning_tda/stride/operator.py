@@ -1,0 +1,239 @@
+"""Steering operators: a frozen model's logits plus a low-rank, per-subset perturbation.
+
+``õ_k(x) = o_x + B_ψ(h_x) a_k`` (methods.md §12.2): ``h_x`` is read by a forward hook at a chosen layer,
+``B_ψ`` is a shared ``Linear(d_h, r)``, ``a_k`` is subset ``k``'s ``[r, C]`` head. The heads start at
+zero, so every steered model equals the base model exactly at initialisation. When ``K * r * C`` is
+large (LM vocabularies), ``a_k = c_k W`` is factored through a shared ``[r', C]`` matrix ``W`` with
+per-subset ``[r, r']`` cores ``c_k`` (zero-initialised).
+
+Features are normalised to a token axis: classifiers give ``h [B, 1, d_h]``, ``o [B, 1, C]``,
+``targets [B, 1]``; causal LMs give ``[B, T-1, ·]`` (next-token shift) with ``-100`` masks. A
+per-example loss is the SUM over supervised tokens (methods.md §14.4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_tda.capture.losses import LossFn
+from lightning_tda.data.indexed import EXAMPLE_ID_KEY
+
+IGNORE = -100
+INPUT_SUFFIX = ":input"
+TargetsFn = Callable[[Any], torch.Tensor]
+
+
+def _is_projectable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def output_module_name(model: nn.Module) -> str:
+    """Default logits module: the last ``Linear``/``Conv1D`` in registration order."""
+    names = [n for n, m in model.named_modules() if _is_projectable(m)]
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} has no Linear/Conv1D module to read logits from; pass output_module="
+        )
+    return names[-1]
+
+
+def default_layer(model: nn.Module, output: str) -> str:
+    """Default activation layer.
+
+    With fewer than 3 Linear/Conv1D modules below the output module (small MLPs): the *input* of the
+    output module (the penultimate representation, named ``"<output>:input"``). Otherwise the output
+    of the Linear/Conv1D module at about 2/3 depth among those modules (the paper used 60-67% depth).
+    """
+    names = [n for n, m in model.named_modules() if _is_projectable(m) and n != output]
+    if len(names) < 3:
+        return output + INPUT_SUFFIX
+    return names[min(len(names) - 1, round(2 * len(names) / 3) - 1)]
+
+
+def batch_targets(batch: Any) -> tuple[torch.Tensor, bool]:
+    """``(targets, is_lm)``: ``labels`` of a mapping batch (causal LM) or the last field of ``(x, y)``."""
+    if isinstance(batch, Mapping):
+        if "labels" in batch:
+            return batch["labels"], True
+        raise ValueError("a mapping batch without 'labels': pass targets_fn=lambda batch: ...")
+    data = batch.data if hasattr(batch, "_fields") and hasattr(batch, "data") else batch
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[-1], torch.Tensor):
+        return data[-1], False
+    raise ValueError(
+        "cannot find the targets of this batch (expected (x, y) or a mapping with 'labels'); "
+        "pass targets_fn=lambda batch: targets"
+    )
+
+
+def batch_ids(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, Mapping):
+        ids = batch.get(EXAMPLE_ID_KEY)
+    else:
+        ids = getattr(batch, "example_id", None)
+    return None if ids is None else torch.as_tensor(ids).reshape(-1).cpu()
+
+
+@dataclass
+class Features:
+    """Frozen-model features of a batch. ``h [B, T, d_h]``, ``o [B, T, C]``, ``targets [B, T]``."""
+
+    h: torch.Tensor
+    o: torch.Tensor
+    targets: torch.Tensor
+    ids: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, layer: str, output: str) -> Iterator[dict[str, torch.Tensor]]:
+    mods = dict(model.named_modules())
+    want_input = layer.endswith(INPUT_SUFFIX)
+    lname = layer[: -len(INPUT_SUFFIX)] if want_input else layer
+    for n in (lname, output):
+        if n not in mods:
+            raise KeyError(f"module {n!r} not found in {type(model).__name__}")
+    got: dict[str, torch.Tensor] = {}
+    if want_input:
+        h1 = mods[lname].register_forward_pre_hook(lambda m, a: got.__setitem__("h", a[0]))
+    else:
+        h1 = mods[lname].register_forward_hook(lambda m, a, out: got.__setitem__("h", out))
+    h2 = mods[output].register_forward_hook(lambda m, a, out: got.__setitem__("o", out))
+    try:
+        yield got
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+@torch.no_grad()
+def extract(
+    model: nn.Module,
+    batch: Any,
+    layer: str,
+    output: str,
+    loss_fn: LossFn,
+    targets_fn: TargetsFn | None = None,
+) -> Features:
+    """Run ``loss_fn(model, batch)`` once and read ``h`` and the logits ``o`` by hooks."""
+    was = model.training
+    model.eval()
+    try:
+        with _capture(model, layer, output) as got:
+            loss_fn(model, batch)
+    finally:
+        model.train(was)
+    if "h" not in got or "o" not in got:
+        raise RuntimeError(f"the forward pass did not run through {layer!r} and {output!r}")
+    h, o = got["h"].detach().float(), got["o"].detach().float()
+    if targets_fn is not None:
+        t = targets_fn(batch)
+        is_lm = t.dim() == 2
+    else:
+        t, is_lm = batch_targets(batch)
+    if is_lm:
+        if h.dim() != 3 or o.dim() != 3:
+            raise ValueError(f"LM batch but activations {tuple(h.shape)} / logits {tuple(o.shape)}")
+        h, o, t = h[:, :-1], o[:, :-1], t[:, 1:]
+    else:
+        h, o, t = h.reshape(h.shape[0], 1, -1), o.reshape(o.shape[0], 1, -1), t.reshape(-1, 1)
+    return Features(h, o, t.long(), batch_ids(batch))
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example CE summed over supervised tokens. ``logits [..., T, C]``, ``targets`` broadcastable
+    to ``[..., T]`` -> ``[...]``."""
+    targets = targets.expand(logits.shape[:-1])
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    return tok.view(targets.shape).sum(-1)
+
+
+class SteeringOperators(nn.Module):
+    """``K`` steering operators sharing a low-rank basis.
+
+    Args:
+        num_subsets: ``K``.
+        d_h: activation width at the chosen layer.
+        num_outputs: ``C`` (classes, or vocabulary size).
+        rank: ``r`` of the basis.
+        head_rank: ``r'`` of the factored heads; ``None`` picks full ``[r, C]`` heads when
+            ``K * r * C <= 2**24`` and ``r' = r`` otherwise.
+    """
+
+    def __init__(
+        self,
+        num_subsets: int,
+        d_h: int,
+        num_outputs: int,
+        rank: int = 16,
+        head_rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_subsets, self.rank, self.num_outputs = (
+            int(num_subsets),
+            int(rank),
+            int(num_outputs),
+        )
+        self.basis = nn.Linear(int(d_h), self.rank)
+        if head_rank is None and self.num_subsets * self.rank * self.num_outputs <= 2**24:
+            self.heads = nn.Parameter(torch.zeros(self.num_subsets, self.rank, self.num_outputs))
+            self.out = None
+        else:
+            rr = int(head_rank or rank)
+            self.heads = nn.Parameter(torch.zeros(self.num_subsets, self.rank, rr))
+            self.out = nn.Parameter(torch.randn(rr, self.num_outputs) / rr**0.5)
+
+    def head(self, ks: torch.Tensor | slice) -> torch.Tensor:
+        """``[S, r, C]`` heads of subsets ``ks``."""
+        a = self.heads[ks]
+        return a if self.out is None else a @ self.out
+
+    def delta(self, h: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """Per-subset perturbation: ``h [S, B, T, d_h]``, ``ks [S]`` -> ``[S, B, T, C]``."""
+        return torch.einsum("sbtr,src->sbtc", self.basis(h), self.head(ks))
+
+    def steered(self, o: torch.Tensor, h: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """``õ_k = o + B(h) a_k`` for subsets ``ks`` (``o, h``: ``[S, B, T, ·]``)."""
+        return o + self.delta(h, ks)
+
+    @torch.no_grad()
+    def measure(self, feats: Features, chunk: int = 64) -> torch.Tensor:
+        """``y [B, K]``: ``loss_base - loss_k`` of every example under every operator (no gradients)."""
+        base = token_ce(feats.o, feats.targets)  # [B]
+        code = self.basis(feats.h)  # [B, T, r]
+        out = []
+        for s in range(0, self.num_subsets, chunk):
+            a = self.head(slice(s, s + chunk))  # [c, r, C]
+            logits = feats.o.unsqueeze(0) + torch.einsum("btr,krc->kbtc", code, a)
+            out.append(base.unsqueeze(0) - token_ce(logits, feats.targets.unsqueeze(0)))
+        return torch.cat(out).T.contiguous()
+
+
+@contextlib.contextmanager
+def steered_model(
+    model: nn.Module, operators: SteeringOperators, k: int, layer: str, output: str
+) -> Iterator[nn.Module]:
+    """``model`` whose ``output`` module returns ``o + B(h) a_k`` (for inspection and tests)."""
+    mods = dict(model.named_modules())
+    with _capture(model, layer, output) as got:
+
+        def hook(m, a, out):
+            h = got["h"]
+            d = operators.basis(h.float()) @ operators.head(torch.tensor([k]))[0]
+            return out + d.to(out.dtype)
+
+        handle = mods[output].register_forward_hook(hook)
+        try:
+            yield model
+        finally:
+            handle.remove()
