@@ -243,3 +243,23 @@ def test_attribute_with_stride_sign_and_errors(tmp_path):
         store.attribute(queries, model=model, method=Stride(checkpoints=[12345]))
     with pytest.raises(ValueError, match="pass model="):
         store.attribute(queries, method=Stride())
+
+
+def test_gradient_logger_fits_stride_at_fit_end(tmp_path):
+    torch.manual_seed(0)
+    data = make_classification(64)
+    cfg = StrideConfig(num_subsets=10, degree=2, rank=4, steps=5, holdout=8)
+    logger = GradientLogger(
+        tmp_path / "tda.h5",
+        attribution_data=data,
+        projection="exact",
+        stride=cfg,
+        stride_trainer_kwargs=QUIET,
+    )
+    model = TinyMLP()
+    trainer(tmp_path, [logger], max_epochs=2).fit(model, loader(data))
+    store = AttributionStore(tmp_path / "tda.h5")
+    res = load(store.path, store.steps[-1])
+    assert res.config == cfg
+    out = store.attribute(make_classification(4, seed=3), model=model, method=Stride(), top_k=3)
+    assert out.indices.shape == (4, 3)

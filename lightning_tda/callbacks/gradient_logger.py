@@ -86,6 +86,10 @@ class GradientLogger(pl.Callback):
             sequence of ``T`` tokens has rank ``<= T``.
         overwrite: replace an existing store at ``path`` on a fresh (not resumed) fit.
         verbose: print one line per logged checkpoint.
+        stride: a :class:`~lightning_tda.stride.StrideConfig` to fit STRIDE operators at the last
+            logged checkpoint in ``on_fit_end`` (rank zero; a Trainer of its own, see
+            :func:`lightning_tda.stride.fit`); ``None`` (default) skips it.
+        stride_trainer_kwargs: extra ``Trainer`` arguments of that STRIDE fit.
 
     Example::
 
@@ -125,6 +129,8 @@ class GradientLogger(pl.Callback):
         lorif_rank: int = 1,
         overwrite: bool = False,
         verbose: bool = True,
+        stride: Any = None,
+        stride_trainer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if storage not in schema.STORAGE_KINDS:
@@ -178,6 +184,8 @@ class GradientLogger(pl.Callback):
         self.collate_fn = collate_fn
         self.overwrite = overwrite
         self.verbose = verbose
+        self.stride = stride
+        self.stride_trainer_kwargs = stride_trainer_kwargs
         # run state (saved in Lightning checkpoints)
         self._lr_cumsum: list[float] = []
         self._lr_cumsum_at_last: list[float] = []
@@ -305,6 +313,25 @@ class GradientLogger(pl.Callback):
             self._log(trainer, pl_module, "fit_end")
         self.writer.set_root_attrs(
             {"lr_cumsum_final": list(self._lr_cumsum), "final_global_step": trainer.global_step}
+        )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stride is None or not trainer.is_global_zero:
+            return
+        from lightning_tda.stride import fit as stride_fit  # lazy: stride imports the store stack
+
+        data = self.attribution_data
+        if data is None:
+            data = self._loader(trainer, None)
+        stride_fit(
+            self.path,
+            pl_module,
+            data,
+            self.stride,
+            trainer_kwargs=self.stride_trainer_kwargs,
+            loss_fn=self.loss_fn,
+            collate_fn=self.collate_fn,
+            overwrite=True,
         )
 
     # -- the sweep --------------------------------------------------------------------------
