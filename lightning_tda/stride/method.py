@@ -74,7 +74,10 @@ class Stride(AttributionMethod):
         raise TypeError("STRIDE measures queries with the model; use Stride.scores")
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        raise NotImplementedError("STRIDE has no self-influence; use another method")
+        raise ValueError(
+            "STRIDE recovers influence on queries measured through its operators and defines no "
+            "self-influence; use store.self_influence(method='influence') or 'tracin'"
+        )
 
     def weights(self, store: StoreReader, steps: list[int]) -> list[float]:
         if len(steps) == 1:
