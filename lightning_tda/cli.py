@@ -1,4 +1,4 @@
-"""Command line: ``lightning-tda demo | inspect``."""
+"""Command line: ``lightning-tda demo | fit | inspect | stride fit``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a store's checkpoints, shapes, dtypes and sizes")
     i.add_argument("file")
     i.set_defaults(func=_inspect)
+    s = sub.add_parser(
+        "stride", help="STRIDE post-fit stage: lightning-tda stride fit --config X.yaml"
+    )
+    from lightning_tda.stride.cli import add_fit_parser
+
+    add_fit_parser(s.add_subparsers(dest="stride_command", required=True))
     return p
 
 

@@ -239,6 +239,19 @@ def test_attribute_with_stride_sign_and_errors(tmp_path):
     # checkpoint-aware: both fitted checkpoints, combined by lr weights
     both = store.attribute(queries, model=model, method=Stride(checkpoints="all"), top_k=None)
     assert both.checkpoints == steps and both.scores.shape == (len(pos), 200)
+    # ... equal to the per-checkpoint recoveries weighted by each checkpoint's lr sum
+    each = [
+        store.attribute(queries, model=model, method=Stride(checkpoints=[s]), top_k=None).scores
+        for s in steps
+    ]
+    lr = [store.checkpoint(s).lr_sum[0] for s in steps]
+    ref = sum(w / sum(lr) * x for w, x in zip(lr, each, strict=True))
+    torch.testing.assert_close(both.scores, ref)
+    # selectable by name, with hyper-parameters as keywords
+    by_name = store.attribute(queries, model=model, method="stride", top_k=None)
+    torch.testing.assert_close(by_name.scores, dense.scores)
+    pos_only = store.attribute(queries, model=model, method="stride", positive=True, top_k=None)
+    assert (pos_only.scores >= 0).all() and (pos_only.scores > 0).any()
     with pytest.raises(StoreError, match="not fitted at checkpoints"):
         store.attribute(queries, model=model, method=Stride(checkpoints=[12345]))
     with pytest.raises(ValueError, match="pass model="):
@@ -263,3 +276,47 @@ def test_gradient_logger_fits_stride_at_fit_end(tmp_path):
     assert res.config == cfg
     out = store.attribute(make_classification(4, seed=3), model=model, method=Stride(), top_k=3)
     assert out.indices.shape == (4, 3)
+
+
+def test_uncached_features_equal_cached(tmp_path):
+    store = _mlp_store(tmp_path, n=50, epochs=1)
+    fn = lambda m, b: m.per_example_loss(b)  # noqa: E731
+    args = (store.model, store.data, store.example_ids, "net.3:input", "net.3", fn, None, 16, None)
+    cached, streamed = FeatureSource(*args, 2**30), FeatureSource(*args, 0)
+    assert cached.cached and not streamed.cached
+    rows = torch.tensor([49, 0, 7, 7, 23])
+    a, b = cached.get(rows), streamed.get(rows)
+    torch.testing.assert_close(b.h, a.h, atol=1e-2, rtol=1e-3)  # the cache is fp16
+    torch.testing.assert_close(b.o, a.o, atol=1e-2, rtol=1e-3)
+    assert torch.equal(a.targets, b.targets)
+    torch.testing.assert_close(
+        token_ce(b.o, b.targets),
+        store.model.per_example_loss(
+            torch.utils.data.default_collate([store.data[int(i)] for i in rows])
+        ),
+    )
+
+
+def test_cli_stride_fit_on_a_recipe_run(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lightning_tda.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "digits_tracin.yaml"
+    small = ["--data.init_args.n_train", "200", "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", "--config", str(recipe), "--trainer.max_epochs", "3", *small]) == 0
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(recipe.read_text().replace("n_train: 1000", "n_train: 200"))
+    argv = ["stride", "fit", "--config", str(cfg), "--num-subsets", "30", "--degree", "3"]
+    argv += ["--rank", "4", "--steps", "20", "--holdout", "16", "--positive"]
+    assert main(argv) == 0
+    store = AttributionStore(tmp_path / "runs" / "digits_tda.h5")
+    res = load(store.path, store.steps[-1])
+    assert (res.config.num_subsets, res.config.degree, res.config.rank) == (30, 3, 4)
+    assert res.config.steps == 20 and res.config.positive and res.operators.num_outputs == 10
+    assert main(argv) == 2  # already fitted: a clear error naming overwrite
+    assert main([*argv, "--overwrite", "--checkpoints", "all"]) == 0
+    from lightning_tda.stride import fitted_steps
+
+    assert fitted_steps(store.path) == store.steps

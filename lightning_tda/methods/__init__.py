@@ -10,9 +10,10 @@ from lightning_tda.methods.influence import Influence
 from lightning_tda.methods.lorif import LoRIF
 from lightning_tda.methods.source import Source
 from lightning_tda.methods.tracin import GradCos, GradDot, TracIn, TracInAdam
+from lightning_tda.stride.method import Stride
 
 METHODS: dict[str, type[AttributionMethod]] = {
-    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf, LoRIF)
+    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf, LoRIF, Stride)
 }
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "Influence",
     "LoRIF",
     "Source",
+    "Stride",
     "TracIn",
     "TracInAdam",
     "get_method",

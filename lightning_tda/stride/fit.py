@@ -394,6 +394,11 @@ def fit(
     """
     reader = store if isinstance(store, StoreReader) else StoreReader(store)
     config = config or StrideConfig()
+    if not reader.steps:
+        raise StoreError(
+            f"{reader.path} holds no complete checkpoint to fit STRIDE at; train with the "
+            "GradientLogger until it logs one (or resume the interrupted fit)"
+        )
     n = reader.num_examples
     config.validate(n)
     if checkpoints is not None and checkpoint is not None:

@@ -1,0 +1,119 @@
+"""``lightning-tda stride fit``: fit STRIDE operators on a store logged by a recipe run.
+
+The model class and the data come from the same LightningCLI config that trained the run (weights
+are read from the store's saved checkpoint state); every :class:`StrideConfig` field is a flag::
+
+    lightning-tda fit --config recipes/digits_tracin.yaml
+    lightning-tda stride fit --config recipes/digits_tracin.yaml --num-subsets 300 --degree 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from lightning_tda.stride.fit import StrideConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_fit_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``stride fit`` on a subparsers object."""
+    p = sub.add_parser(
+        "fit",
+        help="fit STRIDE steering operators on a logged store",
+        description="Fit STRIDE steering operators (methods.md §12) on a store written by a "
+        "`lightning-tda fit --config X.yaml` run; results go into the store's stride/ group.",
+    )
+    p.add_argument("--config", required=True, help="the LightningCLI config that trained the run")
+    p.add_argument(
+        "--store", default=None, help="store path (default: the config's GradientLogger path)"
+    )
+    p.add_argument("--checkpoint", type=int, default=None, help="global step (default: the last)")
+    p.add_argument(
+        "--checkpoints",
+        default=None,
+        help="comma-separated global steps, or 'all' (checkpoint-aware STRIDE)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace operators already fitted")
+    p.add_argument("--accelerator", default="auto", help="accelerator of the operator fit")
+    for f in dataclasses.fields(StrideConfig):
+        if f.name == "alpha_grid":
+            p.add_argument(_flag(f.name), type=float, nargs="+", default=None)
+        elif f.type in ("bool", bool):
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" | ")[0], str)
+            p.add_argument(_flag(f.name), type=kind, default=None, help=f"StrideConfig.{f.name}")
+    p.set_defaults(func=run_fit)
+    return p
+
+
+def _instantiate(config: str) -> tuple[Any, Any, Any]:
+    """``(model, datamodule, gradient_logger or None)`` from a LightningCLI config, no training."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_tda.callbacks.gradient_logger import GradientLogger
+
+    cli = LightningCLI(
+        args=["--config", config, "--trainer.logger", "false"],
+        run=False,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+    )
+    loggers = [c for c in cli.trainer.callbacks if isinstance(c, GradientLogger)]
+    return cli.model, cli.datamodule, (loggers[0] if loggers else None)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from lightning_tda.store.reader import StoreReader
+    from lightning_tda.stride.fit import fit, fitted_steps
+
+    model, dm, logger = _instantiate(args.config)
+    path = args.store or (logger.path if logger is not None else None)
+    if path is None:
+        raise ValueError(
+            f"{args.config} has no GradientLogger callback to take the store path from; pass --store"
+        )
+    data = logger.attribution_data if logger is not None else None
+    if data is None:
+        if dm is None:
+            raise ValueError(
+                f"{args.config} defines no data module; the training data that was logged is needed"
+            )
+        dm.setup("fit")
+        data = dm.train_dataloader().dataset  # the logger swept it in order when not given
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(StrideConfig)
+        if getattr(args, f.name) is not None
+    }
+    if "alpha_grid" in overrides:
+        overrides["alpha_grid"] = tuple(overrides["alpha_grid"])
+    config = dataclasses.replace(StrideConfig(), **overrides)
+    reader = StoreReader(path)
+    steps = None
+    if args.checkpoints is not None:
+        if args.checkpoint is not None:
+            raise ValueError("pass --checkpoint or --checkpoints, not both")
+        steps = (
+            reader.steps
+            if args.checkpoints == "all"
+            else [int(s) for s in args.checkpoints.split(",") if s.strip()]
+        )
+    fit(
+        reader,
+        model,
+        data,
+        config,
+        args.checkpoint,
+        checkpoints=steps,
+        overwrite=args.overwrite,
+        trainer_kwargs={"accelerator": args.accelerator, "logger": False},
+    )
+    print(f"STRIDE operators in {path}: fitted checkpoints {fitted_steps(path)}")
+    return 0
