@@ -1,0 +1,531 @@
+"""``lightning-tda report``: one self-contained HTML page that explains a logged run.
+
+The page holds the store summary, for every query its strongest proponents and opponents (ids,
+scores and the examples themselves: text, or a small image for image-like tensors such as 8x8
+digits), each query's score distribution, and the training examples of highest self-influence
+(mislabel / hard-example candidates). Plots are PNGs drawn with matplotlib's Agg backend and
+embedded as base64 ``data:`` URIs, so the file can be mailed or attached as one artifact::
+
+    from lightning_tda.report import write_report
+    write_report("runs/tda.h5", test_set, model, train_set, "report.html", method="tracin")
+
+Rows carry ``data-example-id`` and ``data-score`` attributes so tools can read the page back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_tda.attribution import AttributionStore
+from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed
+from lightning_tda.methods import AttributionMethod, get_method
+
+Rendering = str | np.ndarray | torch.Tensor | tuple[Any, str] | None
+"""What a renderer returns: text, an image array (``[H, W]``, ``[H, W, 3]`` or ``[C, H, W]``), an
+``(image, caption)`` pair, or ``None`` to show nothing."""
+Renderer = Callable[[Any], Rendering]
+"""``render(item) -> Rendering`` for one dataset item (as the dataset returns it, id included)."""
+
+_MAX_TEXT = 2000
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:12px}
+pre.text{white-space:pre-wrap;max-width:28em;margin:0;font-size:12px}
+section.query{border-top:1px solid #ccc;margin-top:1.5em;padding-top:.5em}
+.tables{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:3px 6px;vertical-align:middle;text-align:left}
+img.example{width:64px;image-rendering:pixelated;border:1px solid #999}
+.caption{font-size:11px;color:#555}
+.pos{color:#1a7f37}.neg{color:#c0392b}.note{color:#666;font-size:13px}
+"""
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _scalar(y: Any) -> int | float | str | None:
+    """A label as a plain number or string (``None`` when ``y`` is not a scalar)."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    if isinstance(y, np.ndarray | np.generic):
+        if y.size != 1:
+            return None
+        y = y.item()
+    if isinstance(y, float) and y.is_integer():
+        return int(y)
+    return y if isinstance(y, int | float | str) else None
+
+
+def _as_image(x: Any) -> np.ndarray | None:
+    """``[H, W]`` or ``[H, W, 3]`` array for image-like floats/uint8, else ``None``."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray) or x.size < 16:
+        return None
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        return None  # integer vectors are token ids or labels, not pixels
+    if x.ndim == 1:
+        side = math.isqrt(x.size)
+        return x.reshape(side, side) if side * side == x.size else None
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3 and x.shape[0] in (1, 3):
+        x = np.moveaxis(x, 0, -1)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        return x[..., 0]
+    if x.ndim == 3 and x.shape[-1] == 3:
+        return x
+    return None
+
+
+def _tokens(x: Any) -> str | None:
+    if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point and x.dim() == 1:
+        ids = x.tolist()
+        return "tokens: " + " ".join(map(str, ids[:128])) + (" ..." if len(ids) > 128 else "")
+    return None
+
+
+def default_render(item: Any) -> Rendering:
+    """Render one dataset item: strings and ``{"text": ...}`` rows as text, token-id tensors as
+    their ids, image-like float tensors (``[H, W]``, ``[C, H, W]``, or a 1-D vector of square length
+    such as an 8x8 digit) as an image; an ``(x, y)`` pair gets the caption ``label y``.
+
+    Pass ``render=`` to :func:`write_report` for anything else (e.g. decoding tokens with a tokenizer).
+    """
+    if isinstance(item, Indexed):
+        item = item.data
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping):
+        row = {k: v for k, v in item.items() if k != EXAMPLE_ID_KEY}
+        for key in ("text", "sentence", "content", "prompt"):
+            if isinstance(row.get(key), str):
+                return row[key]
+        label = _scalar(row.get("label", row.get("labels")))
+        for key in ("image", "pixel_values", "x"):
+            img = _as_image(row.get(key))
+            if img is not None:
+                return img if label is None else (img, f"label {label}")
+        if "input_ids" in row:
+            return _tokens(torch.as_tensor(row["input_ids"]).reshape(-1))
+        return repr(row)[:_MAX_TEXT]
+    if isinstance(item, tuple | list) and len(item) == 2:
+        x, y = item
+        label = _scalar(y)
+        suffix = "" if label is None else f"label {label}"
+        img = _as_image(x)
+        if img is not None:
+            return img if label is None else (img, suffix)
+        text = x if isinstance(x, str) else _tokens(x)
+        if text is not None:
+            return f"{text}\n[{suffix}]" if suffix else text
+    img = _as_image(item)
+    if img is not None:
+        return img
+    return _tokens(item) or repr(item)[:_MAX_TEXT]
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _image_png(img: Any) -> bytes:
+    """PNG bytes of an image array (grey images drawn dark-on-light, min-max scaled; images under
+    64 pixels a side upscaled by an integer factor so they stay sharp in any viewer)."""
+    from matplotlib.image import imsave
+
+    arr = _as_image(img)
+    if arr is None:
+        raise ValueError(
+            f"cannot draw an image of shape {tuple(np.shape(img))}; return [H, W], [H, W, 3] or "
+            "[C, H, W] arrays from render="
+        )
+    arr = arr.astype(np.float64)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    scale = max(1, 64 // max(arr.shape[:2]))  # small images: nearest-neighbour upscaling
+    arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    imsave(buf, arr, cmap="gray_r", vmin=0.0, vmax=1.0, format="png")
+    return buf.getvalue()
+
+
+def _render_html(rendering: Rendering, alt: str) -> str:
+    if rendering is None:
+        return ""
+    caption = ""
+    if isinstance(rendering, tuple):
+        rendering, caption = rendering
+    if isinstance(rendering, str):
+        text = rendering if len(rendering) <= _MAX_TEXT else rendering[:_MAX_TEXT] + " ..."
+        body = f'<pre class="text">{html.escape(text)}</pre>'
+    else:
+        uri = _png_uri(_image_png(rendering))
+        body = f'<img class="example" src="{uri}" alt="{html.escape(alt)}">'
+    if caption:
+        body += f'<div class="caption">{html.escape(str(caption))}</div>'
+    return body
+
+
+def _histogram_png(
+    values: np.ndarray, marks: list[tuple[float, str]], title: str, xlabel: str
+) -> bytes:
+    """A small histogram with vertical marker lines, drawn with the Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2, 2.2), dpi=90)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    finite = values[np.isfinite(values)]
+    ax.hist(finite, bins=min(60, max(10, finite.size // 10)), color="#4c72b0")
+    for x, color in marks:
+        ax.axvline(x, color=color, lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.22, top=0.88)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# -- data access -------------------------------------------------------------------------------
+
+
+def _as_dataset(data: Any, what: str) -> tuple[Dataset, Any]:
+    """``(map-style dataset, collate_fn)`` from a Dataset or a DataLoader over one."""
+    if isinstance(data, DataLoader):
+        return data.dataset, data.collate_fn
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, str):
+        return data, None
+    raise TypeError(
+        f"{what} must be a map-style Dataset (or a DataLoader over one) so its examples can be "
+        f"shown; got {type(data).__name__}"
+    )
+
+
+def _item_id(item: Any) -> int | None:
+    if isinstance(item, Indexed):
+        return int(item.example_id)
+    if isinstance(item, Mapping) and EXAMPLE_ID_KEY in item:
+        return int(item[EXAMPLE_ID_KEY])
+    return None
+
+
+class _ExampleLookup:
+    """Find training items by example id (``IndexedDataset.ids`` when present, else a scan)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = None if data is None else _as_dataset(data, "train_data")[0]
+        ids = getattr(self.data, "ids", None)
+        self.pos: dict[int, int] | None = (
+            {int(i): p for p, i in enumerate(ids)}
+            if ids is not None and len(ids) == len(self.data)
+            else None
+        )
+
+    def get(self, example_id: int) -> Any:
+        if self.data is None:
+            return None
+        if self.pos is None:  # no id list: scan the items once
+            self.pos = {}
+            for p in range(len(self.data)):
+                i = _item_id(self.data[p])
+                if i is not None:
+                    self.pos[i] = p
+        p = self.pos.get(int(example_id))
+        return None if p is None else self.data[p]
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def _rows_html(kind: str, ids: list[int], scores: list[float], cell: Callable[[int], str]) -> str:
+    cls = "pos" if kind == "proponents" else "neg"
+    rows = [
+        f'<tr data-example-id="{i}" data-score="{s!r}"><td>{r + 1}</td><td>#{i}</td>'
+        f'<td class="{cls}">{s:+.4g}</td><td>{cell(i)}</td></tr>'
+        for r, (i, s) in enumerate(zip(ids, scores, strict=True))
+    ]
+    head = "<tr><th>rank</th><th>example</th><th>score</th><th></th></tr>"
+    return f'<table class="{kind}"><caption>{kind}</caption>{head}{"".join(rows)}</table>'
+
+
+def write_report(
+    store_or_path: AttributionStore | str | os.PathLike,
+    queries: Any,
+    model: torch.nn.Module,
+    train_data: Any,
+    out_html: str | os.PathLike,
+    *,
+    method: str | AttributionMethod = "tracin",
+    top_k: int = 5,
+    render: Renderer | None = None,
+    self_influence: bool | str = True,
+    max_queries: int = 20,
+    num_outliers: int = 10,
+    title: str | None = None,
+    queries_note: str = "",
+) -> Path:
+    """Write one self-contained HTML report of a store's attributions.
+
+    Scores are computed once per query, densely (``[Q, N]`` fp32 in memory, ``Q <= max_queries``);
+    the tables show its ``top_k`` largest (proponents) and smallest (opponents) entries, the same
+    ids and scores as ``store.attribute(queries, model=model, method=method, top_k=top_k)``.
+
+    Args:
+        store_or_path: an :class:`AttributionStore` or its path.
+        queries: a map-style Dataset (or a DataLoader over one) of query examples; the first
+            ``max_queries`` are reported.
+        model: the trained model class (checkpoint weights are loaded from the store).
+        train_data: the training Dataset that was logged, used to show examples by id (``None``: ids
+            and scores only).
+        out_html: output file (parent folders are created).
+        method: attribution method name or instance.
+        top_k: proponents and opponents shown per query.
+        render: ``render(item) -> str | image array | (image, caption) | None``; default
+            :func:`default_render`.
+        self_influence: ``True`` for the self-influence of ``method`` (``"tracin"`` when the method
+            defines none, e.g. STRIDE), a method name for another, ``False`` to leave it out.
+        max_queries: queries reported at most.
+        num_outliers: self-influence outliers listed.
+        title: page title.
+        queries_note: a sentence saying where the queries come from.
+
+    Returns:
+        The path of the written HTML file.
+    """
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if not isinstance(max_queries, int) or max_queries < 1:
+        raise ValueError(f"max_queries must be a positive int, got {max_queries!r}")
+    store = (
+        store_or_path
+        if isinstance(store_or_path, AttributionStore)
+        else AttributionStore(store_or_path)
+    )
+    render = render or default_render
+    qdata, collate_fn = _as_dataset(queries, "queries")
+    if len(qdata) == 0:
+        raise ValueError("queries is empty; pass at least one query example")
+    qdata = Subset(qdata, range(min(len(qdata), max_queries)))
+    lookup = _ExampleLookup(train_data)
+    m = get_method(method)
+    res = store.attribute(qdata, model=model, method=m, top_k=None, collate_fn=collate_fn)
+    dense = res.scores.float()  # [Q, N] in store row order
+    k = min(top_k, dense.shape[1])
+    hi, lo = dense.topk(k, dim=1), dense.topk(k, dim=1, largest=False)
+    ids = res.example_ids
+
+    cache: dict[int, str] = {}
+
+    def cell(example_id: int) -> str:
+        if example_id not in cache:
+            item = lookup.get(example_id)
+            cache[example_id] = (
+                "" if item is None else _render_html(render(item), f"example {example_id}")
+            )
+        return cache[example_id]
+
+    name = html.escape(res.method)
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title or f'lightning-tda report: {res.method}')}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title or 'Training-data attribution report')}</h1>",
+        f'<p>method <strong class="method">{name}</strong> over checkpoints {html.escape(str(res.checkpoints))};'
+        f" {len(qdata)} queries, top {k} of {dense.shape[1]} training examples each. "
+        "Score &gt; 0: training on the example lowered the query's loss (proponent); "
+        "&lt; 0: raised it (opponent).</p>",
+    ]
+    if queries_note:
+        parts.append(f'<p class="note">{html.escape(queries_note)}</p>')
+    parts.append(f'<h2>Run</h2><pre class="summary">{html.escape(store.summary())}</pre>')
+    parts.append("<h2>Queries</h2>")
+    for q in range(len(qdata)):
+        qid = None if res.query_ids is None else int(res.query_ids[q])
+        label = f"query {q + 1}" + ("" if qid is None else f" (example #{qid})")
+        row = dense[q].numpy()
+        hist = _histogram_png(
+            row,
+            [(float(hi.values[q, -1]), "#1a7f37"), (float(lo.values[q, -1]), "#c0392b")],
+            f"{res.method} scores of all {row.size} training examples",
+            "score (dashed: top-k cut-offs)",
+        )
+        pro_ids = ids[hi.indices[q]].tolist()
+        opp_ids = ids[lo.indices[q]].tolist()
+        parts += [
+            f'<section class="query" data-query-index="{q}" data-query-id="{"" if qid is None else qid}">',
+            f"<h3>{html.escape(label)}</h3>",
+            '<div class="tables"><div>',
+            _render_html(render(qdata[q]), label),
+            f'<div><img class="hist" src="{_png_uri(hist)}" alt="score histogram"></div></div>',
+            _rows_html("proponents", pro_ids, hi.values[q].tolist(), cell),
+            _rows_html("opponents", opp_ids, lo.values[q].tolist(), cell),
+            "</div></section>",
+        ]
+    if self_influence:
+        parts.append(_self_influence_html(store, model, m, self_influence, num_outliers, cell))
+    parts.append("</body></html>")
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def _self_influence_html(
+    store: AttributionStore,
+    model: torch.nn.Module,
+    method: AttributionMethod,
+    which: bool | str,
+    num_outliers: int,
+    cell: Callable[[int], str],
+) -> str:
+    note = ""
+    chosen: str | AttributionMethod = method if which is True else str(which)
+    try:
+        si = store.self_influence(model=model, method=chosen)
+    except ValueError as e:
+        if which is not True:
+            raise
+        note = f"{method.name} defines no self-influence ({e}); showing TracIn's."
+        chosen = "tracin"
+        si = store.self_influence(model=model, method=chosen)
+    chosen_name = chosen if isinstance(chosen, str) else chosen.name
+    n = min(num_outliers, si.numel())
+    top = torch.topk(si, n)
+    out_ids = store.example_ids[top.indices].tolist()
+    hist = _histogram_png(
+        si.double().numpy(),
+        [(float(top.values[-1]), "#c0392b")],
+        f"{chosen_name} self-influence of {si.numel()} training examples",
+        "self-influence (dashed: outlier cut-off)",
+    )
+    rows = [
+        f'<tr data-example-id="{i}" data-score="{s!r}"><td>{r + 1}</td><td>#{i}</td>'
+        f"<td>{s:.4g}</td><td>{cell(i)}</td></tr>"
+        for r, (i, s) in enumerate(zip(out_ids, top.values.tolist(), strict=True))
+    ]
+    return (
+        '<section class="self-influence-section"><h2>Self-influence outliers</h2>'
+        f"<p>Training examples with the highest {html.escape(chosen_name)} self-influence: the ones "
+        "the model finds hardest or most inconsistent with the rest, e.g. mislabel candidates.</p>"
+        + (f'<p class="note">{html.escape(note)}</p>' if note else "")
+        + f'<div class="tables"><img class="hist" src="{_png_uri(hist)}" alt="self-influence histogram">'
+        '<table class="self-influence"><tr><th>rank</th><th>example</th><th>self-influence</th>'
+        f"<th></th></tr>{''.join(rows)}</table></div></section>"
+    )
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``report`` on a subparsers object (``lightning-tda report --config X.yaml``)."""
+    from lightning_tda.methods import METHODS
+
+    p = subparsers.add_parser(
+        "report",
+        help="write a self-contained HTML attribution report of a recipe run",
+        description="Attribute query examples of a `lightning-tda fit --config X.yaml` run and "
+        "write one HTML page: store summary, top proponents/opponents per query, score "
+        "histograms and self-influence outliers.",
+    )
+    p.add_argument("--config", required=True, help="the LightningCLI config that trained the run")
+    p.add_argument(
+        "--store", default=None, help="store path (default: the config's GradientLogger path)"
+    )
+    p.add_argument("--method", default="tracin", choices=sorted(METHODS))
+    p.add_argument("--top-k", type=int, default=5, help="proponents and opponents per query")
+    p.add_argument(
+        "--queries",
+        type=int,
+        default=8,
+        help="query examples: the first N of the datamodule's val (else test, else train) set",
+    )
+    p.add_argument("--outliers", type=int, default=10, help="self-influence outliers listed")
+    p.add_argument(
+        "--self-influence",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the self-influence section",
+    )
+    p.add_argument("--out", default="report.html", help="output HTML file")
+    p.set_defaults(func=main_report)
+    return p
+
+
+def _query_set(dm: Any, train: Dataset) -> tuple[Dataset, str]:
+    """The datamodule's val set, else its test set, else the training set, with its name."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if dm is not None:
+        for stage, hook, name in (
+            ("validate", "val_dataloader", "validation"),
+            ("test", "test_dataloader", "test"),
+        ):
+            try:
+                dm.setup(stage)
+                loader = getattr(dm, hook)()
+            except (MisconfigurationException, NotImplementedError, AttributeError):
+                continue
+            if isinstance(loader, list | tuple):
+                loader = loader[0] if loader else None
+            ds = getattr(loader, "dataset", None)
+            if ds is not None and hasattr(ds, "__len__") and len(ds) > 0:
+                return ds, name
+    return train, "training"
+
+
+def main_report(args: argparse.Namespace) -> int:
+    """Run ``lightning-tda report`` from parsed arguments."""
+    from lightning_tda.stride.cli import _instantiate
+
+    if args.queries < 1:
+        raise ValueError(f"--queries must be >= 1, got {args.queries}")
+    model, dm, logger = _instantiate(args.config)
+    path = args.store or (logger.path if logger is not None else None)
+    if path is None:
+        raise ValueError(
+            f"{args.config} has no GradientLogger callback to take the store path from; pass --store"
+        )
+    train = logger.attribution_data if logger is not None else None
+    if train is None:
+        if dm is None:
+            raise ValueError(f"{args.config} defines no data module; the training data is needed")
+        dm.setup("fit")
+        train = dm.train_dataloader().dataset
+    queries, source = _query_set(dm, train)
+    n = min(args.queries, len(queries))
+    out = write_report(
+        path,
+        queries,
+        model,
+        train,
+        args.out,
+        method=args.method,
+        top_k=args.top_k,
+        self_influence=args.self_influence,
+        max_queries=n,
+        num_outliers=args.outliers,
+        title=f"lightning-tda report: {Path(args.config).name}",
+        queries_note=f"Queries: the first {n} examples of the {source} set of {args.config}.",
+    )
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB): {n} queries, method {args.method}")
+    return 0
