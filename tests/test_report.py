@@ -152,6 +152,30 @@ def test_text_is_escaped_and_other_methods_and_renderers(digits_run):
     assert [[i for i, _ in s["proponents"]] for s in page.queries] == ref.indices.tolist()
 
 
+def test_self_influence_fallback_and_explicit_method(digits_run):
+    store, model, data, tmp = digits_run
+    # gradcos defines no self-influence: the section falls back to TracIn's, and says so
+    page = parse(
+        write_report(
+            store, data.test, model, data.train, tmp / "g.html", method="gradcos", top_k=2,
+            max_queries=1, num_outliers=3,
+        )
+    )  # fmt: skip
+    top = torch.topk(store.self_influence(method="tracin"), 3).indices
+    assert [i for i, _ in page.self_influence] == store.example_ids[top].tolist()
+    assert "gradcos defines no self-influence" in "".join(page.text)
+    page = parse(
+        write_report(
+            store, data.test, model, data.train, tmp / "i.html", top_k=2, max_queries=1,
+            num_outliers=3, self_influence="influence",
+        )
+    )  # fmt: skip
+    top = torch.topk(store.self_influence(method="influence"), 3).indices
+    assert [i for i, _ in page.self_influence] == store.example_ids[top].tolist()
+    tracin_top = torch.topk(store.self_influence(method="tracin"), 3).indices
+    assert not torch.equal(top, tracin_top)  # the two methods rank differently here
+
+
 def test_bad_input_names_the_fix(digits_run):
     store, model, data, tmp = digits_run
     with pytest.raises(ValueError, match="top_k"):
