@@ -293,7 +293,8 @@ def write_report(
         store_or_path: an :class:`AttributionStore` or its path.
         queries: a map-style Dataset (or a DataLoader over one) of query examples; the first
             ``max_queries`` are reported.
-        model: the trained model class (checkpoint weights are loaded from the store).
+        model: an instance of the trained architecture (each checkpoint's weights are loaded from
+            the store temporarily; the model is left as it was).
         train_data: the training Dataset that was logged, used to show examples by id (``None``: ids
             and scores only).
         out_html: output file (parent folders are created).
