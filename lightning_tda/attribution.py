@@ -234,7 +234,12 @@ class AttributionStore(StoreReader):
                 {s: self.read(s, schema.QUERY) for s in steps},
                 {s: self.read(s, schema.QUERY_LOSS) for s in steps},
             ), self.query_ids
-        if isinstance(queries, dict) and all(isinstance(v, torch.Tensor) for v in queries.values()):
+        if (
+            isinstance(queries, dict)
+            and queries
+            and all(isinstance(k, (int, tuple)) for k in queries)
+            and all(isinstance(v, torch.Tensor) for v in queries.values())
+        ):  # precomputed {step: [Q, D]}; a collated batch (str keys) is query data
             out = {}
             for s in steps:
                 if s not in queries:

@@ -1,4 +1,4 @@
-"""Command line: ``lightning-tda demo | fit | inspect | stride fit``."""
+"""Command line: ``lightning-tda demo | fit | inspect | stride fit | report``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lightning_tda.stride.cli import add_fit_parser
 
     add_fit_parser(s.add_subparsers(dest="stride_command", required=True))
+    from lightning_tda.report import add_report_parser
+
+    add_report_parser(sub)
     return p
 
 
