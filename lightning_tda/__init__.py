@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from lightning_tda.attribution import AttributionStore  # noqa: E402
-from lightning_tda.callbacks import GradientLogger  # noqa: E402
+from lightning_tda.callbacks import GradientLogger, InfluencePanels  # noqa: E402
 from lightning_tda.capture.featurize import NonFiniteError  # noqa: E402
 from lightning_tda.capture.layers import ProjectionMismatchError  # noqa: E402
 from lightning_tda.capture.losses import causal_lm_loss, classification_loss  # noqa: E402
@@ -15,6 +15,7 @@ __all__ = [
     "AttributionResult",
     "AttributionStore",
     "GradientLogger",
+    "InfluencePanels",
     "Indexed",
     "IndexedDataset",
     "MissingExampleIdsError",

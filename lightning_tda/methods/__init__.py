@@ -13,7 +13,8 @@ from lightning_tda.methods.tracin import GradCos, GradDot, TracIn, TracInAdam
 from lightning_tda.stride.method import Stride
 
 METHODS: dict[str, type[AttributionMethod]] = {
-    m.name: m for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf, LoRIF, Stride)
+    m.name: m
+    for m in (GradDot, GradCos, TracIn, TracInAdam, Influence, Source, DataInf, LoRIF, Stride)
 }
 
 
