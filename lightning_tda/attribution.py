@@ -22,6 +22,7 @@ from lightning_tda.capture.replay import featurize_data, loaded_state, model_dev
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.influence import QueryVectors
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
+from lightning_tda.progress import progress_bar
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
 from lightning_tda.store.members import (
@@ -97,7 +98,7 @@ class AttributionStore(StoreReader):
             collate_fn=collate_fn,
         )
         terms = m.score_terms(self, qvecs)
-        out = stream_scores(self, terms, top_k, block_rows)
+        out = stream_scores(self, terms, top_k, block_rows, description=f"scoring {m.name}")
         ids = self.example_ids
         if top_k is None:
             return AttributionResult(m.name, out, None, None, None, ids, qids, steps)
@@ -117,7 +118,9 @@ class AttributionStore(StoreReader):
         stored rows are read, so ``model`` is not needed; it is accepted for symmetry with ``attribute``.
         """
         m = get_method(method, **method_kwargs)
-        return stream_self_influence(self, m.self_terms(self))
+        return stream_self_influence(
+            self, m.self_terms(self), description=f"self-influence {m.name}"
+        )
 
     def add_dropout_ensemble(
         self,
@@ -156,13 +159,21 @@ class AttributionStore(StoreReader):
         fn = resolve_loss_fn(model, loss_fn)
         self._check_model(model)
         steps = [self.checkpoint(None).global_step] if steps is None else [int(s) for s in steps]
-        for step in steps:
-            for m in range(members):
+        jobs = [(step, m) for step in steps for m in range(members)]
+        with progress_bar("dropout ensemble", len(jobs), unit="members") as bar:
+            for step, m in jobs:
                 with (
                     loaded_state(model, self.state(step)),
                     dropout_member(model, self.layers, p, seed, m),
                 ):
-                    rows, ids, losses = self._featurize(model, data, fn, batch_size, collate_fn)
+                    rows, ids, losses = self._featurize(
+                        model,
+                        data,
+                        fn,
+                        batch_size,
+                        collate_fn,
+                        f"member {m + 1}/{members} @ step {step}",
+                    )
                 attrs = {"dropout_p": p, "dropout_seed": seed, "member": m}
                 write_checkpoint_rows(
                     self.path,
@@ -180,6 +191,7 @@ class AttributionStore(StoreReader):
                     attrs,
                     overwrite,
                 )
+                bar.advance()
         with h5py.File(self.path, "r") as f:
             self._read_meta(f)
 
@@ -189,10 +201,26 @@ class AttributionStore(StoreReader):
             ds = self._dataset(f, step, name)
             return {k: ds.attrs[k] for k in ds.attrs}
 
-    def _featurize(self, model: nn.Module, data: Any, fn: LossFn, batch_size: int, collate_fn: Any):
+    def _featurize(
+        self,
+        model: nn.Module,
+        data: Any,
+        fn: LossFn,
+        batch_size: int,
+        collate_fn: Any,
+        description: str = "query gradients",
+    ):
         """``(rows [Q, D], ids, losses [Q])`` of ``data`` at the model's current weights."""
         return featurize_data(
-            model, data, self.layers, self.projection, fn, batch_size, collate_fn, self.bases
+            model,
+            data,
+            self.layers,
+            self.projection,
+            fn,
+            batch_size,
+            collate_fn,
+            self.bases,
+            description=description,
         )
 
     def _check_model(self, model: nn.Module) -> None:
@@ -268,7 +296,7 @@ class AttributionStore(StoreReader):
         losses: dict[int, torch.Tensor] = {}
         ids = None
         device = model_device(model)
-        for s in steps:
+        for i, s in enumerate(steps):
             step, member = s if isinstance(s, tuple) else (s, None)
             sub = contextlib.nullcontext()
             if member is not None:
@@ -277,7 +305,14 @@ class AttributionStore(StoreReader):
                     model, self.layers, float(a["dropout_p"]), int(a["dropout_seed"]), member
                 )
             with loaded_state(model, self.state(step)), sub:
-                rows, ids, losses[s] = self._featurize(model, queries, fn, batch_size, collate_fn)
+                rows, ids, losses[s] = self._featurize(
+                    model,
+                    queries,
+                    fn,
+                    batch_size,
+                    collate_fn,
+                    f"query gradients: checkpoint {i + 1}/{len(steps)}",
+                )
             out[s] = rows.to(device)
         return QueryVectors(out, losses), ids
 

@@ -28,6 +28,7 @@ from lightning_tda.capture.layers import LayerSpec, discover_layers, row_width
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.progress import progress_bar
 from lightning_tda.store import schema
 from lightning_tda.store.writer import StoreError, StoreWriter
 
@@ -85,7 +86,8 @@ class GradientLogger(pl.Callback):
             non-sequence layer's per-example gradient has rank 1, so ``1`` is exact there; a
             sequence of ``T`` tokens has rank ``<= T``.
         overwrite: replace an existing store at ``path`` on a fresh (not resumed) fit.
-        verbose: print one line per logged checkpoint.
+        verbose: print one line per logged checkpoint and show a progress bar during each sweep (in
+            the trainer's own progress bar; none when it is disabled, see :mod:`lightning_tda.progress`).
         stride: a :class:`~lightning_tda.stride.StrideConfig` to fit STRIDE operators at the last
             logged checkpoint in ``on_fit_end`` (rank zero; a Trainer of its own, see
             :func:`lightning_tda.stride.fit`); ``None`` (default) skips it.
@@ -414,16 +416,20 @@ class GradientLogger(pl.Callback):
             ) as cw,
             preserved_training_state(pl_module),
         ):
-            for batch in loader:
-                fb = self._featurize(trainer, feat, batch)
-                cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
+            with self._progress(trainer, f"GradientLogger step {step}", n, "examples") as bar:
+                for batch in loader:
+                    fb = self._featurize(trainer, feat, batch)
+                    cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
+                    bar.advance(fb.rows.shape[0])
             if self.curvature:
                 cw.write_arrays(schema.KFAC, feat.take_covariances())
             if qloader is not None:
                 feat.require_ids = False
-                for batch in qloader:
-                    fb = self._featurize(trainer, feat, batch)
-                    cw.write_queries(fb.ids, fb.rows, fb.losses)
+                with self._progress(trainer, f"GradientLogger step {step}", nq, "queries") as bar:
+                    for batch in qloader:
+                        fb = self._featurize(trainer, feat, batch)
+                        cw.write_queries(fb.ids, fb.rows, fb.losses)
+                        bar.advance(fb.rows.shape[0])
             if self.optimizer_state:
                 cw.write_arrays(
                     schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, self._layers)
@@ -473,6 +479,12 @@ class GradientLogger(pl.Callback):
                 )
             self.writer.write_bases(self._bases)
         return self._bases
+
+    def _progress(self, trainer: pl.Trainer, description: str, total: int, unit: str):
+        """A transient bar in (or beside) the trainer's own (see :mod:`lightning_tda.progress`)."""
+        return progress_bar(
+            description, total, unit=unit, verbose=self.verbose, transient=True, trainer=trainer
+        )
 
     def _featurize(self, trainer: pl.Trainer, feat: Featurizer, batch: Any):
         batch = trainer.strategy.batch_to_device(batch)

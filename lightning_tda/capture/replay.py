@@ -16,6 +16,7 @@ from lightning_tda.capture.featurize import Featurizer, preserved_training_state
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.progress import progress_bar
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -85,8 +86,12 @@ def featurize_data(
     batch_size: int = 64,
     collate_fn: Any = None,
     bases: Bases | None = None,
+    *,
+    description: str = "query gradients",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Projected gradients of every example in ``data`` at the model's current weights.
+
+    A transient progress bar labelled ``description`` counts batches (none for a single batch).
 
     Returns:
         ``(rows [Q, D] fp32 on the model's device, ids [Q] or None, losses [Q])``.
@@ -94,13 +99,28 @@ def featurize_data(
     device = model_device(model)
     feat = Featurizer(model, layers, config, loss_fn, device, require_ids=False, bases=bases)
     rows, ids, losses = [], [], []
-    with preserved_training_state(model):
-        for batch in as_loader(data, batch_size, collate_fn):
+    batches = as_loader(data, batch_size, collate_fn)
+    total = _num_batches(batches)
+    show = total is None or total > 1
+    with (
+        preserved_training_state(model),
+        progress_bar(description, total, unit="batches", verbose=show, transient=True) as bar,
+    ):
+        for batch in batches:
             fb = feat(move_data_to_device(batch, device))
             rows.append(fb.rows)
             losses.append(fb.losses)
             ids.append(fb.ids)
+            bar.advance()
     if not rows:
         raise ValueError("the query data is empty")
     out_ids = None if any(i is None for i in ids) else torch.cat(ids).cpu()
     return torch.cat(rows), out_ids, torch.cat(losses)
+
+
+def _num_batches(batches: DataLoader | list) -> int | None:
+    """``len(batches)``, or ``None`` for a loader of unknown length (iterable datasets)."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_tda.progress import progress_bar
+
 ModelFactory = Callable[[], Any]
 """``factory() -> LightningModule``, a picklable top-level callable."""
 Measure = Callable[[Any, Dataset], dict[str, np.ndarray]]
@@ -237,8 +239,12 @@ def run_jobs(
     recipe: RetrainRecipe,
     processes: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    description: str = "retraining",
 ) -> None:
-    """Train and measure each ``(indices, seed, out_file)`` whose file does not exist yet."""
+    """Train and measure each ``(indices, seed, out_file)`` whose file does not exist yet.
+
+    A progress bar labelled ``description`` counts the runs (finished ones count as done).
+    """
     todo = [
         (factory, train, queries, measure, idx, seed, recipe, str(f))
         for idx, seed, f in jobs
@@ -247,22 +253,25 @@ def run_jobs(
     done = len(jobs) - len(todo)
     if not todo:
         return
-    if processes <= 1:
-        _init_worker()
-        for job in todo:
-            _run_job(job)
-            done += 1
-            if progress:
-                progress(done, len(jobs))
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=processes, mp_context=ctx, initializer=_init_worker
-    ) as pool:
-        for _ in pool.map(_run_job, todo):
-            done += 1
-            if progress:
-                progress(done, len(jobs))
+    with progress_bar(description, len(jobs), unit="runs", initial=done) as bar:
+        if processes <= 1:
+            _init_worker()
+            for job in todo:
+                _run_job(job)
+                done += 1
+                bar.advance()
+                if progress:
+                    progress(done, len(jobs))
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=processes, mp_context=ctx, initializer=_init_worker
+        ) as pool:
+            for _ in pool.map(_run_job, todo):
+                done += 1
+                bar.advance()
+                if progress:
+                    progress(done, len(jobs))
 
 
 @dataclass
@@ -350,7 +359,17 @@ def build_bank(
         for r in range(r_total)
     ]
     t0 = time.perf_counter()
-    run_jobs(jobs, factory, train, queries, measure, recipe, processes, progress)
+    run_jobs(
+        jobs,
+        factory,
+        train,
+        queries,
+        measure,
+        recipe,
+        processes,
+        progress,
+        f"retraining bank: {spec.num_subsets} subsets x {r_total} seeds",
+    )
     outputs = {
         n: np.zeros((spec.num_subsets, r_total, len(queries)), dtype=np.float32)
         for n in measurements

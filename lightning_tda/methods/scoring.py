@@ -7,11 +7,12 @@ proponents/opponents (or the dense ``[Q, N]`` matrix on request) are kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from lightning_tda.progress import Bar, progress_bar
 from lightning_tda.store.reader import StoreReader
 
 
@@ -75,9 +76,16 @@ def default_block_rows(width: int, terms: int, budget_bytes: int = 256 * 2**20) 
 
 
 def stream_scores(
-    store: StoreReader, terms: list[ScoreTerm], top_k: int | None, block_rows: int | None = None
+    store: StoreReader,
+    terms: list[ScoreTerm],
+    top_k: int | None,
+    block_rows: int | None = None,
+    *,
+    description: str = "scoring",
 ) -> torch.Tensor | TopK:
     """Score every stored row against every query.
+
+    ``description`` labels the progress bar (one step per block; see :mod:`lightning_tda.progress`).
 
     Returns:
         ``[Q, N]`` dense scores when ``top_k is None``, else a :class:`TopK` over row positions.
@@ -92,28 +100,42 @@ def stream_scores(
     dense = None if top_k is not None else torch.empty(q, n, dtype=torch.float32)
     k = None if top_k is None else min(int(top_k), n)
     best_v = best_r = low_v = low_r = None
-    for start, stop, blocks in store.iter_blocks(keys, block):
-        s = torch.zeros(q, stop - start, dtype=torch.float32, device=device)
-        for t, x in zip(terms, blocks, strict=True):
-            x = x.to(device, non_blocking=True)
-            if t.normalize_train:
-                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            if t.score_fn is not None:
-                ts = t.score_fn(t.query, x)
-                s += ts if t.row_weight is None else ts * t.row_weight[start:stop].to(device)
-            elif t.row_weight is None:
-                s.addmm_(t.query, x.T)
-            else:
-                s += (t.query @ x.T) * t.row_weight[start:stop].to(device)
-        if dense is not None:
-            dense[:, start:stop] = s.cpu()
-            continue
-        rows = torch.arange(start, stop, device=device).expand(q, -1)
-        best_v, best_r = _merge(best_v, best_r, s, rows, k, largest=True)
-        low_v, low_r = _merge(low_v, low_r, s, rows, k, largest=False)
+    label = f"{description}: {_checkpoints(terms)}"
+    with progress_bar(label, n, unit="rows") as bar:
+        for start, stop, blocks in _counted(store.iter_blocks(keys, block), bar):
+            s = torch.zeros(q, stop - start, dtype=torch.float32, device=device)
+            for t, x in zip(terms, blocks, strict=True):
+                x = x.to(device, non_blocking=True)
+                if t.normalize_train:
+                    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                if t.score_fn is not None:
+                    ts = t.score_fn(t.query, x)
+                    s += ts if t.row_weight is None else ts * t.row_weight[start:stop].to(device)
+                elif t.row_weight is None:
+                    s.addmm_(t.query, x.T)
+                else:
+                    s += (t.query @ x.T) * t.row_weight[start:stop].to(device)
+            if dense is not None:
+                dense[:, start:stop] = s.cpu()
+                continue
+            rows = torch.arange(start, stop, device=device).expand(q, -1)
+            best_v, best_r = _merge(best_v, best_r, s, rows, k, largest=True)
+            low_v, low_r = _merge(low_v, low_r, s, rows, k, largest=False)
     if dense is not None:
         return dense
     return TopK(best_v.cpu(), best_r.cpu(), low_v.cpu(), low_r.cpu())
+
+
+def _counted(blocks: Iterator[tuple[int, int, list[torch.Tensor]]], bar: Bar):
+    """``blocks`` unchanged; advances ``bar`` by a block's rows once the caller is done with it."""
+    for start, stop, b in blocks:
+        yield start, stop, b
+        bar.advance(stop - start)
+
+
+def _checkpoints(terms: list) -> str:
+    steps = len({t.step for t in terms})
+    return f"{steps} checkpoint{'s' if steps != 1 else ''}"
 
 
 def _merge(v, r, s, rows, k, largest):
@@ -126,9 +148,13 @@ def _merge(v, r, s, rows, k, largest):
 
 
 def stream_self_influence(
-    store: StoreReader, terms: list[SelfTerm], block_rows: int | None = None
+    store: StoreReader,
+    terms: list[SelfTerm],
+    block_rows: int | None = None,
+    *,
+    description: str = "self-influence",
 ) -> torch.Tensor:
-    """``[N]``: ``Σ_t <weight ⊙ a_i, b_i>`` for every stored row."""
+    """``[N]``: ``Σ_t <weight ⊙ a_i, b_i>`` for every stored row (``description`` labels the progress bar)."""
     pairs: list[tuple[tuple[int, str], tuple[int, str]]] = [
         ((t.step, t.dataset_a), (t.step if t.step_b is None else t.step_b, t.dataset_b))
         for t in terms
@@ -136,18 +162,20 @@ def stream_self_influence(
     keys = list(dict.fromkeys(k for pair in pairs for k in pair))  # each dataset read once
     block = block_rows or default_block_rows(store.width, len(keys))
     out = torch.zeros(store.num_examples, dtype=torch.float64)
-    for start, stop, blocks in store.iter_blocks(keys, block):
-        acc = torch.zeros(stop - start, dtype=torch.float64)
-        for (ka, kb), t in zip(pairs, terms, strict=True):
-            a, b = blocks[keys.index(ka)], blocks[keys.index(kb)]
-            if t.pair_fn is not None:
-                term = t.pair_fn(a, b).double()
-            else:
-                if t.apply is not None:
-                    a = t.apply(a)
-                term = (a * t.weight * b).sum(dim=1).double()
-            if t.row_weight is not None:
-                term = term * t.row_weight[start:stop].double()
-            acc += term
-        out[start:stop] = acc
+    label = f"{description}: {_checkpoints(terms)}"
+    with progress_bar(label, store.num_examples, unit="rows") as bar:
+        for start, stop, blocks in _counted(store.iter_blocks(keys, block), bar):
+            acc = torch.zeros(stop - start, dtype=torch.float64)
+            for (ka, kb), t in zip(pairs, terms, strict=True):
+                a, b = blocks[keys.index(ka)], blocks[keys.index(kb)]
+                if t.pair_fn is not None:
+                    term = t.pair_fn(a, b).double()
+                else:
+                    if t.apply is not None:
+                        a = t.apply(a)
+                    term = (a * t.weight * b).sum(dim=1).double()
+                if t.row_weight is not None:
+                    term = term * t.row_weight[start:stop].double()
+                acc += term
+            out[start:stop] = acc
     return out.float()
