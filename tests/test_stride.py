@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -66,11 +64,11 @@ def _planted(design, q, k, noise, rng):
     return w, torch.tensor(y, dtype=torch.float32)
 
 
-def test_recovery_oracle_planted_sparse_vector():
-    """n=1000, K=300, d=10, k=10 planted, 10% noise: F1 of the top-k support > 0.9; α chosen by CV
-    on separate 'training' measurements, never on the evaluated ones."""
-    t0 = time.perf_counter()
-    design = SubsetDesign.draw(np.arange(1000), 300, 10, seed=0)
+@pytest.mark.parametrize("num_subsets", [300, 1000])  # the K of the benchmarks (n=1000, d=10)
+def test_recovery_oracle_planted_sparse_vector(num_subsets):
+    """n=1000, K=300|1000, d=10, k=10 planted, 10% noise: F1 of the top-k support > 0.9; α chosen
+    by CV on separate 'training' measurements, never on the evaluated ones."""
+    design = SubsetDesign.draw(np.arange(1000), num_subsets, 10, seed=0)
     rng = np.random.default_rng(1)
     _, y_train = _planted(design, 16, 10, 0.1, rng)
     alpha, scores = choose_alpha(design.matrix, y_train)
@@ -82,6 +80,7 @@ def test_recovery_oracle_planted_sparse_vector():
             top = set(torch.topk(r[i].abs(), 10).indices.tolist())
             true = set(np.flatnonzero(w[i]).tolist())
             f1.append(len(top & true) / 10)  # top-k vs k planted: precision = recall = F1
+        print(f"recovery K={num_subsets}: F1 {np.mean(f1):.3f} at alpha {alpha}")
         assert np.mean(f1) > 0.9, (np.mean(f1), alpha, scores)
         # signs of the recovered support match the planted ones
         sup = np.flatnonzero(w[0])
@@ -93,7 +92,6 @@ def test_recovery_oracle_planted_sparse_vector():
     assert (rp >= 0).all()
     top = set(torch.topk(rp[0], 10).indices.tolist())
     assert len(top & set(np.flatnonzero(wp[0]).tolist())) >= 9
-    assert time.perf_counter() - t0 < 15
 
 
 # -- operators --------------------------------------------------------------------------------
