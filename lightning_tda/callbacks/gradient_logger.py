@@ -14,6 +14,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tda.callbacks.in_flight import InFlightRecorder
 from lightning_tda.callbacks.optimizer_state import (
     adam_scales,
     current_lrs,
@@ -24,13 +25,17 @@ from lightning_tda.callbacks.optimizer_state import (
 from lightning_tda.callbacks.schedule import LogSchedule
 from lightning_tda.capture.basis import Bases, fit_pca_bases
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
+from lightning_tda.capture.in_flight import Reduction, check_reduction
 from lightning_tda.capture.layers import LayerSpec, discover_layers, row_width
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.progress import progress_bar
 from lightning_tda.store import schema
+from lightning_tda.store.batches import BatchStep, rebuild_example_ids, write_batch_steps
 from lightning_tda.store.writer import StoreError, StoreWriter
+
+MODES = ("sweep", "in_flight")
 
 
 class GradientLogger(pl.Callback):
@@ -41,6 +46,15 @@ class GradientLogger(pl.Callback):
     and PEFT LoRA linear, and stores ``P_out^T [∇W | ∇b] P_in`` per example (never materialising the
     per-example gradient). The sweep leaves training untouched: RNG streams, module modes, ``.grad``
     and optimizer state are as before, so a seeded fit ends with bit-identical weights.
+
+    With ``mode="in_flight"`` nothing is swept: the hooks capture the user's own ``training_step``
+    forward and backward, and every logged optimizer step ``t`` becomes a batch checkpoint holding the
+    rows of that step's examples at the weights ``θ_t`` the step started from, its learning rate and
+    (``save_state``) ``θ_t`` itself, so ``method="tracin"`` is the ideal per-step TracIn
+    ``Σ_t η_t <g_q(θ_t), g_z(θ_t)>`` (docs/store.md "In-flight stores"). The hooked gradients are of the
+    training loss; they are divided by ``c · S / A`` (``in_flight_reduction``'s ``c``, the loss scaler's
+    ``S``, ``accumulate_grad_batches`` ``A``), so a row is the gradient of the example's own
+    ``per_example_loss`` as in a sweep. Training is untouched (no RNG, ``.grad`` or mode change).
 
     Args:
         path: the ``.h5`` store to write.
@@ -92,6 +106,22 @@ class GradientLogger(pl.Callback):
             logged checkpoint in ``on_fit_end`` (rank zero; a Trainer of its own, see
             :func:`lightning_tda.stride.fit`); ``None`` (default) skips it.
         stride_trainer_kwargs: extra ``Trainer`` arguments of that STRIDE fit.
+        mode: ``"sweep"`` (default): sweep ``attribution_data`` at each trigger; ``"in_flight"``: log the
+            training batches themselves (no extra forward or backward over training data). In-flight
+            logs every optimizer step by default (``every_n_train_steps=n`` or ``at_steps`` log a subset;
+            step ``t`` means the weights after ``t`` optimizer steps, ``t = 0, n, 2n, ...``), takes no
+            ``attribution_data``/``every_n_epochs``/``log_at_fit_*``, and supports neither ``dense_dim``,
+            ``basis="pca"`` nor ``storage="lorif"``; it writes no optimizer moments, curvature or losses.
+            Training must use automatic optimization and batches must carry example ids.
+        in_flight_reduction: how ``training_step``'s loss reduces ``per_example_loss`` over a (micro-)batch:
+            ``"mean"`` (default: ``c = 1/B``), ``"sum"`` (``c = 1``) or ``fn(batch) -> c`` with
+            ``loss = c · Σ_b per_example_loss_b`` (e.g. :func:`~lightning_tda.capture.in_flight.token_mean`
+            for a mean over the batch's supervised tokens). The rows are divided by ``c``, by the loss
+            scaler's scale and multiplied by ``accumulate_grad_batches``; a wrong ``c`` rescales every row
+            of a batch (a per-example-weighted loss, e.g. a mean of per-sequence token means, is not of this
+            form and is not supported).
+        flush_every: in-flight mode writes logged steps in groups of this many (one file open per group;
+            also at every Lightning checkpoint save, at the end of fit and on an exception).
 
     Example::
 
@@ -133,8 +163,40 @@ class GradientLogger(pl.Callback):
         verbose: bool = True,
         stride: Any = None,
         stride_trainer_kwargs: dict[str, Any] | None = None,
+        mode: str = "sweep",
+        in_flight_reduction: Reduction = "mean",
+        flush_every: int = 16,
     ) -> None:
         super().__init__()
+        if mode not in MODES:
+            raise MisconfigurationException(
+                f"mode must be 'sweep' (sweep attribution_data at each trigger) or 'in_flight' (log the "
+                f"training batches themselves), got {mode!r}"
+            )
+        self.mode = mode
+        self._recorder: InFlightRecorder | None = None
+        self._pending: list[BatchStep] = []
+        self._query_ids: Any = None
+        if mode == "in_flight":
+            _check_in_flight_args(
+                attribution_data=attribution_data,
+                every_n_epochs=every_n_epochs,
+                log_at_fit_start=log_at_fit_start,
+                log_at_fit_end=log_at_fit_end,
+                dense_dim=dense_dim,
+                basis=basis,
+                storage=storage,
+                flush_every=flush_every,
+            )
+            try:
+                check_reduction(in_flight_reduction)
+            except ValueError as e:
+                raise MisconfigurationException(str(e)) from None
+            if every_n_train_steps is None and at_steps is None:
+                every_n_train_steps = 1
+            self._recorder = InFlightRecorder(in_flight_reduction)
+        self.in_flight_reduction = in_flight_reduction
+        self.flush_every = flush_every
         if storage not in schema.STORAGE_KINDS:
             raise MisconfigurationException(
                 f"storage must be 'dense' or 'lorif' (rank-c factors per layer), got {storage!r}"
@@ -204,6 +266,7 @@ class GradientLogger(pl.Callback):
         return self._generate_state_key(path=str(self.path))
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()  # a Lightning checkpoint is being saved: the steps it covers must be on disk
         return {
             "lr_cumsum": list(self._lr_cumsum),
             "lr_cumsum_at_last": list(self._lr_cumsum_at_last),
@@ -257,6 +320,11 @@ class GradientLogger(pl.Callback):
                 f"captured ({', '.join(self._other[:4])}{' ...' if len(self._other) > 4 else ''}); set dense_dim>0 to "
                 "include them."
             )
+        if self._recorder is not None and not getattr(pl_module, "automatic_optimization", True):
+            raise MisconfigurationException(
+                "GradientLogger(mode='in_flight') reads the backward Lightning runs in automatic optimization; "
+                "this module uses manual optimization. Use mode='sweep'."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resumed:
@@ -265,6 +333,8 @@ class GradientLogger(pl.Callback):
                 rank_zero_info(
                     f"GradientLogger: resumed; dropped incomplete/stale checkpoints at steps {removed}"
                 )
+            if self._recorder is not None and self.path.exists():
+                rebuild_example_ids(self.path)
         else:
             if not self.overwrite and self.writer.has_complete_checkpoints():
                 raise StoreError(
@@ -279,8 +349,16 @@ class GradientLogger(pl.Callback):
             self._step_at_last = trainer.global_step
         self.writer.write_run_metadata(
             self._run_metadata(trainer, pl_module),
-            compare=("layers", "projection", "storage", "factor_layout"),
+            compare=("layers", "projection", "storage", "factor_layout", schema.LOGGING_MODE),
+            schema_version=(
+                schema.IN_FLIGHT_SCHEMA_VERSION
+                if self._recorder is not None
+                else schema.SCHEMA_VERSION
+            ),
         )
+        if self._recorder is not None:
+            self._pending.clear()
+            self._recorder.attach(pl_module, self._layers, self.projection, pl_module.device)
         if self.schedule.log_at_fit_start:
             self._log(trainer, pl_module, "fit_start")
 
@@ -292,8 +370,27 @@ class GradientLogger(pl.Callback):
             if opt is optimizer:
                 for j, group in enumerate(opt.param_groups):
                     self._lr_cumsum[offset + j] += float(group["lr"])
-                return
+                break
             offset += len(opt.param_groups)
+        if self._recorder is not None:
+            self._log_in_flight(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._recorder is not None and self._in_flight_due(step):
+            self._recorder.batch_start(batch, step, pl_module.device)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._recorder is not None:
+            self._recorder.before_backward(trainer)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._recorder is not None:
+            self._recorder.after_backward(trainer)
 
     def on_train_batch_end(
         self,
@@ -303,14 +400,36 @@ class GradientLogger(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self._recorder is not None:
+            self._recorder.batch_end()
+            if len(self._pending) >= self.flush_every:
+                self._flush()
+            return
         if self.schedule.step_due(trainer.global_step):
             self._log(trainer, pl_module, "step")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.schedule.epoch_due(trainer.current_epoch):
+        if self._recorder is None and self.schedule.epoch_due(trainer.current_epoch):
             self._log(trainer, pl_module, "epoch")
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+            try:
+                self._flush()  # the steps finished before the exception are valid
+            except Exception:  # noqa: BLE001 - the original exception is the one to report
+                rank_zero_info("GradientLogger: could not write the last in-flight steps")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+            self._flush()
         if self.schedule.log_at_fit_end:
             self._log(trainer, pl_module, "fit_end")
         self.writer.set_root_attrs(
@@ -374,6 +493,15 @@ class GradientLogger(pl.Callback):
             "other_params": schema.to_json(self._other),
             "capture_selection": schema.to_json({"modules": self.modules, "exclude": self.exclude}),
             "loss_reduction": "per-example loss; sequence losses summed over supervised tokens",
+            schema.LOGGING_MODE: self.mode,
+            **(
+                {
+                    "in_flight_reduction": _describe(self.in_flight_reduction),
+                    "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+                }
+                if self._recorder is not None
+                else {}
+            ),
             "optimizers": schema.to_json(optimizer_summary(trainer.optimizers)),
             "schedule": schema.to_json(self.schedule.to_dict()),
             "storage": self.storage,
@@ -458,6 +586,86 @@ class GradientLogger(pl.Callback):
                 + f", D={width}, {time.perf_counter() - t0:.2f}s -> {self.path}"
             )
 
+    # -- in flight --------------------------------------------------------------------------
+    def _in_flight_due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (weights after ``step`` updates) is logged."""
+        if self._logged_steps and step <= self._logged_steps[-1]:
+            return False  # already logged (steps are logged in increasing order)
+        n = self.schedule.every_n_train_steps
+        return step % n == 0 if n is not None else self.schedule.step_due(step)
+
+    def _log_in_flight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the optimizer step: the weights are still ``θ_t``; keep the step's rows and state."""
+        step = trainer.global_step
+        taken = self._recorder.take_step(step)
+        if taken is None:
+            return
+        ids, rows = taken
+        state = (
+            {k: v.detach().to("cpu", copy=True) for k, v in _trainable_state(pl_module).items()}
+            if self.save_state
+            else None
+        )
+        queries = (
+            self._in_flight_queries(trainer, pl_module) if self.query_data is not None else None
+        )
+        lrs = current_lrs(trainer.optimizers)
+        attrs = {
+            "epoch": trainer.current_epoch,
+            "trigger": "in_flight",
+            "lr_sum": lrs,  # this one step's learning rates: the rows stand for exactly its update
+            "lr_cumsum": list(self._lr_cumsum),
+            "lr_at_checkpoint": lrs,
+            "steps_since_previous": step - (self._logged_steps[-1] if self._logged_steps else -1),
+            "micro_batches": self._recorder.micro_batches,
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+        }
+        self._pending.append(BatchStep(step, ids.cpu(), rows.cpu(), attrs, state, queries))
+        self._logged_steps.append(step)
+        self._lr_cumsum_at_last = list(self._lr_cumsum)
+        self._step_at_last = step
+
+    def _in_flight_queries(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected query gradients at ``θ_t`` (eval mode; RNG, modes and ``.grad`` preserved)."""
+        qloader = self._loader(trainer, self.query_data)
+        feat = Featurizer(
+            pl_module,
+            self._layers,
+            self.projection,
+            self._loss_fn,
+            pl_module.device,
+            require_ids=False,
+        )
+        rows, losses, ids = [], [], []
+        with preserved_training_state(pl_module):
+            for batch in qloader:
+                fb = self._featurize(trainer, feat, batch)
+                rows.append(fb.rows.cpu())
+                losses.append(fb.losses.cpu())
+                ids.append(fb.ids)
+        if self._query_ids is None:
+            n = sum(len(r) for r in rows)
+            self._query_ids = (
+                torch.arange(n) if any(i is None for i in ids) else torch.cat(ids).cpu()
+            )
+        return torch.cat(rows), torch.cat(losses)
+
+    def _flush(self) -> None:
+        """Write the pending in-flight steps (one file open)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        t0 = time.perf_counter()
+        write_batch_steps(self.path, self.writer.storage_dtype, pending, self._query_ids)
+        if self.verbose:
+            rows = sum(len(p.ids) for p in pending)
+            rank_zero_info(
+                f"GradientLogger: in flight, steps {pending[0].step}..{pending[-1].step} ({len(pending)} steps, "
+                f"{rows} rows, D={row_width(self._layers)}), {time.perf_counter() - t0:.2f}s -> {self.path}"
+            )
+
     def _projection_bases(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
     ) -> Bases | None:
@@ -490,6 +698,56 @@ class GradientLogger(pl.Callback):
         batch = trainer.strategy.batch_to_device(batch)
         with trainer.precision_plugin.forward_context():
             return feat(batch)
+
+
+def _check_in_flight_args(**kw: Any) -> None:
+    """Clear errors for sweep-only options given with ``mode="in_flight"``."""
+    fixes = {
+        "attribution_data": (
+            kw["attribution_data"] is not None,
+            "in-flight mode logs the training batches themselves; drop attribution_data (the store's examples "
+            "are the example ids seen in training) or use mode='sweep'",
+        ),
+        "every_n_epochs": (
+            kw["every_n_epochs"] is not None,
+            "in-flight mode logs optimizer steps; use every_n_train_steps=n or at_steps=[...] (default: every step)",
+        ),
+        "log_at_fit_start": (
+            kw["log_at_fit_start"],
+            "in-flight mode logs no sweep; the first step's batch is logged at step 0 anyway",
+        ),
+        "log_at_fit_end": (
+            kw["log_at_fit_end"],
+            "in-flight mode logs no sweep of the final weights; use mode='sweep' for that",
+        ),
+        "dense_dim": (
+            kw["dense_dim"] > 0,
+            "the dense (torch.func) block needs an extra per-example pass; use dense_dim=0 with in-flight mode",
+        ),
+        "basis": (
+            kw["basis"] != "random",
+            "a PCA basis is fitted by a sweep; use basis='random' with in-flight mode",
+        ),
+        "storage": (
+            kw["storage"] != "dense",
+            "in-flight steps are stored dense; use storage='dense'",
+        ),
+        "flush_every": (
+            isinstance(kw["flush_every"], bool)
+            or not isinstance(kw["flush_every"], int)
+            or kw["flush_every"] < 1,
+            f"flush_every must be a positive int, got {kw['flush_every']!r}",
+        ),
+    }
+    for name, (bad, fix) in fixes.items():
+        if bad:
+            raise MisconfigurationException(f"GradientLogger(mode='in_flight', {name}=...): {fix}.")
+
+
+def _describe(reduction: Reduction) -> str:
+    if isinstance(reduction, str):
+        return reduction
+    return f"callable:{getattr(reduction, '__qualname__', type(reduction).__name__)}"
 
 
 def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

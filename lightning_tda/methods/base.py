@@ -50,9 +50,11 @@ def lr_weights(store: StoreReader, ck: CheckpointInfo, interval: Interval) -> to
     """``[D]`` per-column learning-rate sum of the interval checkpoint ``ck`` stands for.
 
     ``"previous"``: the steps since the previous checkpoint (TracIn-CP's usual convention);
-    ``"next"``: the steps until the next checkpoint (or the end of training).
+    ``"next"``: the steps until the next checkpoint (or the end of training). A batch (in-flight)
+    checkpoint stands for exactly the optimizer step that used its batch: its weight is that step's
+    learning rate whatever the interval (ideal per-step TracIn).
     """
-    if interval == "previous":
+    if interval == "previous" or (interval == "next" and ck.in_flight):
         sums = ck.lr_sum
     elif interval == "next":
         later = [c for c in store.checkpoints if c.global_step > ck.global_step]

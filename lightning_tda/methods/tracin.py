@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -15,7 +16,35 @@ import torch
 from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights, select_checkpoints
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store import schema
+from lightning_tda.store.batches import batch_pairs, batch_scores
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
+
+
+def score_term(
+    ck: CheckpointInfo, dataset: str, query: torch.Tensor, normalize: bool = False
+) -> ScoreTerm:
+    """``<query, row>`` over a checkpoint's rows; a batch (in-flight) checkpoint scores only its batch."""
+    if not ck.in_flight:
+        return ScoreTerm(ck.global_step, dataset, query, normalize_train=normalize)
+    return ScoreTerm(
+        ck.global_step,
+        schema.batch_view(dataset),
+        query,
+        score_fn=partial(batch_scores, normalize=normalize),
+    )
+
+
+def self_term(ck: CheckpointInfo, a: str, b: str, weight: torch.Tensor) -> SelfTerm:
+    """``<weight ⊙ a_i, b_i>`` at one checkpoint (zero off the batch of an in-flight checkpoint)."""
+    if not ck.in_flight:
+        return SelfTerm(ck.global_step, a, b, weight)
+    return SelfTerm(
+        ck.global_step,
+        schema.batch_view(a),
+        schema.batch_view(b),
+        weight,
+        pair_fn=partial(batch_pairs, weight=weight),
+    )
 
 
 @dataclass
@@ -34,11 +63,11 @@ class GradDot(AttributionMethod):
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         (ck,) = self.used_checkpoints(store)
-        return [ScoreTerm(ck.global_step, schema.TRAIN, queries[ck.global_step])]
+        return [score_term(ck, schema.TRAIN, queries[ck.global_step])]
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
         (ck,) = self.used_checkpoints(store)
-        return [SelfTerm(ck.global_step, schema.TRAIN, schema.TRAIN, torch.ones(store.width))]
+        return [self_term(ck, schema.TRAIN, schema.TRAIN, torch.ones(store.width))]
 
 
 @dataclass
@@ -54,7 +83,7 @@ class GradCos(GradDot):
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         (ck,) = self.used_checkpoints(store)
         q = queries[ck.global_step]
-        return [ScoreTerm(ck.global_step, schema.TRAIN, _unit(q), normalize_train=True)]
+        return [score_term(ck, schema.TRAIN, _unit(q), normalize=True)]
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
         raise ValueError(
@@ -67,7 +96,10 @@ class TracIn(AttributionMethod):
     """TracIn-CP: ``Σ_c η̄_c <g_q(θ_c), g_i(θ_c)>`` (methods.md §2.1).
 
     ``η̄_c`` is the learning-rate sum of the interval checkpoint ``c`` stands for, logged per parameter
-    group (each layer weighted by its group's sum).
+    group (each layer weighted by its group's sum). On an in-flight store (``GradientLogger(mode=
+    "in_flight")``) every checkpoint is one optimizer step ``t`` holding only its batch's rows, so the
+    score is the ideal per-step TracIn ``Σ_t η_t <g_q(θ_t), g_i(θ_t)>`` over the logged steps whose batch
+    held example ``i``.
 
     Args:
         checkpoints: global steps to use; ``None`` = all complete checkpoints.
@@ -99,8 +131,8 @@ class TracIn(AttributionMethod):
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         return [
-            ScoreTerm(
-                ck.global_step,
+            score_term(
+                ck,
                 self.train_dataset,
                 queries[ck.global_step] * w.to(queries[ck.global_step].device),
             )
@@ -109,8 +141,7 @@ class TracIn(AttributionMethod):
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
         return [
-            SelfTerm(ck.global_step, schema.TRAIN, self.train_dataset, w)
-            for ck, w in self._weighted(store)
+            self_term(ck, schema.TRAIN, self.train_dataset, w) for ck, w in self._weighted(store)
         ]
 
 

@@ -17,6 +17,7 @@ from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import schema
+from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
 from lightning_tda.store.writer import StoreError, read_bases
 
 
@@ -35,6 +36,7 @@ class CheckpointInfo:
     steps_since_previous: int
     trigger: str
     datasets: tuple[str, ...]
+    in_flight: bool = False  # a batch checkpoint: only the rows of one optimizer step's batch
 
     @property
     def has_precond(self) -> bool:
@@ -101,10 +103,10 @@ class StoreReader:
         if fmt != schema.FORMAT:
             raise StoreError(f"{self.path} is not a lightning_tda store (format attribute {fmt!r})")
         version = int(f.attrs.get("schema_version", -1))
-        if version != schema.SCHEMA_VERSION:
+        if version not in schema.READABLE_SCHEMA_VERSIONS:
             raise SchemaVersionError(
                 f"{self.path} has store schema version {version}; this lightning_tda ({_lib_version()}) reads "
-                f"version {schema.SCHEMA_VERSION}. Install the lightning_tda version that wrote it "
+                f"versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}. Install the lightning_tda version that wrote it "
                 f"(library_version={f.attrs.get('library_version', '?')!r}) or re-log the run."
             )
         self.storage_dtype = str(f.attrs["storage_dtype"])
@@ -133,6 +135,7 @@ class StoreReader:
                     steps_since_previous=int(g.attrs.get("steps_since_previous", 0)),
                     trigger=str(g.attrs.get("trigger", "")),
                     datasets=tuple(k for k in g if isinstance(g[k], h5py.Dataset)),
+                    in_flight=g.attrs.get(schema.ROWS_KIND) == schema.BATCH_ROWS,
                 )
             )
         self.checkpoints = sorted(ck, key=lambda c: c.global_step)
@@ -144,6 +147,7 @@ class StoreReader:
         self.query_ids = (
             torch.from_numpy(f[schema.QUERY_IDS][()]) if schema.QUERY_IDS in f else None
         )
+        self._positions: dict[int, int] | None = None  # example id -> row, built on demand
         self.incomplete = [
             int(g.attrs.get("global_step", -1))
             for g in f.get(schema.CHECKPOINTS, {}).values()
@@ -177,7 +181,19 @@ class StoreReader:
                 return c
         raise KeyError(f"no complete checkpoint at step {step}; the store has steps {self.steps}")
 
-    def _dataset(self, f: h5py.File, step: int, name: str) -> h5py.Dataset | FactoredRows:
+    def _dataset(
+        self, f: h5py.File, step: int, name: str
+    ) -> h5py.Dataset | FactoredRows | BatchRows:
+        base = schema.batch_base(name)
+        if base is not None or name in GUARDED:
+            group = f.get(schema.checkpoint_name(step))
+            in_flight = group is not None and group.attrs.get(schema.ROWS_KIND) == schema.BATCH_ROWS
+            if base is not None:
+                return (
+                    self._batch_view(f, step, base) if in_flight else self._dataset(f, step, base)
+                )
+            if in_flight:
+                raise in_flight_refusal(step, name)
         path = f"{schema.checkpoint_name(step)}/{name}"
         factored = f"{schema.checkpoint_name(step)}/{schema.FACTORED.get(name, '')}"
         if path not in f and name in schema.FACTORED and factored in f:
@@ -195,6 +211,28 @@ class StoreReader:
             )
             raise KeyError(f"checkpoint {step} has no {name!r} dataset{hint}")
         return f[path]
+
+    def _batch_view(self, f: h5py.File, step: int, name: str) -> BatchRows:
+        """A batch checkpoint's rows ``name`` as a sparse ``[N, D]`` view in store row order."""
+        g = f[schema.checkpoint_name(step)]
+        if name not in g:
+            raise KeyError(f"checkpoint {step} has no {name!r} dataset")
+        if self._positions is None:
+            self._positions = {int(i): r for r, i in enumerate(self.example_ids.tolist())}
+        enc = schema.dataset_encoding(g[name], self.storage_dtype)
+        return BatchRows(g[name], g[schema.ROW_IDS][()], self._positions, self.num_examples, enc)
+
+    def batch_rows(self, step: int, name: str = schema.TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [B], rows [B, D] fp32)`` of a batch (in-flight) checkpoint, ids ascending."""
+        if not self.checkpoint(step).in_flight:
+            raise ValueError(
+                f"checkpoint {step} is a sweep checkpoint holding every example; use read(step, {name!r})"
+            )
+        with h5py.File(self.path, "r") as f:
+            g = f[schema.checkpoint_name(step)]
+            ds = g[name]
+            rows = schema.decode_rows(ds[()], schema.dataset_encoding(ds, self.storage_dtype))
+            return torch.from_numpy(g[schema.ROW_IDS][()]), rows
 
     def stored_rows(self, step: int, name: str = schema.TRAIN) -> tuple[str, FactorLayout]:
         """The dataset actually holding rows ``name`` at ``step``, and how to decode it.
@@ -229,10 +267,12 @@ class StoreReader:
 
     def iter_blocks(
         self, steps_and_names: Sequence[tuple[int, str]], block_rows: int
-    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    ) -> Iterator[tuple[int, int, list[torch.Tensor | RowBlock]]]:
         """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file.
 
-        ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block."""
+        ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block. A batch
+        checkpoint's ``"train@batch"`` (:func:`schema.batch_view`) yields a :class:`RowBlock` holding only
+        the rows of that step's batch that fall in the block."""
         with h5py.File(self.path, "r") as f:
             dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
@@ -243,7 +283,9 @@ class StoreReader:
                     start,
                     stop,
                     [
-                        schema.decode_rows(d[start:stop], e)
+                        d.block(start, stop)
+                        if isinstance(d, BatchRows)
+                        else schema.decode_rows(d[start:stop], e)
                         for d, e in zip(dsets, encs, strict=True)
                     ],
                 )

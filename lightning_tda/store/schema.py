@@ -9,7 +9,11 @@ import numpy as np
 import torch
 
 FORMAT = "lightning_tda"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # stores written by a sweep (every checkpoint holds every example's row)
+# in-flight stores (GradientLogger(mode="in_flight")) hold batch checkpoints that older readers would
+# misread, so they are written as version 2; this reader reads both (docs/store.md)
+IN_FLIGHT_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 CHECKPOINTS = "checkpoints"
 BASES = (
@@ -32,6 +36,23 @@ QUERY_LOSS = "query_loss"  # [Q]
 OPTIMIZER = "optimizer"  # group: factored second moments per layer
 KFAC = "kfac"  # group: <layer>/A [k_in, k_in], <layer>/S [k_out, k_out] projected K-FAC factors
 STATE = "state"  # group: trainable parameters and buffers at this checkpoint
+
+# in-flight logging (docs/store.md "In-flight stores")
+LOGGING_MODE = "logging_mode"  # root attr: "sweep" (absent = sweep) or "in_flight"
+ROWS_KIND = "rows"  # checkpoint attr: "batch" = only the rows of that optimizer step's batch
+BATCH_ROWS = "batch"
+BATCH_VIEW = "@batch"  # "train@batch": a batch checkpoint's rows seen as a sparse [N, D] matrix
+
+
+def batch_view(name: str) -> str:
+    """Reader alias of a batch checkpoint's row dataset ``name`` as a sparse ``[N, D]`` view."""
+    return name + BATCH_VIEW
+
+
+def batch_base(name: str) -> str | None:
+    """``"train"`` for ``"train@batch"``; ``None`` for a plain dataset name."""
+    return name[: -len(BATCH_VIEW)] if name.endswith(BATCH_VIEW) else None
+
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 FP16_MAX = 65504.0

@@ -153,24 +153,29 @@ class StoreWriter:
             f.flush()
         return removed
 
-    def write_run_metadata(self, attrs: Mapping[str, Any], compare: tuple[str, ...] = ()) -> None:
-        """Create the file's root attributes, or check that an existing file is the same run layout."""
+    def write_run_metadata(
+        self,
+        attrs: Mapping[str, Any],
+        compare: tuple[str, ...] = (),
+        schema_version: int = schema.SCHEMA_VERSION,
+    ) -> None:
+        """Create the file's root attributes, or check that an existing file is the same run layout.
+
+        ``schema_version``: the layout version to write (and expect on resume); in-flight stores are
+        ``schema.IN_FLIGHT_SCHEMA_VERSION``."""
         with _open(self.path, "a") as f:
             fmt = f.attrs.get("format")
             if fmt is None:
                 f.attrs["format"] = schema.FORMAT
-                f.attrs["schema_version"] = schema.SCHEMA_VERSION
+                f.attrs["schema_version"] = schema_version
                 f.attrs["storage_dtype"] = self.storage_dtype
                 for k, v in attrs.items():
                     f.attrs[k] = _attr(v)
                 f.flush()
                 return
-            if (
-                fmt != schema.FORMAT
-                or int(f.attrs.get("schema_version", -1)) != schema.SCHEMA_VERSION
-            ):
+            if fmt != schema.FORMAT or int(f.attrs.get("schema_version", -1)) != schema_version:
                 raise StoreError(
-                    f"{self.path} is not a lightning_tda schema-{schema.SCHEMA_VERSION} store "
+                    f"{self.path} is not a lightning_tda schema-{schema_version} store "
                     f"(format={fmt!r}, schema_version={f.attrs.get('schema_version')!r}); pass a new path."
                 )
             if f.attrs.get("storage_dtype") != self.storage_dtype:

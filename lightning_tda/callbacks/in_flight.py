@@ -1,0 +1,148 @@
+"""The in-flight half of ``GradientLogger(mode="in_flight")``: micro-batches in, one row set per step out.
+
+Lightning's automatic optimization runs, per micro-batch, ``on_train_batch_start`` -> ``training_step``
+(forward) -> ``on_before_backward`` -> backward -> ``on_after_backward``, and after the last micro-batch
+of an accumulation window ``on_before_optimizer_step`` -> ``optimizer.step()``. The recorder starts the
+capture at batch start, reads the loss scaler's scale before backward, unscales and keeps the rows
+after backward, and hands the step's merged rows to the logger before the optimizer step, while the
+weights are still ``θ_t``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tda.capture.featurize import NonFiniteError, _check_finite
+from lightning_tda.capture.in_flight import InFlightCapture, Reduction, reduction_factor
+from lightning_tda.capture.layers import LayerSpec
+from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.data.indexed import get_example_ids
+
+
+def loss_scale(trainer: Any) -> float:
+    """The factor a mixed-precision loss scaler (``GradScaler``) applies before backward; 1 without one."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None:
+        return 1.0
+    enabled = getattr(scaler, "is_enabled", None)
+    if callable(enabled) and not enabled():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+def merge_rows(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort by id and sum the rows of an example that occurs twice in one step (both were in the update).
+
+    Args:
+        ids: ``[M]`` int64.
+        rows: ``[M, D]``.
+
+    Returns:
+        ``(unique ascending ids [B], rows [B, D])``.
+    """
+    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    if len(uniq) == len(ids):
+        return uniq, rows[torch.argsort(ids).to(rows.device)]
+    out = rows.new_zeros(len(uniq), rows.shape[1])
+    out.index_add_(0, inverse.to(rows.device), rows)
+    return uniq, out
+
+
+class InFlightRecorder:
+    """Per-micro-batch capture and per-optimizer-step rows for ``GradientLogger(mode="in_flight")``.
+
+    Args:
+        reduction: how ``training_step``'s loss reduces ``per_example_loss`` over a micro-batch
+            (see :func:`lightning_tda.capture.in_flight.reduction_factor`).
+    """
+
+    def __init__(self, reduction: Reduction) -> None:
+        self.reduction = reduction
+        self.capture: InFlightCapture | None = None
+        self._window: int | None = None  # global step of the accumulation window being recorded
+        self._ids: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []
+        self._dropped = False
+        self._batch_ids: torch.Tensor | None = None
+        self._c = 1.0
+        self._scale = 1.0
+        self.micro_batches = 0
+
+    def attach(
+        self,
+        model: torch.nn.Module,
+        layers: list[LayerSpec],
+        config: ProjectionConfig,
+        device: torch.device,
+    ) -> None:
+        self.detach()
+        self.capture = InFlightCapture(model, layers, config, device)
+        self.capture.attach()
+
+    def detach(self) -> None:
+        if self.capture is not None:
+            self.capture.detach()
+        self.capture = None
+
+    def batch_start(self, batch: Any, step: int, device: torch.device) -> None:
+        """Start capturing a micro-batch of the window of optimizer step ``step``."""
+        if self.capture is None:
+            raise MisconfigurationException(
+                "GradientLogger(mode='in_flight') was not attached to the model"
+            )
+        if self._window != step:
+            self._window, self._dropped, self.micro_batches = step, False, 0
+            self._ids.clear()
+            self._rows.clear()
+        ids = get_example_ids(batch)
+        self._batch_ids = ids.cpu()
+        self._c = reduction_factor(self.reduction, batch, len(ids))
+        self._scale = 1.0
+        self.capture.start(len(ids), device)
+
+    def before_backward(self, trainer: Any) -> None:
+        if self.capture is not None and self.capture.active:
+            self._scale = loss_scale(trainer)
+
+    def after_backward(self, trainer: Any) -> None:
+        """Unscale and keep the micro-batch's rows: ``rows · A / (c · S)``."""
+        if self.capture is None or not self.capture.active:
+            return
+        factor = float(trainer.accumulate_grad_batches) / (self._c * self._scale)
+        rows = self.capture.finish(factor)
+        if rows is None:
+            return
+        try:
+            _check_finite(rows, self._batch_ids, "in-flight gradient")
+        except NonFiniteError:
+            if self._scale != 1.0:  # the GradScaler skips this optimizer step: log nothing for it
+                self._dropped = True
+                rank_zero_info(
+                    f"GradientLogger: step {self._window} has non-finite scaled gradients (loss scale "
+                    f"{self._scale:g}); the GradScaler skips it, so it is not logged"
+                )
+                return
+            raise
+        self._ids.append(self._batch_ids)
+        self._rows.append(rows)
+        self.micro_batches += 1
+
+    def batch_end(self) -> None:
+        """A micro-batch ended; drop a capture that got no backward."""
+        if self.capture is not None and self.capture.active:
+            self.capture.abort()
+
+    def take_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The merged ``(ids [B], rows [B, D])`` of optimizer step ``step``'s window, or ``None``."""
+        if self._window != step or not self._rows or self._dropped:
+            self._ids.clear()
+            self._rows.clear()
+            return None
+        ids, rows = merge_rows(torch.cat(self._ids), torch.cat(self._rows))
+        self._ids.clear()
+        self._rows.clear()
+        return ids, rows
