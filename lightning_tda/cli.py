@@ -24,14 +24,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fit(argv: list[str]) -> int:
+    from unittest import mock
+
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        args=argv,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-    )
+    # LightningCLI warns when both args= and sys.argv carry arguments; argv is the whole truth here
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        LightningCLI(
+            args=argv,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 from lightning_tda.stride.fit import StrideConfig
@@ -54,17 +55,20 @@ def add_fit_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _instantiate(config: str) -> tuple[Any, Any, Any]:
     """``(model, datamodule, gradient_logger or None)`` from a LightningCLI config, no training."""
+    from unittest import mock
+
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_tda.callbacks.gradient_logger import GradientLogger
 
-    cli = LightningCLI(
-        args=["--config", config, "--trainer.logger", "false"],
-        run=False,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=None,
-    )
+    with mock.patch.object(sys, "argv", sys.argv[:1]):  # args= is the whole command line
+        cli = LightningCLI(
+            args=["--config", config, "--trainer.logger", "false"],
+            run=False,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+        )
     loggers = [c for c in cli.trainer.callbacks if isinstance(c, GradientLogger)]
     return cli.model, cli.datamodule, (loggers[0] if loggers else None)
 
