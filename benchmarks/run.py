@@ -35,6 +35,9 @@ from lightning_tda.eval.metrics import lds_report, mislabel_detection_auc
 from lightning_tda.eval.removal import topk_removal_test
 from lightning_tda.eval.retrain import Bank
 from lightning_tda.methods import AttributionMethod, DataInf, Influence, Source, get_method
+from lightning_tda.stride import Stride, StrideConfig
+from lightning_tda.stride import fit as stride_fit
+from lightning_tda.stride import load as stride_load
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -121,6 +124,8 @@ class Config:
     logger: dict
     methods: list[tuple[str, MethodFactory]]
     dropout_members: int = 0  # add a dropout ensemble of this many members to every checkpoint
+    # STRIDE fits on this run's store: (label, StrideConfig, "last" | "all" checkpoints)
+    stride: list[tuple[str, StrideConfig, str]] = field(default_factory=list)
 
 
 def _named(*names: str) -> list[tuple[str, MethodFactory]]:
@@ -239,7 +244,91 @@ def our_configs(task: Task) -> list[Config]:
     return configs
 
 
-def run_task(task: Task, workdir: Path, peers: bool) -> tuple[list[Row], dict]:
+def stride_configs(task: Task) -> list[Config]:
+    """The STRIDE suite: STRIDE next to the best gradient-based configuration of the quality suite."""
+    fits = [
+        ("defaults", StrideConfig(), "last"),
+        ("defaults, checkpoint-aware", StrideConfig(), "all"),
+    ]
+    if task.name != "tinygpt":  # K=1000 on the GPT: LDS 0.098 for a 532 s fit (explored once)
+        fits += [
+            ("K=1000", StrideConfig(num_subsets=1000, steps=600), "last"),
+            ("K=1000, checkpoint-aware", StrideConfig(num_subsets=1000, steps=600), "all"),
+        ]
+    if task.name == "tinygpt":
+        logger = dict(rank=16, basis="pca", dense_dim=256)
+        label = "kronecker r16 pca + dense 256"
+    else:
+        logger = dict(rank=32, basis="pca", dtype="float32")
+        label = "kronecker r32 pca fp32"
+    methods = _named("tracin") + [
+        ("influence (raw, all ckpts)", lambda store, task: Influence(checkpoints=store.steps)),
+        ("source (L=3)", lambda store, task: Source()),
+        ("source (L=1)", lambda store, task: Source(segments=1)),
+    ]
+    return [Config(label, logger, methods, stride=fits)]
+
+
+def _stride_targets(task: Task):
+    """Next-byte targets of the tiny GPT's ``(ids, (tokens,))`` batches; classifiers need none."""
+    return (lambda batch: batch[1][0]) if task.name == "tinygpt" else None
+
+
+def run_stride(task: Task, cfg: Config, model, store: AttributionStore, bank, subsets, out):
+    """Fit every STRIDE configuration of ``cfg`` on ``store`` and score the queries (two-sided and
+    non-negative Lasso). Seconds: operator fit + measurement + recovery (no gradient logging)."""
+    rows = []
+    targets_fn = _stride_targets(task)
+    for label, config, which in cfg.stride:
+        steps = store.steps if which == "all" else store.steps[-1:]
+        t0 = time.perf_counter()
+        stride_fit(
+            store,
+            model,
+            task.train,
+            config,
+            checkpoints=steps,
+            targets_fn=targets_fn,
+            overwrite=True,
+            trainer_kwargs={"enable_progress_bar": False, "logger": False, "accelerator": "cpu"},
+        )
+        fit_s = time.perf_counter() - t0
+        alphas = [stride_load(store.path, s).alpha for s in steps]
+        for positive in (False, True):
+            method = Stride(
+                checkpoints="all" if which == "all" else None,
+                positive=positive,
+                targets_fn=targets_fn,
+            )
+            t0 = time.perf_counter()
+            res = store.attribute(task.queries, model=model, method=method, top_k=None)
+            secs = fit_s + time.perf_counter() - t0
+            rep = lds_report(res.scores, subsets, out, bank.measurement(task.primary))
+            c = config
+            settings = (
+                f"K={c.num_subsets}, d={c.degree}, r={c.rank}, steps={c.steps}, "
+                f"ckpts={which} ({len(steps)}), Lasso {'non-negative' if positive else 'two-sided'}, "
+                f"λ={'/'.join(f'{a:g}' for a in alphas)}·λ_max (CV on training examples)"
+            )
+            rows.append(
+                Row(
+                    task.name,
+                    f"stride ({label})",
+                    "lightning_tda",
+                    settings,
+                    secs,
+                    rep.mean,
+                    (rep.ci_low, rep.ci_high),
+                    notes=f"fit {fit_s:.1f} s",
+                    extra={"stride": config.__dict__ | {"alpha": alphas, "checkpoints": steps}},
+                )
+            )
+    return rows
+
+
+def run_task(
+    task: Task, workdir: Path, peers: bool, suite: str = "quality"
+) -> tuple[list[Row], dict]:
     bank = Bank.load(bank_path(task.name)) if task.flipped is None else None
     rows: list[Row] = []
     info: dict = {"describe": task.describe}
@@ -266,7 +355,8 @@ def run_task(task: Task, workdir: Path, peers: bool) -> tuple[list[Row], dict]:
         )
     exact_scores = None
     models = {}
-    for cfg in our_configs(task):
+    configs = stride_configs(task) if suite == "stride" else our_configs(task)
+    for cfg in configs:
         label, kwargs = cfg.label, cfg.logger
         model, store, fit_s = fit_logged(
             task, workdir / f"{task.name}-{label.replace(' ', '_').replace(',', '')}.h5", **kwargs
@@ -336,8 +426,18 @@ def run_task(task: Task, workdir: Path, peers: bool) -> tuple[list[Row], dict]:
                         auc=auc,
                     )
                 )
+        if cfg.stride:
+            rows += run_stride(task, cfg, model, store, bank, subsets, out)
         info.setdefault("fit_seconds", {})[label] = fit_s
         info.setdefault("logging_seconds", {})[label] = log_s
+    if suite == "stride":
+        if peers and task.name == "tinygpt":
+            rows += run_lm_peer_rows(
+                task, store, bank, info, names=("dattri_trak_lm", "kronfluence_ekfac_lm")
+            )
+        elif peers:
+            rows += run_peer_rows(task, (model, store), bank, None, info, names=CURVATURE_PEERS)
+        return rows, info
     if task.name == "digits" and exact_scores is not None:
         t0 = time.perf_counter()
         n_q = 20
@@ -408,7 +508,7 @@ class GPTLogits(torch.nn.Module):
         return self.lm(input_ids=input_ids).logits
 
 
-def run_lm_peer_rows(task: Task, store: AttributionStore, bank, info) -> list[Row]:
+def run_lm_peer_rows(task: Task, store: AttributionStore, bank, info, names=None) -> list[Row]:
     from benchmarks.peers_lm import LMTask, run_peers_lm
 
     def full_state(
@@ -427,7 +527,7 @@ def run_lm_peer_rows(task: Task, store: AttributionStore, bank, info) -> list[Ro
         train_tokens=tokens,
         test_tokens=queries,
     )
-    return peer_rows(task, run_peers_lm(lm_task), bank, None, info)
+    return peer_rows(task, run_peers_lm(lm_task, names), bank, None, info)
 
 
 def peer_rows(task: Task, results, bank, exact_scores, info) -> list[Row]:
@@ -553,6 +653,42 @@ def write_markdown(rows: list[Row], infos: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def write_stride_markdown(rows: list[Row], infos: dict, command: str) -> str:
+    """The STRIDE section: LDS and end-to-end seconds of STRIDE next to the gradient methods."""
+    lines = [
+        "## STRIDE next to gradient-based attribution",
+        "",
+        f"Produced by `{command}` on {date.today().isoformat()} ({platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads), every row in one process on the same banks as the "
+        "quality section. Seconds are the post-training cost: for gradient methods the logging sweeps "
+        "plus scoring (a peer: its featurization plus scoring); for STRIDE the operator fit "
+        "(feature cache, Lightning fit, λ by cross-validation on 64 held-out *training* examples) plus "
+        "measuring and recovering the queries — STRIDE reads no gradient rows. Training itself, the "
+        "same for all, is not counted. K subsets, d subsets per example, basis rank r; λ is the Lasso "
+        "penalty as a fraction of λ_max = ‖Mᵀy‖_∞, chosen per checkpoint.",
+        "",
+    ]
+    for task_name, info in infos.items():
+        lines.append(f"### {task_name}: {info['describe']}")
+        lines.append("")
+        if "bank" in info:
+            b = info["bank"]
+            lines.append(
+                f"Bank: M = {b['M']} × R = {b['R']}, Q = {b['Q']}, noise ceiling {b['ceiling']:.3f}; "
+                f"training the logged run took {next(iter(info['fit_seconds'].values())):.1f} s."
+            )
+            lines.append("")
+        lines.append("| method | library | config / settings | LDS [95% CI] | seconds | notes |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in [r for r in rows if r.task == task_name]:
+            lines.append(
+                f"| {r.method} | {r.library} | {r.config} | {_fmt(r.lds, r.ci)} | "
+                f"{r.seconds:.2f} | {r.notes} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def update_benchmarks_md(section: str, marker: str = "quality") -> None:
     path = ROOT / "BENCHMARKS.md"
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
@@ -565,18 +701,25 @@ def update_benchmarks_md(section: str, marker: str = "quality") -> None:
     path.write_text(text)
 
 
+SUITES = {
+    "quality": "digits,tinygpt,mislabel,digits_short,digits_two_stage",
+    "stride": "digits,tinygpt",
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", choices=["quality"], default="quality")
-    ap.add_argument("--tasks", default="digits,tinygpt,mislabel,digits_short,digits_two_stage")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="quality")
+    ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: the suite's)")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
+    tasks = args.tasks or SUITES[args.suite]
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     rows, infos = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.tasks.split(","):
+        for name in tasks.split(","):
             task = TASKS[name]()
             if (
                 task.flipped is None
@@ -585,7 +728,7 @@ def main() -> None:
                 print(f"building the {name} bank (resumable) ...", flush=True)
                 build_bank(name)
             print(f"task {name} ...", flush=True)
-            r, info = run_task(task, Path(tmp), peers=not args.no_peers)
+            r, info = run_task(task, Path(tmp), peers=not args.no_peers, suite=args.suite)
             rows += r
             infos[name] = info
             for row in r:
@@ -595,16 +738,17 @@ def main() -> None:
                     flush=True,
                 )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality.json").write_text(
+    (RESULTS / f"{args.suite}.json").write_text(
         json.dumps({"rows": [r.__dict__ for r in rows], "tasks": infos}, indent=1, default=float)
     )
-    command = "python -m benchmarks.run --suite quality" + (
-        f" --tasks {args.tasks}"
-        if args.tasks != "digits,tinygpt,mislabel,digits_short,digits_two_stage"
-        else ""
+    command = f"python -m benchmarks.run --suite {args.suite}" + (
+        f" --tasks {tasks}" if tasks != SUITES[args.suite] else ""
     )
-    update_benchmarks_md(write_markdown(rows, infos, command))
-    print("wrote BENCHMARKS.md and benchmarks/results/quality.json")
+    if args.suite == "stride":
+        update_benchmarks_md(write_stride_markdown(rows, infos, command), marker="stride")
+    else:
+        update_benchmarks_md(write_markdown(rows, infos, command))
+    print(f"wrote BENCHMARKS.md and benchmarks/results/{args.suite}.json")
 
 
 if __name__ == "__main__":
