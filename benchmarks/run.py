@@ -738,11 +738,19 @@ def main() -> None:
                     flush=True,
                 )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.suite}.json").write_text(
+    path = RESULTS / f"{args.suite}.json"
+    command = f"python -m benchmarks.run --suite {args.suite}"
+    if tasks != SUITES[args.suite] and path.exists():  # re-ran some tasks: keep the others' rows
+        old = json.loads(path.read_text())
+        ran = set(tasks.split(","))
+        keep = [Row(**(r | {"ci": tuple(r["ci"]) if r["ci"] else None})) for r in old["rows"]]
+        rows = [r for r in keep if r.task not in ran] + rows
+        infos = {k: v for k, v in old["tasks"].items() if k not in ran} | infos
+        command += f" (then --tasks {tasks} re-run on {date.today().isoformat()})"
+    elif tasks != SUITES[args.suite]:
+        command += f" --tasks {tasks}"
+    path.write_text(
         json.dumps({"rows": [r.__dict__ for r in rows], "tasks": infos}, indent=1, default=float)
-    )
-    command = f"python -m benchmarks.run --suite {args.suite}" + (
-        f" --tasks {tasks}" if tasks != SUITES[args.suite] else ""
     )
     if args.suite == "stride":
         update_benchmarks_md(write_stride_markdown(rows, infos, command), marker="stride")
