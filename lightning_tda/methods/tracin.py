@@ -16,7 +16,7 @@ import torch
 from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights, select_checkpoints
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store import schema
-from lightning_tda.store.batches import batch_pairs, batch_scores
+from lightning_tda.store.batches import batch_pairs, batch_scores, in_flight_refusal
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
 
 
@@ -45,6 +45,14 @@ def self_term(ck: CheckpointInfo, a: str, b: str, weight: torch.Tensor) -> SelfT
         weight,
         pair_fn=partial(batch_pairs, weight=weight),
     )
+
+
+def batch_steps_term(steps: list[int], dataset: str, queries: torch.Tensor) -> ScoreTerm:
+    """One term over many batch checkpoints: ``Σ_j <queries[:, j], row_{j,i}>`` (``queries`` ``[Q, T, D]``).
+
+    The streaming scorer then reads every store block once and each step's rows once, instead of
+    one term (and one pass over the store) per optimizer step."""
+    return ScoreTerm(steps[0], schema.batch_view(dataset, steps), queries, score_fn=batch_scores)
 
 
 @dataclass
@@ -130,19 +138,52 @@ class TracIn(AttributionMethod):
         return out
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
-        return [
-            score_term(
-                ck,
+        weighted = self._weighted(store)
+        terms = [
+            ScoreTerm(
+                ck.global_step,
                 self.train_dataset,
                 queries[ck.global_step] * w.to(queries[ck.global_step].device),
             )
-            for ck, w in self._weighted(store)
+            for ck, w in weighted
+            if not ck.in_flight
         ]
+        flight = [(ck, w) for ck, w in weighted if ck.in_flight]
+        if flight:  # in-flight steps: one term, each step's rows against its own weighted query
+            q = torch.stack([queries[ck.global_step] for ck, _ in flight])  # [T, Q, D]
+            q.mul_(torch.stack([w for _, w in flight]).to(q.device)[:, None, :])
+            # [Q, T, D] view whose per-step slices q[:, j] are contiguous
+            terms.append(
+                batch_steps_term(
+                    [ck.global_step for ck, _ in flight], self.train_dataset, q.permute(1, 0, 2)
+                )
+            )
+        return terms
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        return [
-            self_term(ck, schema.TRAIN, self.train_dataset, w) for ck, w in self._weighted(store)
+        weighted = self._weighted(store)
+        terms = [
+            SelfTerm(ck.global_step, schema.TRAIN, self.train_dataset, w)
+            for ck, w in weighted
+            if not ck.in_flight
         ]
+        flight = [(ck, w) for ck, w in weighted if ck.in_flight]
+        if flight:
+            steps = [ck.global_step for ck, _ in flight]
+            if self.train_dataset != schema.TRAIN:
+                raise ValueError(f"{self.name} has no in-flight self-influence")
+            view = schema.batch_view(schema.TRAIN, steps)
+            weights = torch.stack([w for _, w in flight])  # [T, D]
+            terms.append(
+                SelfTerm(
+                    steps[0],
+                    view,
+                    view,
+                    torch.ones(store.width),
+                    pair_fn=partial(batch_pairs, weight=weights),
+                )
+            )
+        return terms
 
 
 @dataclass
@@ -161,6 +202,9 @@ class TracInAdam(TracIn):
 
     def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
         cks = super().used_checkpoints(store)
+        flight = [c.global_step for c in cks if c.in_flight]
+        if flight:
+            raise in_flight_refusal(flight[0], schema.TRAIN_PRECOND)
         missing = [c.global_step for c in cks if not c.has_precond]
         if missing:
             raise ValueError(

@@ -11,7 +11,7 @@ because methods reading it expect every example's row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,107 +160,171 @@ def rebuild_example_ids(path: str | Path) -> int:
 # -- reading -----------------------------------------------------------------------------------
 
 
+class _Part:
+    """One batch checkpoint's rows, positioned in store row order."""
+
+    def __init__(self, step: int, rows: h5py.Dataset, positions: np.ndarray, enc: str) -> None:
+        self.step = step
+        self.dataset = rows
+        self.encoding = enc
+        self.order = np.argsort(positions, kind="stable")
+        self.positions = positions[self.order]
+        # rows written by the logger are sorted by id, so their positions ascend: slice them from disk
+        self.contiguous = bool(np.all(self.order == np.arange(len(positions))))
+        self._cache: torch.Tensor | None = None
+
+    def span(self, start: int, stop: int) -> tuple[int, int]:
+        lo, hi = np.searchsorted(self.positions, [start, stop])
+        return int(lo), int(hi)
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``lo:hi`` in position order, fp32 ``[hi - lo, D]``."""
+        if self.contiguous:
+            return schema.decode_rows(self.dataset[lo:hi], self.encoding)
+        if self._cache is None:
+            rows = schema.decode_rows(self.dataset[()], self.encoding)
+            self._cache = rows[torch.from_numpy(self.order)]
+        return self._cache[lo:hi]
+
+
 @dataclass
 class RowBlock:
-    """Rows ``[start, start + length)`` of a sparse ``[N, D]`` view: only the ``m`` non-empty ones.
+    """Store rows ``[start, start + length)`` of batch checkpoints: only the rows their batches hold.
+
+    Lazy: the rows are read when iterated (:meth:`parts`), one checkpoint at a time.
 
     Attributes:
-        rows: ``[m, D]`` fp32 rows.
-        index: ``[m]`` int64 positions of those rows within the block (``0 <= index < length``).
+        spans: ``(j, part, lo, hi, index)`` per checkpoint ``j`` of the view with rows in the block;
+            ``index`` ``[m]`` are their positions within the block.
         length: number of store rows the block covers.
+        width: ``D``.
+        device: where :meth:`parts` puts the rows.
     """
 
-    rows: torch.Tensor
-    index: torch.Tensor
+    spans: list[tuple[int, _Part, int, int, torch.Tensor]]
     length: int
+    width: int
+    device: torch.device | str = "cpu"
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.length, self.rows.shape[1])
+        return (self.length, self.width)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RowBlock:
-        return RowBlock(
-            self.rows.to(device, non_blocking=non_blocking),
-            self.index.to(device, non_blocking=non_blocking),
-            self.length,
-        )
+        return RowBlock(self.spans, self.length, self.width, device)
+
+    def parts(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(j, index [m], rows [m, D])`` per checkpoint ``j`` (its order in the view's step list)."""
+        for j, part, lo, hi, index in self.spans:
+            yield j, index.to(self.device), part.read(lo, hi).to(self.device)
 
     def dense(self) -> torch.Tensor:
-        """``[length, D]`` with zero rows for examples outside the batch."""
-        out = self.rows.new_zeros(self.length, self.rows.shape[1])
-        out[self.index] = self.rows
+        """``[length, D]``: each row summed over the view's checkpoints, zero where none holds it."""
+        out = torch.zeros(self.length, self.width, device=self.device)
+        for _, index, rows in self.parts():
+            out.index_add_(0, index, rows)
         return out
 
 
 def batch_scores(query: torch.Tensor, block: RowBlock, normalize: bool = False) -> torch.Tensor:
-    """``[Q, length]`` inner products of ``query`` ``[Q, D]`` with a block's rows (0 off the batch).
+    """``[Q, length]``: ``Σ_j <query_j, row_{j,i}>`` over the view's checkpoints ``j``.
 
-    With ``normalize`` each row is divided by its norm first (cosine).
+    Args:
+        query: ``[Q, D]`` (the same vector for every checkpoint) or ``[Q, T, D]`` (one per checkpoint of
+            the view, in its step order, e.g. ``η_t g_q(θ_t)``).
+        block: a block of a :class:`BatchRows` view.
+        normalize: divide each row by its norm first (cosine).
     """
-    out = query.new_zeros(query.shape[0], block.length)
-    if block.index.numel():
-        rows = block.rows
+    q3 = query.unsqueeze(1) if query.dim() == 2 else query
+    out = torch.zeros(q3.shape[0], block.length, dtype=q3.dtype, device=q3.device)
+    for j, index, rows in block.parts():
         if normalize:
             rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        out[:, block.index] = query @ rows.T
+        out.index_add_(1, index, q3[:, j if q3.shape[1] > 1 else 0] @ rows.T)
     return out
 
 
 def batch_pairs(a: RowBlock, b: RowBlock, weight: torch.Tensor) -> torch.Tensor:
-    """``[length]``: ``<weight ⊙ a_i, b_i>`` per row of two views of the same batch checkpoint."""
-    if not torch.equal(a.index, b.index):
-        raise ValueError("self-influence pairs need two datasets of the same batch checkpoint")
+    """``[length]``: ``Σ_j <weight_j ⊙ a_{j,i}, b_{j,i}>`` for two views of the same checkpoints.
+
+    ``weight``: ``[D]`` or ``[T, D]`` (one per checkpoint of the view)."""
     out = torch.zeros(a.length, dtype=torch.float32)
-    if a.index.numel():
-        out[a.index] = (a.rows * weight * b.rows).sum(dim=1)
+    parts_b = a.parts() if b is a else b.parts()
+    for (j, index, ra), (jb, index_b, rb) in zip(a.parts(), parts_b, strict=True):
+        if j != jb or not torch.equal(index, index_b):
+            raise ValueError("self-influence pairs need two datasets of the same batch checkpoints")
+        w = weight[j] if weight.dim() == 2 else weight
+        rb = ra if b is a else rb
+        out.index_add_(0, index.cpu(), (ra * w.to(ra.device) * rb).sum(dim=1).cpu())
     return out
 
 
-class BatchRows:
-    """A batch checkpoint's rows as a read-only sparse ``[N, D]`` matrix in store row order.
+def positions_of(example_ids: np.ndarray, ids: np.ndarray, step: int) -> np.ndarray:
+    """Store rows of ``ids`` (``example_ids[pos] == ids``), or a clear error for unknown ids."""
+    sorter = np.argsort(example_ids, kind="stable")
+    idx = np.searchsorted(example_ids, ids, sorter=sorter)
+    idx = np.clip(idx, 0, max(len(example_ids) - 1, 0))
+    pos = sorter[idx] if len(example_ids) else np.zeros(len(ids), dtype=np.int64)
+    bad = ids[example_ids[pos] != ids] if len(example_ids) else ids
+    if len(bad):
+        raise StoreError(
+            f"batch checkpoint {step} has example ids {bad[:5].tolist()} that are not in the store's "
+            "examples/ids; the file was interrupted between writes: resume the fit (or call "
+            "lightning_tda.store.batches.rebuild_example_ids on it) to repair it"
+        )
+    return pos.astype(np.int64)
 
-    Slicing returns a dense numpy block (zeros off the batch); :meth:`block` returns a
-    :class:`RowBlock` holding only the batch's rows, which is what ``StoreReader.iter_blocks`` yields.
-    The (small) dataset is read once, on first use.
+
+class BatchRows:
+    """Batch checkpoints' rows as one read-only sparse ``[N, D]`` matrix in store row order.
+
+    :meth:`block` returns a lazy :class:`RowBlock` (what ``StoreReader.iter_blocks`` yields), which keeps
+    the checkpoints apart so that a score can weight each with its own query vector; slicing returns
+    a dense numpy block (rows summed over the checkpoints, zeros off their batches).
+
+    Args:
+        f: the open store.
+        steps: the batch checkpoints of the view.
+        name: the row dataset (``"train"``).
+        example_ids: ``[N]`` the store's example ids (row order).
+        storage_dtype: the store's default row encoding.
     """
 
     def __init__(
-        self, rows: h5py.Dataset, ids: np.ndarray, positions: Mapping[int, int], n: int, enc: str
+        self,
+        f: h5py.File,
+        steps: Sequence[int],
+        name: str,
+        example_ids: np.ndarray,
+        storage_dtype: str,
     ) -> None:
-        missing = [int(i) for i in ids if int(i) not in positions]
-        if missing:
-            raise StoreError(
-                f"batch checkpoint ids {missing[:5]} are not in the store's examples/ids; the file was "
-                "interrupted between writes: resume the fit (or run lightning_tda.store.batches."
-                "rebuild_example_ids on it) to repair it"
-            )
-        pos = np.fromiter((positions[int(i)] for i in ids), dtype=np.int64, count=len(ids))
-        self.order = np.argsort(pos, kind="stable")
-        self.positions = pos[self.order]
-        self.dataset = rows
-        self.encoding = enc
-        self.shape = (n, rows.shape[1])
+        self.parts: list[_Part] = []
+        width = None
+        for step in steps:
+            g = f[schema.checkpoint_name(step)]
+            if g.attrs.get(schema.ROWS_KIND) != schema.BATCH_ROWS:
+                raise StoreError(f"checkpoint {step} is not a batch (in-flight) checkpoint")
+            if name not in g:
+                raise KeyError(f"checkpoint {step} has no {name!r} dataset")
+            ds = g[name]
+            width = ds.shape[1] if width is None else width
+            pos = positions_of(example_ids, g[schema.ROW_IDS][()], step)
+            enc = schema.dataset_encoding(ds, storage_dtype)
+            self.parts.append(_Part(int(step), ds, pos, enc))
+        self.shape = (len(example_ids), int(width or 0))
         self.ndim = 2
-        self.attrs = {**dict(rows.attrs), "encoding": "float32"}
-        self._rows: torch.Tensor | None = None
+        self.attrs = {"encoding": "float32"}
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _sorted_rows(self) -> torch.Tensor:
-        if self._rows is None:
-            self._rows = schema.decode_rows(self.dataset[()], self.encoding)[
-                torch.from_numpy(self.order)
-            ]
-        return self._rows
-
     def block(self, start: int, stop: int) -> RowBlock:
-        lo, hi = np.searchsorted(self.positions, [start, stop])
-        return RowBlock(
-            self._sorted_rows()[lo:hi],
-            torch.from_numpy(self.positions[lo:hi] - start),
-            stop - start,
-        )
+        spans = []
+        for j, part in enumerate(self.parts):
+            lo, hi = part.span(start, stop)
+            if hi > lo:
+                spans.append((j, part, lo, hi, torch.from_numpy(part.positions[lo:hi] - start)))
+        return RowBlock(spans, stop - start, self.shape[1])
 
     def __getitem__(self, sel: Any) -> np.ndarray:
         if not isinstance(sel, slice) or sel.step not in (None, 1):

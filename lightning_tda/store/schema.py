@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -44,14 +45,26 @@ BATCH_ROWS = "batch"
 BATCH_VIEW = "@batch"  # "train@batch": a batch checkpoint's rows seen as a sparse [N, D] matrix
 
 
-def batch_view(name: str) -> str:
-    """Reader alias of a batch checkpoint's row dataset ``name`` as a sparse ``[N, D]`` view."""
-    return name + BATCH_VIEW
+def batch_view(name: str, steps: Sequence[int] | None = None) -> str:
+    """Reader alias of batch checkpoints' row dataset ``name`` as one sparse ``[N, D]`` view.
+
+    ``"train@batch"``: the rows of the checkpoint it is read at; ``"train@batch:0,1,2"``: the rows of
+    the batch checkpoints at steps 0, 1, 2 (read at the first), kept apart per step (``RowBlock``)."""
+    return name + BATCH_VIEW + ("" if steps is None else ":" + ",".join(str(int(s)) for s in steps))
 
 
 def batch_base(name: str) -> str | None:
-    """``"train"`` for ``"train@batch"``; ``None`` for a plain dataset name."""
-    return name[: -len(BATCH_VIEW)] if name.endswith(BATCH_VIEW) else None
+    """``"train"`` for ``"train@batch"`` or ``"train@batch:0,1"``; ``None`` for a plain dataset name."""
+    i = name.find(BATCH_VIEW)
+    return name[:i] if i >= 0 else None
+
+
+def batch_steps(name: str) -> list[int] | None:
+    """The steps listed by a ``batch_view(name, steps)`` alias (``None`` when it lists none)."""
+    i = name.find(BATCH_VIEW + ":")
+    if i < 0:
+        return None
+    return [int(s) for s in name[i + len(BATCH_VIEW) + 1 :].split(",") if s]
 
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
