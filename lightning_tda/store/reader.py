@@ -18,7 +18,7 @@ from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import schema
 from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
-from lightning_tda.store.writer import StoreError, read_bases
+from lightning_tda.store.writer import ReadFile, StoreError, read_bases
 
 
 class SchemaVersionError(StoreError):
@@ -91,12 +91,16 @@ class StoreReader:
                 f"no attribution store at {self.path}; check the path given to GradientLogger"
             )
         try:
-            with h5py.File(self.path, "r") as f:
+            with self._h5() as f:
                 self._read_meta(f)
         except OSError as e:
             raise StoreError(
                 f"{self.path} is not a readable HDF5 file ({e}); was it written by GradientLogger?"
             ) from e
+
+    def _h5(self) -> ReadFile:
+        """The store opened read-only as of its last commit (safe while a fit writes it)."""
+        return ReadFile(self.path)
 
     def _read_meta(self, f: h5py.File) -> None:
         fmt = f.attrs.get("format")
@@ -147,6 +151,7 @@ class StoreReader:
         self.query_ids = (
             torch.from_numpy(f[schema.QUERY_IDS][()]) if schema.QUERY_IDS in f else None
         )
+        self._positions: dict[int, int] | None = None  # example id -> row, built on demand
         self.incomplete = [
             int(g.attrs.get("global_step", -1))
             for g in f.get(schema.CHECKPOINTS, {}).values()
@@ -189,7 +194,7 @@ class StoreReader:
             in_flight = group is not None and group.attrs.get(schema.ROWS_KIND) == schema.BATCH_ROWS
             if base is not None:
                 return (
-                    self._batch_view(f, step, name) if in_flight else self._dataset(f, step, base)
+                    self._batch_view(f, step, base) if in_flight else self._dataset(f, step, base)
                 )
             if in_flight:
                 raise in_flight_refusal(step, name)
@@ -212,10 +217,14 @@ class StoreReader:
         return f[path]
 
     def _batch_view(self, f: h5py.File, step: int, name: str) -> BatchRows:
-        """Batch checkpoints' rows as a sparse ``[N, D]`` view (``name``: a ``schema.batch_view`` alias)."""
-        steps = schema.batch_steps(name) or [step]
-        base = schema.batch_base(name)
-        return BatchRows(f, steps, base, self.example_ids.numpy(), self.storage_dtype)
+        """A batch checkpoint's rows ``name`` as a sparse ``[N, D]`` view in store row order."""
+        g = f[schema.checkpoint_name(step)]
+        if name not in g:
+            raise KeyError(f"checkpoint {step} has no {name!r} dataset")
+        if self._positions is None:
+            self._positions = {int(i): r for r, i in enumerate(self.example_ids.tolist())}
+        enc = schema.dataset_encoding(g[name], self.storage_dtype)
+        return BatchRows(g[name], g[schema.ROW_IDS][()], self._positions, self.num_examples, enc)
 
     def batch_rows(self, step: int, name: str = schema.TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [B], rows [B, D] fp32)`` of a batch (in-flight) checkpoint, ids ascending."""
@@ -223,7 +232,7 @@ class StoreReader:
             raise ValueError(
                 f"checkpoint {step} is a sweep checkpoint holding every example; use read(step, {name!r})"
             )
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             g = f[schema.checkpoint_name(step)]
             ds = g[name]
             rows = schema.decode_rows(ds[()], schema.dataset_encoding(ds, self.storage_dtype))
@@ -252,7 +261,7 @@ class StoreReader:
 
         On a ``storage="lorif"`` checkpoint ``train`` / ``train_precond`` are reconstructed from their
         factors (``train_factors`` / ``train_precond_factors`` read the factors themselves)."""
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             ds = self._dataset(f, step, name)
             arr = ds[start:stop]
             enc = schema.dataset_encoding(ds, self.storage_dtype)
@@ -266,11 +275,13 @@ class StoreReader:
         """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file.
 
         ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block. A batch
-        checkpoint's ``"train@batch"`` (or ``"train@batch:<steps>"``, :func:`schema.batch_view`) yields a
-        lazy :class:`RowBlock` of the rows of those steps' batches that fall in the block."""
-        with h5py.File(self.path, "r") as f:
+        checkpoint's ``"train@batch"`` (:func:`schema.batch_view`) yields a :class:`RowBlock` holding only
+        the rows of that step's batch that fall in the block."""
+        with self._h5() as f:
             dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
+            if not any(isinstance(d, BatchRows) for d in dsets):  # (those look up groups lazily)
+                f.unlock()  # the datasets are open: a long scan does not hold up the writer's commits
             n = self.num_examples
             for start in range(0, n, block_rows):
                 stop = min(n, start + block_rows)
@@ -287,7 +298,7 @@ class StoreReader:
 
     def state(self, step: int) -> dict[str, torch.Tensor]:
         """Trainable parameters and buffers saved at a checkpoint."""
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             g = f.get(f"{schema.checkpoint_name(step)}/{schema.STATE}")
             if g is None:
                 raise KeyError(
@@ -305,7 +316,7 @@ class StoreReader:
             return {k.replace("|", "."): v for k, v in out.items()}
 
     def arrays(self, step: int, group: str) -> dict[str, np.ndarray]:
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             g = f.get(f"{schema.checkpoint_name(step)}/{group}")
             if g is None:
                 return {}
@@ -334,7 +345,7 @@ class StoreReader:
         return out
 
     def checkpoint_attrs(self, step: int) -> dict[str, Any]:
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             g = f[schema.checkpoint_name(step)]
             return {k: g.attrs[k] for k in g.attrs}
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lightning_tda.capture.lowrank import FactorLayout
-from lightning_tda.store import schema
+from lightning_tda.store import journal, schema
 
 
 class StoreError(RuntimeError):
@@ -60,14 +60,157 @@ def _attr(v: Any) -> Any:
     return str(v) if isinstance(v, str) else v
 
 
+_DISK_FULL = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "the file size limit was hit",
+}
+if hasattr(errno, "EDQUOT"):
+    _DISK_FULL[errno.EDQUOT] = "the disk quota is exhausted"
+
+
+def io_error(path: Path, err: BaseException) -> StoreError:
+    """A :class:`StoreError` naming what failed while writing ``path`` and what to do."""
+    code = getattr(err, "errno", None)
+    if code in _DISK_FULL or "No space left" in str(err):
+        what = _DISK_FULL.get(code, _DISK_FULL[errno.ENOSPC])
+        return StoreError(
+            f"disk full: {what} while writing the attribution store {path} ({err}). The store was rolled "
+            "back to its last commit: complete checkpoints stay readable and the interrupted one is marked "
+            "incomplete. Free disk space (or pass GradientLogger another path), then resume the fit from "
+            "its last Lightning checkpoint with trainer.fit(..., ckpt_path=...)."
+        )
+    return StoreError(
+        f"I/O error while writing the attribution store {path} ({err}); the store was rolled back to its "
+        "last commit. Check the disk, then resume the fit from its last Lightning checkpoint."
+    )
+
+
+class StoreFile(h5py.File):
+    """The store opened for writing through a :class:`~lightning_tda.store.journal.JournaledFile`.
+
+    Every completed ``flush()`` is an atomic commit; ``close()`` after an error rolls back to the last
+    one. A write that failed (disk full) raises :class:`StoreError` at the next ``flush``/``close``
+    (and :meth:`check`)."""
+
+    def __init__(self, path: Path, lock_timeout: float | None = None) -> None:
+        self.journal = journal.JournaledFile(
+            path, journal.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        )
+        self.store_path = Path(path)
+        try:
+            super().__init__(self.journal, "w" if self.journal.creating else "r+")
+        except BaseException:
+            self.journal.close(commit=False)
+            raise
+        _WRITING.add(str(self.store_path.resolve()))
+
+    def check(self) -> None:
+        """Raise a :class:`StoreError` if a write to the store failed."""
+        if self.journal.error is not None:
+            raise io_error(self.store_path, self.journal.error) from self.journal.error
+
+    def flush(self) -> None:
+        super().flush()
+        self.check()
+
+    def close(self) -> None:
+        if self.journal.fd < 0:
+            return
+        ok = False
+        try:
+            if self.id.valid:
+                super().close()
+            ok = True
+        finally:
+            _WRITING.discard(str(self.store_path.resolve()))
+            self.journal.close(commit=ok)
+        self.check()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:
+                raise  # otherwise the error in flight says more
+
+
+_WRITING: set[str] = set()  # stores this process has open for writing
+
+
+class ReadFile(h5py.File):
+    """A store opened read-only as of its last commit, under a shared lock until :meth:`unlock`.
+
+    While the lock is held no writer commits, so metadata read through it is consistent even while a
+    fit writes the store. A commit left unfinished by a killed writer is undone in memory
+    (:class:`~lightning_tda.store.journal.RolledBackView`); the file is not changed."""
+
+    def __init__(self, path: str | os.PathLike, lock_timeout: float | None = None) -> None:
+        path = Path(path)
+        timeout = journal.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        self._lock_fd = os.open(path, os.O_RDONLY)
+        self._view = False
+        try:
+            if not journal.lock(self._lock_fd, False, timeout):
+                raise StoreError(
+                    f"{path} stayed locked by a writer's commit for more than {timeout:.0f}s; retry, or "
+                    "check that the process writing it is not stuck"
+                )
+            undo = None
+            if str(path.resolve()) not in _WRITING:  # our own writer's journal is not a dead one
+                undo = journal.read_journal(
+                    journal.journal_path(path), os.fstat(self._lock_fd).st_ino
+                )
+            if undo is None:
+                super().__init__(path, "r", locking=False)
+            else:
+                self._view = True
+                super().__init__(journal.RolledBackView(self._lock_fd, undo), "r")
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def unlock(self) -> None:
+        """Let writers commit again (open datasets of complete checkpoints stay readable)."""
+        if not self._view and self._lock_fd >= 0:
+            journal.unlock(self._lock_fd)
+
+    def close(self) -> None:
+        try:
+            if self.id.valid:
+                super().close()
+        finally:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+
+def open_for_reading(path: str | os.PathLike) -> ReadFile:
+    """Open a store read-only, consistent even while a fit writes it (see :class:`ReadFile`)."""
+    return ReadFile(path)
+
+
 def _open(path: Path, mode: str) -> h5py.File:
+    """Open the store: ``"r"`` through :class:`ReadFile`, ``"a"`` (created if missing) through
+    :class:`StoreFile`."""
+    path = Path(path)
     try:
-        return h5py.File(path, mode)
-    except OSError as e:
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e):
+        if mode == "r":
+            return ReadFile(path)
+        if str(path.resolve()) in _WRITING:
             raise StoreError(
-                f"disk full while opening {path}: free space or choose another path"
-            ) from e
+                f"{path} is already open for writing in this process; write one checkpoint at a time"
+            )
+        return StoreFile(path)
+    except journal.LockTimeout as e:
+        raise StoreError(
+            f"cannot open the attribution store {path} for writing: {e}. Another process is writing it; "
+            "use another path or wait for it to finish."
+        ) from e
+    except StoreError:
+        raise
+    except OSError as e:
+        if getattr(e, "errno", None) in _DISK_FULL or "No space" in str(e):
+            raise io_error(path, e) from e
         raise StoreError(
             f"cannot open the attribution store {path} for writing ({e}). Check that the directory exists "
             "and is writable, that no other process holds the file open, or pass another path."
@@ -109,6 +252,8 @@ class StoreWriter:
             raise ValueError(f"dtype must be one of {schema.STORAGE_DTYPES}, got {storage_dtype!r}")
         self.path = check_writable(path)
         self.storage_dtype = storage_dtype
+        # a commit a killed writer left unfinished is undone now, even if this fit writes nothing
+        journal.recover(self.path, timeout=0.0)
 
     # -- run level ---------------------------------------------------------------------------
     def has_complete_checkpoints(self) -> bool:
@@ -116,7 +261,7 @@ class StoreWriter:
         if not self.path.exists():
             return False
         try:
-            f = h5py.File(self.path, "r")
+            f = ReadFile(self.path)
         except OSError as e:
             raise StoreError(
                 f"{self.path} exists and is not an HDF5 store ({e}); pass a new path, or overwrite=True to replace it"
@@ -131,8 +276,10 @@ class StoreWriter:
             return ck is not None and any(bool(g.attrs.get("complete", False)) for g in ck.values())
 
     def remove(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
+        """Delete the store (and a journal or half-created file left next to it)."""
+        for p in (self.path, journal.journal_path(self.path), journal.creating_path(self.path)):
+            if p.exists():
+                p.unlink()
 
     def prune(self, keep_up_to_step: int | None) -> list[int]:
         """Delete incomplete checkpoints and those after ``keep_up_to_step`` (stale after a resume)."""
@@ -336,19 +483,33 @@ class CheckpointWriter:
         self.next_row = 0
         self.query_ids: list[int] = []
         f.flush()
+        # rows go to these early-allocated ranges, which nothing complete references: no journal
+        self.file.journal.scratch = [
+            (off, off + d.id.get_storage_size())
+            for d in self.ds.values()
+            if (off := d.id.get_offset()) is not None
+        ]
 
     def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:
+                raise  # otherwise the error in flight says more
 
     def close(self) -> None:
-        if self.file.id.valid:
-            try:
-                self.file.flush()
-            finally:
-                self.file.close()
+        """Commit what is written (an incomplete checkpoint stays incomplete) and close the file."""
+        self.file.close()
+
+    def _check_io(self, err: BaseException | None = None) -> None:
+        """Raise a clear :class:`StoreError` when a write to the store failed (e.g. disk full)."""
+        if self.file.journal.error is not None:
+            raise io_error(self.store.path, self.file.journal.error) from (
+                err or self.file.journal.error
+            )
 
     def _encode(self, rows: torch.Tensor, name: str = schema.TRAIN) -> np.ndarray:
         encoding = self.encoding[name]
@@ -403,13 +564,22 @@ class CheckpointWriter:
         contiguous = b > 0 and pos_s[-1] - pos_s[0] == b - 1
         sel = slice(int(pos_s[0]), int(pos_s[-1]) + 1) if contiguous else pos_s
         order_t = torch.from_numpy(order).to(rows.device)
-        self.ds[schema.TRAIN][sel] = self._encode(self._stored(rows.index_select(0, order_t)))
-        if precond is not None:
-            self.ds[schema.TRAIN_PRECOND][sel] = self._encode(
-                self._stored(precond.index_select(0, order_t)), schema.TRAIN_PRECOND
-            )
-        self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
-        self.ds[schema.ROW_IDS][sel] = ids_np[order]
+        train = self._encode(self._stored(rows.index_select(0, order_t)))
+        pre = (
+            None
+            if precond is None
+            else self._encode(self._stored(precond.index_select(0, order_t)), schema.TRAIN_PRECOND)
+        )
+        try:
+            self.ds[schema.TRAIN][sel] = train
+            if pre is not None:
+                self.ds[schema.TRAIN_PRECOND][sel] = pre
+            self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
+            self.ds[schema.ROW_IDS][sel] = ids_np[order]
+        except OSError as e:
+            self._check_io(e)
+            raise
+        self._check_io()
         self.written[pos] = True
         self.seen_ids.update(batch_ids)
 
@@ -424,8 +594,14 @@ class CheckpointWriter:
         b = rows.shape[0]
         if start + b > self.q:
             raise StoreError(f"query data yielded more than its {self.q} examples")
-        self.ds[schema.QUERY][start : start + b] = self._encode(rows)
-        self.ds[schema.QUERY_LOSS][start : start + b] = losses.detach().float().cpu().numpy()
+        encoded = self._encode(rows)
+        try:
+            self.ds[schema.QUERY][start : start + b] = encoded
+            self.ds[schema.QUERY_LOSS][start : start + b] = losses.detach().float().cpu().numpy()
+        except OSError as e:
+            self._check_io(e)
+            raise
+        self._check_io()
         self.query_ids.extend(range(start, start + b) if ids is None else ids.cpu().tolist())
 
     def write_arrays(self, group: str, arrays: Mapping[str, torch.Tensor | np.ndarray]) -> None:
@@ -435,7 +611,12 @@ class CheckpointWriter:
             arr = value.detach().cpu() if isinstance(value, torch.Tensor) else value
             if isinstance(arr, torch.Tensor):
                 arr = arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
-            g.create_dataset(name, data=np.asarray(arr), track_times=False)
+            try:
+                g.create_dataset(name, data=np.asarray(arr), track_times=False)
+            except OSError as e:
+                self._check_io(e)
+                raise
+        self._check_io()
 
     def commit(self, attrs: Mapping[str, Any]) -> None:
         """Check every row is written, then flush and mark the checkpoint complete."""
@@ -450,6 +631,7 @@ class CheckpointWriter:
                 f"checkpoint at step {self.step} got {len(self.query_ids)} of {self.q} query rows"
             )
         f = self.file
+        f.journal.scratch = []  # from here on the rows are (about to be) referenced: journal changes
         f.flush()
         if self.canonical is None:
             ids = self.ds[schema.ROW_IDS][()]
