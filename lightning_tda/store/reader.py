@@ -151,7 +151,6 @@ class StoreReader:
         self.query_ids = (
             torch.from_numpy(f[schema.QUERY_IDS][()]) if schema.QUERY_IDS in f else None
         )
-        self._positions: dict[int, int] | None = None  # example id -> row, built on demand
         self.incomplete = [
             int(g.attrs.get("global_step", -1))
             for g in f.get(schema.CHECKPOINTS, {}).values()
@@ -194,7 +193,7 @@ class StoreReader:
             in_flight = group is not None and group.attrs.get(schema.ROWS_KIND) == schema.BATCH_ROWS
             if base is not None:
                 return (
-                    self._batch_view(f, step, base) if in_flight else self._dataset(f, step, base)
+                    self._batch_view(f, step, name) if in_flight else self._dataset(f, step, base)
                 )
             if in_flight:
                 raise in_flight_refusal(step, name)
@@ -217,14 +216,10 @@ class StoreReader:
         return f[path]
 
     def _batch_view(self, f: h5py.File, step: int, name: str) -> BatchRows:
-        """A batch checkpoint's rows ``name`` as a sparse ``[N, D]`` view in store row order."""
-        g = f[schema.checkpoint_name(step)]
-        if name not in g:
-            raise KeyError(f"checkpoint {step} has no {name!r} dataset")
-        if self._positions is None:
-            self._positions = {int(i): r for r, i in enumerate(self.example_ids.tolist())}
-        enc = schema.dataset_encoding(g[name], self.storage_dtype)
-        return BatchRows(g[name], g[schema.ROW_IDS][()], self._positions, self.num_examples, enc)
+        """Batch checkpoints' rows as a sparse ``[N, D]`` view (``name``: a ``schema.batch_view`` alias)."""
+        steps = schema.batch_steps(name) or [step]
+        base = schema.batch_base(name)
+        return BatchRows(f, steps, base, self.example_ids.numpy(), self.storage_dtype)
 
     def batch_rows(self, step: int, name: str = schema.TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [B], rows [B, D] fp32)`` of a batch (in-flight) checkpoint, ids ascending."""
@@ -275,8 +270,8 @@ class StoreReader:
         """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file.
 
         ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block. A batch
-        checkpoint's ``"train@batch"`` (:func:`schema.batch_view`) yields a :class:`RowBlock` holding only
-        the rows of that step's batch that fall in the block."""
+        checkpoint's ``"train@batch"`` (or ``"train@batch:<steps>"``, :func:`schema.batch_view`) yields a
+        lazy :class:`RowBlock` of the rows of those steps' batches that fall in the block."""
         with self._h5() as f:
             dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
