@@ -93,9 +93,23 @@ class StoreReader:
         try:
             with self._h5() as f:
                 self._read_meta(f)
+        except StoreError:
+            raise
         except OSError as e:
             raise StoreError(
                 f"{self.path} is not a readable HDF5 file ({e}); was it written by GradientLogger?"
+            ) from e
+        except (
+            ArithmeticError,
+            LookupError,
+            MemoryError,
+            RuntimeError,
+            TypeError,
+            ValueError,
+        ) as e:
+            raise StoreError(
+                f"{self.path} is not a valid lightning_tda store ({type(e).__name__}: {e}); the file is "
+                "corrupted or was written by another tool. Re-log the run, or restore the file from a copy."
             ) from e
 
     def _h5(self) -> ReadFile:
@@ -156,6 +170,7 @@ class StoreReader:
             for g in f.get(schema.CHECKPOINTS, {}).values()
             if not g.attrs.get("complete", False)
         ]
+        check_layout(self, f)
 
     # -- basic access ----------------------------------------------------------------------
     @property
@@ -361,3 +376,105 @@ def _lib_version() -> str:
     from lightning_tda import __version__
 
     return __version__
+
+
+# -- layout checks ----------------------------------------------------------------------------------
+
+
+def _bad(reader: StoreReader, what: str) -> StoreError:
+    return StoreError(
+        f"{reader.path} is not a valid lightning_tda store: {what}. The file is corrupted or was written "
+        "by another tool; re-log the run, or restore the file from a copy."
+    )
+
+
+def check_layout(reader: StoreReader, f: h5py.File) -> None:
+    """Check the shapes and dtypes every method relies on, so a damaged or foreign file fails at open
+    with a :class:`StoreError` instead of a wrong score later."""
+    if reader.storage_dtype not in schema.STORAGE_DTYPES:
+        raise _bad(
+            reader, f"storage_dtype {reader.storage_dtype!r} is not one of {schema.STORAGE_DTYPES}"
+        )
+    offset = 0
+    for s in reader.layers:
+        if s.offset != offset or s.k_out < 1 or s.k_in < 1:
+            raise _bad(
+                reader,
+                f"layer {s.name!r} has offset {s.offset} and size {s.k_out}x{s.k_in}; "
+                f"expected offset {offset} and positive sizes",
+            )
+        offset += s.size
+    if not reader.layers:
+        raise _bad(reader, "it lists no captured layer")
+    for name, ids in (("examples/ids", reader.example_ids), ("queries/ids", reader.query_ids)):
+        if ids is not None and ids.numel() and (ids.dim() != 1 or ids.dtype != torch.int64):
+            raise _bad(reader, f"{name} is not a 1-D int64 array ({ids.dtype}, {tuple(ids.shape)})")
+    if len(torch.unique(reader.example_ids)) != reader.num_examples:
+        raise _bad(reader, "examples/ids repeats an example id")
+    seen: set[int] = set()
+    for c in reader.checkpoints:
+        if c.global_step in seen:
+            raise _bad(reader, f"two checkpoints claim global step {c.global_step}")
+        seen.add(c.global_step)
+        g = f.get(schema.checkpoint_name(c.global_step))
+        if not isinstance(g, h5py.Group):
+            raise _bad(
+                reader, f"a checkpoint claims global step {c.global_step} under another name"
+            )
+        _check_checkpoint(reader, g, c)
+
+
+def _check_checkpoint(reader: StoreReader, g: h5py.Group, c: CheckpointInfo) -> None:
+    step = c.global_step
+    ids = g.get(schema.ROW_IDS)
+    if not isinstance(ids, h5py.Dataset) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise _bad(reader, f"checkpoint {step} has no 1-D integer {schema.ROW_IDS!r} dataset")
+    n = ids.shape[0] if c.in_flight else reader.num_examples
+    if ids.shape[0] != n:
+        raise _bad(reader, f"checkpoint {step} has {ids.shape[0]} row ids for {n} examples")
+    if not (schema.TRAIN in g or schema.TRAIN_FACTORS in g):
+        raise _bad(reader, f"checkpoint {step} has no {schema.TRAIN!r} rows")
+    for name in (
+        schema.TRAIN,
+        schema.TRAIN_PRECOND,
+        schema.TRAIN_FACTORS,
+        schema.TRAIN_PRECOND_FACTORS,
+    ):
+        if name in g:
+            width = reader.width
+            if name in (schema.TRAIN_FACTORS, schema.TRAIN_PRECOND_FACTORS):
+                if reader.factor_layout is None:
+                    raise _bad(
+                        reader, f"checkpoint {step} stores factored rows but no factor_layout"
+                    )
+                width = reader.factor_layout.width
+            _check_rows(reader, g[name], step, name, (n, width))
+    if schema.TRAIN_LOSS in g:
+        _check_vector(reader, g[schema.TRAIN_LOSS], step, schema.TRAIN_LOSS, n, "f")
+    if schema.QUERY in g:
+        q = g[schema.QUERY].shape[0] if g[schema.QUERY].ndim == 2 else -1
+        if reader.query_ids is not None and q != len(reader.query_ids):
+            raise _bad(
+                reader,
+                f"checkpoint {step} has {q} query rows for {len(reader.query_ids)} query ids",
+            )
+        _check_rows(reader, g[schema.QUERY], step, schema.QUERY, (q, reader.width))
+        if schema.QUERY_LOSS in g:
+            _check_vector(reader, g[schema.QUERY_LOSS], step, schema.QUERY_LOSS, q, "f")
+
+
+def _check_rows(reader: StoreReader, ds: h5py.Dataset, step: int, name: str, shape: tuple) -> None:
+    if not isinstance(ds, h5py.Dataset) or ds.shape != shape:
+        got = ds.shape if isinstance(ds, h5py.Dataset) else type(ds).__name__
+        raise _bad(reader, f"checkpoint {step} {name!r} has shape {got}, expected {shape}")
+    enc = schema.dataset_encoding(ds, reader.storage_dtype)
+    if enc not in schema.STORAGE_DTYPES or ds.dtype != schema.h5_dtype(enc):
+        raise _bad(reader, f"checkpoint {step} {name!r} is {ds.dtype} with encoding {enc!r}")
+
+
+def _check_vector(
+    reader: StoreReader, ds: h5py.Dataset, step: int, name: str, n: int, kind: str
+) -> None:
+    if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind != kind:
+        got = (ds.shape, str(ds.dtype)) if isinstance(ds, h5py.Dataset) else type(ds).__name__
+        raise _bad(reader, f"checkpoint {step} {name!r} is {got}, expected [{n}] of kind {kind!r}")
