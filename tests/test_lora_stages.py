@@ -225,8 +225,19 @@ def test_clear_errors(run):
         )
     with pytest.raises(ValueError, match="no PEFT model"):
         source_pretrain_then_lora(pre, ft, queries, pre_lm)
-    # an offset makes colliding ids usable
-    res = source_pretrain_then_lora(pre, ft, queries, ft_lm, lora_id_offset=0, top_k=2)
-    assert res.indices.shape == (3, 2)
+    # a fine-tune that did not start from the last pre-training checkpoint
+    moved = copy.deepcopy(ft_lm)
+    with torch.no_grad():
+        moved.model.base_model.model.transformer.h[1].mlp.c_fc.weight.add_(0.1)
+    with pytest.raises(ValueError, match=r"frozen base differs.*h\.1\.mlp\.c_fc\.weight"):
+        source_pretrain_then_lora(pre, ft, queries, moved)
+    with pytest.raises(ValueError, match="frozen base differs"):  # step 2 is not where it started
+        source_pretrain_then_lora(
+            pre, ft, queries, ft_lm, pretrain_source=Source(checkpoints=[1, 2])
+        )
+    # an offset renames the fine-tune ids (100..107 -> 8..15) in the result
+    res = source_pretrain_then_lora(pre, ft, queries, ft_lm, lora_id_offset=-92, top_k=2)
+    assert res.example_ids.tolist() == list(range(16))
+    assert res.indices.shape == (3, 2) and int(res.indices.max()) <= 15
     # merge_lora leaves the fine-tuned model untouched
     assert any("lora_A" in n for n, _ in ft_lm.named_parameters())

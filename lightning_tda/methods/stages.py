@@ -165,11 +165,18 @@ def merged_query_vectors(
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     collate_fn: Any = None,
+    lora_targets: set[str] | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """``({last_step: [Q, D]}, query ids)``: query gradients w.r.t. the base weights at the merged
-    fine-tuned model, in the pre-training store's projection, keyed by ``source``'s query step."""
+    fine-tuned model, in the pre-training store's projection, keyed by ``source``'s query step.
+
+    With ``lora_targets`` (see :func:`adapter_targets`) the merged model's other weights are checked
+    against the pre-training state at that step (:func:`check_base_matches`)."""
     factory = merge_lora if pretrain_model_factory is None else pretrain_model_factory
     merged = prepare_merged_model(pretrain_store, factory(lora_model))
+    (last,) = source.query_steps(pretrain_store)
+    if lora_targets is not None:
+        check_base_matches(pretrain_store, last, merged, lora_targets)
     rows, ids = featurize_current(
         pretrain_store,
         merged,
@@ -178,8 +185,47 @@ def merged_query_vectors(
         batch_size=batch_size,
         collate_fn=collate_fn,
     )
-    (last,) = source.query_steps(pretrain_store)
     return {last: rows}, ids
+
+
+def adapter_targets(lora_store: AttributionStore) -> set[str]:
+    """Module paths the LoRA store's adapters sit on, without PEFT's prefixes (e.g. ``transformer.h.0.attn.c_attn``)."""
+    return {
+        s.name.split(".lora_")[0].split("base_model.model.")[-1]
+        for s in lora_store.layers
+        if ".lora_A" in s.name or ".lora_B" in s.name
+    }
+
+
+def check_base_matches(
+    store: AttributionStore, step: int, merged: nn.Module, targets: set[str], rtol: float = 1e-3
+) -> None:
+    """Raise if the merged model's untouched weights differ from ``store``'s state at ``step``.
+
+    The fine-tune must start from the weights SOURCE queries at (the last used pre-training checkpoint).
+    Weights of the LoRA-targeted modules (``targets``) changed in the merge and are skipped; a
+    checkpoint without saved state is not checked.
+    """
+    try:
+        state = store.state(step)
+    except KeyError:
+        return
+    params = dict(merged.named_parameters())
+    bad = []
+    for name, saved in state.items():
+        p = params.get(name)
+        if p is None or any(name.rsplit(".", 1)[0].endswith(t) for t in targets):
+            continue
+        ref = saved.to(p.device, torch.float32)
+        if (p.detach().float() - ref).norm() > rtol * ref.norm() + 1e-12:
+            bad.append(name)
+    if bad:
+        raise ValueError(
+            f"the fine-tuned model's frozen base differs from pre-training checkpoint {step} of "
+            f"{store.path} at {bad[:4]}; SOURCE's pre-training stage assumes the fine-tune started from "
+            "that checkpoint. Fine-tune from the final logged weights (GradientLogger(log_at_fit_end=True)) "
+            "or pass pretrain_source=Source(checkpoints=[...]) ending at the step you fine-tuned from."
+        )
 
 
 def source_pretrain_then_lora(
@@ -223,7 +269,8 @@ def source_pretrain_then_lora(
         ``checkpoints`` the pre-training steps then the fine-tune steps.
 
     Raises:
-        ValueError: pre-training and (offset) fine-tune ids collide.
+        ValueError: pre-training and (offset) fine-tune ids collide, or the fine-tuned model's frozen
+            base is not the pre-training store's last used checkpoint.
         ProjectionMismatchError: the merged model does not reproduce the pre-training capture.
     """
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -238,6 +285,7 @@ def source_pretrain_then_lora(
             f"lora_id_offset= (e.g. {int(pre_ids.max()) + 1 - int(ft.example_ids.min())})"
         )
     other = [s.name for s in ft.layers if ".lora_A" not in s.name and ".lora_B" not in s.name]
+    other += [n for n in json.loads(ft.attrs.get("other_params", "[]")) if ".lora_" not in n]
     if other:
         warnings.warn(
             f"the LoRA store also captured non-adapter layers {other[:4]} (e.g. modules_to_save); the "
@@ -254,6 +302,7 @@ def source_pretrain_then_lora(
         queries,
         source=pre_src,
         pretrain_model_factory=pretrain_model_factory,
+        lora_targets=adapter_targets(ft),
         **kw,
     )
     ft_res = ft.attribute(queries, model=lora_model, method=ft_src, top_k=top_k, **kw)
@@ -295,6 +344,8 @@ def _merge(
 
 
 __all__ = [
+    "adapter_targets",
+    "check_base_matches",
     "featurize_current",
     "merge_lora",
     "merged_query_vectors",
