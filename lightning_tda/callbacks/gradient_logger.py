@@ -14,6 +14,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tda.callbacks.distributed import (
+    check_strategy,
+    copy_shard_rows,
+    is_distributed,
+    reduce_covariances,
+    shard_loader,
+    shard_path,
+)
 from lightning_tda.callbacks.in_flight import InFlightRecorder
 from lightning_tda.callbacks.optimizer_state import (
     adam_scales,
@@ -285,12 +293,9 @@ class GradientLogger(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            raise MisconfigurationException(
-                "GradientLogger writes a single-process store; this Trainer runs "
-                f"{trainer.world_size} processes. Run the fit with devices=1, or log with a single process after "
-                "training (same callback on a one-device Trainer)."
-            )
+        check_strategy(
+            trainer, self.mode
+        )  # DDP sweeps only (docs/store.md "Distributed (DDP) fits")
         self._loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
         self._layers, self._other = discover_layers(
             pl_module, self.projection, self.modules, self.exclude
@@ -327,35 +332,44 @@ class GradientLogger(pl.Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        zero = trainer.is_global_zero  # under DDP rank zero alone writes the main file
         if self._resumed:
-            removed = self.writer.prune(keep_up_to_step=max(self._logged_steps, default=-1))
+            removed = (
+                self.writer.prune(keep_up_to_step=max(self._logged_steps, default=-1))
+                if zero
+                else []
+            )
             if removed:
                 rank_zero_info(
                     f"GradientLogger: resumed; dropped incomplete/stale checkpoints at steps {removed}"
                 )
-            if self._recorder is not None and self.path.exists():
+            if zero and self._recorder is not None and self.path.exists():
                 rebuild_example_ids(self.path)
         else:
-            if not self.overwrite and self.writer.has_complete_checkpoints():
+            if zero and not self.overwrite and self.writer.has_complete_checkpoints():
                 raise StoreError(
                     f"{self.path} already holds logged checkpoints from another fit. Pass a new path, "
                     "overwrite=True to replace it, or resume that fit with trainer.fit(..., ckpt_path=...)."
                 )
             self._bases = None
-            self.writer.remove()  # a fresh fit starts a fresh file (incomplete leftovers hold nothing of value)
+            if zero:
+                self.writer.remove()  # a fresh fit starts a fresh file (incomplete leftovers hold nothing of value)
             n_groups = len(current_lrs(trainer.optimizers))
             self._lr_cumsum = [0.0] * n_groups
             self._lr_cumsum_at_last = [0.0] * n_groups
             self._step_at_last = trainer.global_step
-        self.writer.write_run_metadata(
-            self._run_metadata(trainer, pl_module),
-            compare=("layers", "projection", "storage", "factor_layout", schema.LOGGING_MODE),
-            schema_version=(
-                schema.IN_FLIGHT_SCHEMA_VERSION
-                if self._recorder is not None
-                else schema.SCHEMA_VERSION
-            ),
-        )
+        if zero:
+            self.writer.write_run_metadata(
+                self._run_metadata(trainer, pl_module),
+                compare=("layers", "projection", "storage", "factor_layout", schema.LOGGING_MODE),
+                schema_version=(
+                    schema.IN_FLIGHT_SCHEMA_VERSION
+                    if self._recorder is not None
+                    else schema.SCHEMA_VERSION
+                ),
+            )
+        if is_distributed(trainer):
+            trainer.strategy.barrier("GradientLogger.on_train_start")
         if self._recorder is not None:
             self._pending.clear()
             self._recorder.attach(pl_module, self._layers, self.projection, pl_module.device)
@@ -432,9 +446,10 @@ class GradientLogger(pl.Callback):
             self._flush()
         if self.schedule.log_at_fit_end:
             self._log(trainer, pl_module, "fit_end")
-        self.writer.set_root_attrs(
-            {"lr_cumsum_final": list(self._lr_cumsum), "final_global_step": trainer.global_step}
-        )
+        if trainer.is_global_zero:
+            self.writer.set_root_attrs(
+                {"lr_cumsum_final": list(self._lr_cumsum), "final_global_step": trainer.global_step}
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stride is None or not trainer.is_global_zero:
@@ -516,28 +531,19 @@ class GradientLogger(pl.Callback):
         step = trainer.global_step
         if step in self._logged_steps:
             return
+        if is_distributed(trainer):
+            self._log_distributed(trainer, pl_module, trigger)
+            return
         t0 = time.perf_counter()
         loader = self._loader(trainer, self.attribution_data)
         qloader = self._loader(trainer, self.query_data) if self.query_data is not None else None
         optimizers = trainer.optimizers
         scales = adam_scales(pl_module, optimizers, self._layers) if self.optimizer_state else None
-        device = pl_module.device
         bases = self._projection_bases(trainer, pl_module, loader)
-        feat = Featurizer(
-            pl_module,
-            self._layers,
-            self.projection,
-            self._loss_fn,
-            device,
-            scales=scales[0] if scales else None,
-            dense_scales=scales[1] if scales else None,
-            bases=bases,
-            covariances=self.curvature,
-        )
+        feat = self._featurizer(pl_module, scales, bases)
         n = len(loader.dataset)
         nq = len(qloader.dataset) if qloader is not None else 0
         width = row_width(self._layers)
-        lr_sum = [c - p for c, p in zip(self._lr_cumsum, self._lr_cumsum_at_last, strict=True)]
         with (
             self.writer.begin_checkpoint(
                 step, n, width, nq, precond=scales is not None, factors=self._factors
@@ -549,33 +555,136 @@ class GradientLogger(pl.Callback):
                     fb = self._featurize(trainer, feat, batch)
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
                     bar.advance(fb.rows.shape[0])
+            self._finish_checkpoint(trainer, pl_module, cw, feat, qloader, trigger, t0)
+        self._after_checkpoint(trainer, step, trigger, n, nq, width, t0)
+
+    def _featurizer(
+        self, pl_module: pl.LightningModule, scales: Any, bases: Bases | None
+    ) -> Featurizer:
+        return Featurizer(
+            pl_module,
+            self._layers,
+            self.projection,
+            self._loss_fn,
+            pl_module.device,
+            scales=scales[0] if scales else None,
+            dense_scales=scales[1] if scales else None,
+            bases=bases,
+            covariances=self.curvature,
+        )
+
+    def _log_distributed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str
+    ) -> None:
+        """DDP sweep: each rank sweeps its contiguous shard into ``<store>.rank<r>.h5``; K-FAC sums are
+        reduced over ranks; rank zero merges the shards into the checkpoint (dataset order) and writes
+        the rank-independent rest; the shards are deleted (see :mod:`lightning_tda.callbacks.distributed`)."""
+        step = trainer.global_step
+        strategy = trainer.strategy
+        rank, world, zero = trainer.global_rank, trainer.world_size, trainer.is_global_zero
+        t0 = time.perf_counter()
+        full = self._loader(trainer, self.attribution_data)
+        loader = shard_loader(full, rank, world, self.batch_size or 64)
+        scales = (
+            adam_scales(pl_module, trainer.optimizers, self._layers)
+            if self.optimizer_state
+            else None
+        )
+        if self.projection.basis == "pca" and self._bases is None:
+            if zero:
+                self._projection_bases(trainer, pl_module, full)  # fitted on all data, written
+            strategy.barrier("GradientLogger.bases")
+            if not zero:
+                self._bases = self.writer.read_bases()
+        bases = self._bases if self.projection.basis == "pca" else None
+        feat = self._featurizer(pl_module, scales, bases)
+        n = len(full.dataset)
+        width = row_width(self._layers)
+        shard = StoreWriter(shard_path(self.path, rank), self.writer.storage_dtype)
+        shard.remove()
+        with preserved_training_state(pl_module):
+            with shard.begin_checkpoint(
+                step,
+                len(loader.sampler),
+                width,
+                0,
+                precond=scales is not None,
+                factors=self._factors,
+            ) as cw:
+                for batch in loader:
+                    fb = self._featurize(trainer, feat, batch)
+                    cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
+                cw.commit({"rank": rank, "world_size": world})
             if self.curvature:
-                cw.write_arrays(schema.KFAC, feat.take_covariances())
-            if qloader is not None:
-                feat.require_ids = False
-                with self._progress(trainer, f"GradientLogger step {step}", nq, "queries") as bar:
-                    for batch in qloader:
-                        fb = self._featurize(trainer, feat, batch)
-                        cw.write_queries(fb.ids, fb.rows, fb.losses)
-                        bar.advance(fb.rows.shape[0])
-            if self.optimizer_state:
-                cw.write_arrays(
-                    schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, self._layers)
+                reduce_covariances(strategy, feat.hooks.covariances)
+            strategy.barrier("GradientLogger.sweep")
+            nq = 0
+            if zero:
+                qloader = (
+                    self._loader(trainer, self.query_data) if self.query_data is not None else None
                 )
-            if self.save_state:
-                cw.write_arrays(schema.STATE, _trainable_state(pl_module))
-            cw.commit(
-                {
-                    "epoch": trainer.current_epoch,
-                    "trigger": trigger,
-                    "lr_sum": lr_sum,
-                    "lr_cumsum": list(self._lr_cumsum),
-                    "lr_at_checkpoint": current_lrs(optimizers),
-                    "steps_since_previous": step - self._step_at_last,
-                    "optimizer": schema.to_json(optimizer_summary(optimizers)),
-                    "seconds": time.perf_counter() - t0,
-                }
+                nq = len(qloader.dataset) if qloader is not None else 0
+                with self.writer.begin_checkpoint(
+                    step, n, width, nq, precond=scales is not None, factors=self._factors
+                ) as cw:
+                    for r in range(world):
+                        copy_shard_rows(cw, shard_path(self.path, r), step)
+                    self._finish_checkpoint(
+                        trainer, pl_module, cw, feat, qloader, trigger, t0, {"world_size": world}
+                    )
+        strategy.barrier("GradientLogger.merge")
+        shard.remove()
+        self._after_checkpoint(trainer, step, trigger, n, nq, width, t0)
+
+    def _finish_checkpoint(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        cw: Any,
+        feat: Featurizer,
+        qloader: DataLoader | None,
+        trigger: str,
+        t0: float,
+        extra_attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """Everything of a checkpoint after the training rows: K-FAC factors, queries, optimizer
+        moments, state, attributes; then commit."""
+        step = trainer.global_step
+        optimizers = trainer.optimizers
+        nq = len(qloader.dataset) if qloader is not None else 0
+        if self.curvature:
+            cw.write_arrays(schema.KFAC, feat.take_covariances())
+        if qloader is not None:
+            feat.require_ids = False
+            with self._progress(trainer, f"GradientLogger step {step}", nq, "queries") as bar:
+                for batch in qloader:
+                    fb = self._featurize(trainer, feat, batch)
+                    cw.write_queries(fb.ids, fb.rows, fb.losses)
+                    bar.advance(fb.rows.shape[0])
+        if self.optimizer_state:
+            cw.write_arrays(
+                schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, self._layers)
             )
+        if self.save_state:
+            cw.write_arrays(schema.STATE, _trainable_state(pl_module))
+        lr_sum = [c - p for c, p in zip(self._lr_cumsum, self._lr_cumsum_at_last, strict=True)]
+        cw.commit(
+            {
+                "epoch": trainer.current_epoch,
+                "trigger": trigger,
+                "lr_sum": lr_sum,
+                "lr_cumsum": list(self._lr_cumsum),
+                "lr_at_checkpoint": current_lrs(optimizers),
+                "steps_since_previous": step - self._step_at_last,
+                "optimizer": schema.to_json(optimizer_summary(optimizers)),
+                "seconds": time.perf_counter() - t0,
+                **(extra_attrs or {}),
+            }
+        )
+
+    def _after_checkpoint(
+        self, trainer: pl.Trainer, step: int, trigger: str, n: int, nq: int, width: int, t0: float
+    ) -> None:
         self._logged_steps.append(step)
         self._lr_cumsum_at_last = list(self._lr_cumsum)
         self._step_at_last = step

@@ -1,0 +1,190 @@
+"""DDP support of the ``GradientLogger`` sweep: data shards, per-rank shard files, the merge, and
+the cross-rank reduction of K-FAC factors (docs/store.md "Distributed (DDP) fits").
+
+Each rank sweeps a contiguous block of the attribution data (no padding, so every example is swept
+exactly once) into its own shard file ``<store>.rank<r>.h5`` with the store's crash-safe checkpoint
+writer. After a barrier, rank zero copies the shards' raw rows (no re-encoding) in rank order into
+the checkpoint of the main file, i.e. in dataset order, exactly as a single-process sweep writes
+them, adds the rank-independent parts (queries, optimizer moments, state, reduced K-FAC factors),
+commits, and deletes the shards. Everything distributed goes through ``trainer.strategy``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, Sampler
+
+from lightning_tda.capture.hooks import ProjectedCovariance
+from lightning_tda.store import schema
+from lightning_tda.store.writer import CheckpointWriter, ReadFile, StoreError
+
+CHUNK = 4096  # rows copied per read from a shard
+
+
+def is_distributed(trainer: pl.Trainer) -> bool:
+    """Whether the fit runs in more than one process."""
+    return trainer.world_size > 1
+
+
+def check_strategy(trainer: pl.Trainer, mode: str) -> None:
+    """Refuse multi-process fits the logger cannot log exactly (only DDP-style sweeps are supported)."""
+    if not is_distributed(trainer):
+        return
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in name:
+        raise MisconfigurationException(
+            f"GradientLogger supports multi-process fits with DDP (strategy='ddp' or 'ddp_spawn'); this Trainer "
+            f"uses {name} with {trainer.world_size} processes, whose sharded parameters the sweep cannot hook. "
+            "Train with strategy='ddp', or log after training with the same callback on a one-device Trainer "
+            "(docs/store.md 'Distributed (DDP) fits')."
+        )
+    if mode != "sweep":
+        raise MisconfigurationException(
+            f"GradientLogger(mode={mode!r}) is single-process only; this Trainer runs {trainer.world_size} "
+            "processes. Use mode='sweep' (supported under DDP) or train with devices=1."
+        )
+
+
+def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` blocks of ``range(n)``, one per rank, sizes differing by at most 1."""
+    if n < world_size:
+        raise StoreError(
+            f"the attribution data has {n} examples, fewer than the {world_size} DDP processes; every rank "
+            "sweeps a non-empty shard. Use fewer devices or more attribution examples."
+        )
+    edges = [(r * n) // world_size for r in range(world_size + 1)]
+    return [(edges[r], edges[r + 1]) for r in range(world_size)]
+
+
+class ShardSampler(Sampler[int]):
+    """Dataset indices ``start..stop-1`` in order (a rank's contiguous shard, no padding)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = int(start), int(stop)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int, batch_size: int) -> DataLoader:
+    """This rank's contiguous shard of ``loader``'s dataset, in dataset order.
+
+    ``batch_size`` is used when ``loader`` has none (a custom batch sampler)."""
+    try:
+        n = len(loader.dataset)
+    except TypeError:
+        raise MisconfigurationException(
+            "GradientLogger under DDP shards the attribution data by index; it must be a sized map-style "
+            "Dataset (not an IterableDataset)."
+        ) from None
+    start, stop = shard_bounds(n, world_size)[rank]
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size or batch_size,
+        sampler=ShardSampler(start, stop),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def shard_path(path: str | os.PathLike, rank: int) -> Path:
+    """The shard file of ``rank`` next to the store: ``<store>.rank<r>.h5``."""
+    p = Path(path)
+    return p.with_name(f"{p.name}.rank{rank}.h5")
+
+
+def reduce_covariances(
+    strategy: pl.strategies.Strategy, covariances: Mapping[str, ProjectedCovariance] | None
+) -> None:
+    """Sum each layer's running K-FAC sums ``A'``, ``S'`` and token count over ranks, in place.
+
+    After this every rank holds the factors of the whole attribution set, as a single process does.
+    Collective: every rank calls it with the same layers."""
+    if not covariances:
+        return
+    for name in sorted(covariances):
+        c = covariances[name]
+        if c.a is None or c.s is None:
+            raise StoreError(
+                f"layer {name} saw no token on this rank's shard; every rank must sweep a non-empty shard"
+            )
+        c.a = strategy.reduce(c.a.clone(), reduce_op="sum")
+        c.s = strategy.reduce(c.s.clone(), reduce_op="sum")
+        tokens = torch.tensor([float(c.tokens)], dtype=torch.float64, device=c.a.device)
+        c.tokens = int(strategy.reduce(tokens, reduce_op="sum").item())
+
+
+def copy_shard_rows(cw: CheckpointWriter, shard: str | os.PathLike, step: int) -> int:
+    """Copy the rows of checkpoint ``step`` of a shard file into ``cw`` unchanged (stored bytes).
+
+    Returns the number of rows copied. Rows take their canonical positions (``examples/ids`` of the
+    main file) or, at a store's first checkpoint, the next free positions, so shards copied in rank
+    order give the dataset order."""
+    with ReadFile(shard) as f:
+        g = f.get(schema.checkpoint_name(step))
+        if g is None or not g.attrs.get("complete", False):
+            raise StoreError(
+                f"shard {shard} has no complete checkpoint at step {step}; a DDP rank failed during its sweep"
+            )
+        names = [k for k in (schema.TRAIN, schema.TRAIN_PRECOND) if k in cw.ds]
+        for k in names:
+            if cw.stored_name[k] not in g:
+                raise StoreError(f"shard {shard} lacks dataset {cw.stored_name[k]} at step {step}")
+        n = g[schema.ROW_IDS].shape[0]
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            raw = {k: g[cw.stored_name[k]][lo:hi] for k in names}
+            _write_raw(cw, g[schema.ROW_IDS][lo:hi], raw, g[schema.TRAIN_LOSS][lo:hi])
+    return n
+
+
+def _write_raw(
+    cw: CheckpointWriter, ids: np.ndarray, raw: Mapping[str, np.ndarray], losses: np.ndarray
+) -> None:
+    """``CheckpointWriter.write_rows`` for rows already in the stored encoding."""
+    ids = np.asarray(ids, dtype=np.int64)
+    b = len(ids)
+    if cw.canonical is None:
+        pos = np.arange(cw.next_row, cw.next_row + b)
+        if b and pos[-1] >= cw.n:
+            raise StoreError(f"the DDP shards hold more than the {cw.n} attribution examples")
+        cw.next_row += b
+    else:
+        try:
+            pos = np.fromiter((cw.canonical[int(i)] for i in ids), dtype=np.int64, count=b)
+        except KeyError as e:
+            raise StoreError(
+                f"example id {e.args[0]} is not among the store's examples; attribution data must hold the "
+                "same examples at every checkpoint."
+            ) from None
+    listed = ids.tolist()
+    if len(set(listed)) != b or cw.written[pos].any() or any(i in cw.seen_ids for i in listed):
+        raise StoreError(
+            "an example id appears twice in one checkpoint across the DDP shards; example ids must be "
+            "unique (IndexedDataset(dataset, ids=...))."
+        )
+    order = np.argsort(pos)
+    pos_s = pos[order]
+    contiguous = b > 0 and pos_s[-1] - pos_s[0] == b - 1
+    sel = slice(int(pos_s[0]), int(pos_s[-1]) + 1) if contiguous else pos_s
+    for k, arr in raw.items():
+        cw.ds[k][sel] = arr[order]
+    cw.ds[schema.TRAIN_LOSS][sel] = np.asarray(losses, dtype=np.float32)[order]
+    cw.ds[schema.ROW_IDS][sel] = ids[order]
+    cw._check_io()
+    cw.written[pos] = True
+    cw.seen_ids.update(listed)

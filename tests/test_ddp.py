@@ -1,0 +1,187 @@
+"""GradientLogger under DDP (2 CPU processes, gloo): one logical store equal to the single-process one.
+
+One DDP launch of ``ddp_script.py`` (module fixture) writes three stores; the references are
+single-process fits in this process with the same data, seed and global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from lightning_tda import AttributionStore, GradientLogger
+from lightning_tda.callbacks.distributed import check_strategy, shard_bounds, shard_path
+from lightning_tda.store import schema
+from lightning_tda.store.writer import StoreError
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import ddp_script  # noqa: E402
+from conftest import TinyMLP  # noqa: E402
+
+STEPS = {"plain": [0, 2, 4], "accum": [0, 1, 2, 3, 4], "resume": [0, 2, 4]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "ddp_script.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    for name in ("plain", "accum"):
+        trainer, model = ddp_script.fit(out, name, devices=1)
+        ddp_script.save_weights(trainer, model, out / f"{name}.pt")
+    return out
+
+
+def _datasets(path: Path, step: int) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f[schema.checkpoint_name(step)].visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
+
+
+def _attrs(path: Path, step: int) -> dict:
+    with h5py.File(path, "r") as f:
+        a = dict(f[schema.checkpoint_name(step)].attrs)
+    return {k: v for k, v in a.items() if k != "seconds"}
+
+
+def _model(weights: Path) -> TinyMLP:
+    model = TinyMLP(optimizer="adam", lr=0.05)
+    model.load_state_dict(torch.load(weights))
+    return model
+
+
+@pytest.mark.parametrize("name", ["plain", "accum", "resume"])
+def test_each_example_once_per_checkpoint(ddp_out, name):
+    path = ddp_out / f"{name}.h5"
+    _, attribution, _ = ddp_script.data()
+    expected = np.asarray(attribution.ids)  # dataset order, as a single-process sweep writes it
+    store = AttributionStore(path)
+    assert store.steps == STEPS[name] and store.incomplete == []
+    assert np.array_equal(store.example_ids.numpy(), expected)
+    for step in store.steps:
+        d = _datasets(path, step)
+        assert np.array_equal(d[schema.ROW_IDS], expected)  # 35 rows, each id once, 17/18 shards
+        assert d[schema.TRAIN].shape == (35, d[schema.QUERY].shape[1])
+        assert (np.abs(d[schema.TRAIN]).sum(1) > 0).all()  # no unwritten row
+        assert _attrs(path, step)["world_size"] == 2
+    assert not any(shard_path(path, r).exists() for r in range(2))  # shards merged and deleted
+
+
+@pytest.mark.parametrize("name", ["plain", "accum"])
+def test_ddp_store_equals_single_process(ddp_out, single_out, name):
+    ddp, single = ddp_out / f"{name}.h5", single_out / f"{name}.h5"
+    # the training itself matches (DDP's averaged gradients = the global batch's mean)
+    w_ddp, w_single = torch.load(ddp_out / f"{name}.pt"), torch.load(single_out / f"{name}.pt")
+    for k in w_single:
+        torch.testing.assert_close(w_ddp[k], w_single[k], rtol=1e-5, atol=1e-6)
+    assert AttributionStore(single).steps == STEPS[name]
+    for step in STEPS[name]:
+        a, b = _datasets(ddp, step), _datasets(single, step)
+        # rows, preconditioned rows, losses, ids, queries, reduced K-FAC factors, Adam moments, state
+        assert sorted(a) == sorted(b)
+        assert any(k.startswith(schema.KFAC) for k in a)
+        assert (schema.TRAIN_PRECOND in a) == (step > 0)  # Adam has moments after its first step
+        for k in b:
+            # float32 rows at weights equal to ~1e-7: agree to ~1e-5 of the array's scale
+            atol = 1e-6 + 1e-5 * float(np.abs(b[k]).max(initial=0.0))
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=atol, err_msg=f"{k}@{step}")
+        attrs_a, attrs_b = _attrs(ddp, step), _attrs(single, step)
+        attrs_a.pop("world_size")
+        assert attrs_a.keys() == attrs_b.keys()
+        for k in ("lr_sum", "lr_cumsum", "lr_at_checkpoint"):
+            np.testing.assert_allclose(np.asarray(attrs_a[k]), np.asarray(attrs_b[k]), rtol=1e-6)
+        for k in ("steps_since_previous", "epoch", "trigger", "optimizer"):
+            assert attrs_a[k] == attrs_b[k], k
+    _, _, queries = ddp_script.data()
+    model = _model(single_out / f"{name}.pt")
+    for method in ("tracin", "influence"):
+        s_ddp = AttributionStore(ddp).attribute(queries, model=model, method=method, top_k=None)
+        s_one = AttributionStore(single).attribute(queries, model=model, method=method, top_k=None)
+        assert s_one.scores.abs().max() > 0
+        torch.testing.assert_close(s_ddp.scores, s_one.scores, rtol=1e-3, atol=1e-5)
+
+
+def test_resumed_ddp_store_equals_uninterrupted(ddp_out):
+    """1 epoch, a Lightning checkpoint, fit(ckpt_path=...) to 2 epochs == 2 epochs at once."""
+    w_res, w_full = torch.load(ddp_out / "resume.pt"), torch.load(ddp_out / "plain.pt")
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7)
+    for step in STEPS["plain"]:
+        a, b = _datasets(ddp_out / "resume.h5", step), _datasets(ddp_out / "plain.h5", step)
+        assert sorted(a) == sorted(b)
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=f"{k}@{step}")
+        attrs = _attrs(ddp_out / "resume.h5", step)
+        ref = _attrs(ddp_out / "plain.h5", step)
+        np.testing.assert_allclose(attrs["lr_sum"], ref["lr_sum"])
+        np.testing.assert_allclose(attrs["lr_cumsum"], ref["lr_cumsum"])
+        assert attrs["steps_since_previous"] == ref["steps_since_previous"]
+
+
+def test_shard_bounds_cover_every_example_once():
+    for n, w in [(35, 2), (7, 3), (4, 4), (100, 8)]:
+        bounds = shard_bounds(n, w)
+        idx = [i for lo, hi in bounds for i in range(lo, hi)]
+        assert idx == list(range(n))
+        assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+    with pytest.raises(StoreError, match="fewer than the 3 DDP processes"):
+        shard_bounds(2, 3)
+
+
+def test_unsupported_multi_process_setups_name_the_fix():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    ddp = SimpleNamespace(world_size=2, strategy=DDPStrategy())
+    check_strategy(ddp, "sweep")  # supported
+    with pytest.raises(MisconfigurationException, match="mode='sweep'"):
+        check_strategy(ddp, "in_flight")
+    other = SimpleNamespace(world_size=2, strategy=object())
+    with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
+        check_strategy(other, "sweep")
+    check_strategy(SimpleNamespace(world_size=1, strategy=object()), "in_flight")  # one process
+    logger = GradientLogger("unused.h5", mode="in_flight")
+    with pytest.raises(MisconfigurationException, match="single-process only"):
+        logger.setup(ddp, TinyMLP(), "fit")
