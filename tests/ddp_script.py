@@ -1,8 +1,8 @@
 """Fits logged by ``GradientLogger`` under ``strategy="ddp"`` (2 CPU processes, gloo), for test_ddp.py.
 
 ``python ddp_script.py OUT_DIR`` runs, in one DDP launch (Lightning re-runs this script for rank 1):
-``plain`` (2 epochs), ``accum`` (``accumulate_grad_batches=2``) and ``resume`` (1 epoch, a Lightning
-checkpoint, then ``fit(ckpt_path=...)`` to 2 epochs). Each writes ``<name>.h5`` and, on rank zero,
+``plain`` (2 epochs), ``accum`` (``accumulate_grad_batches=2``), ``pca`` (``basis="pca"``, 1 epoch)
+and ``resume`` (1 epoch, a Lightning checkpoint, then ``fit(ckpt_path=...)`` to 2 epochs). Each writes ``<name>.h5`` and, on rank zero,
 the final weights ``<name>.pt``. ``config(name, devices)`` is shared with the single-process
 reference so both runs see the same data, seeds, global batch and logger options.
 """
@@ -61,6 +61,7 @@ def config(name: str, devices: int) -> dict[str, Any]:
             "curvature": True,
             "optimizer_state": True,
             "verbose": False,
+            **({"basis": "pca", "basis_examples": 35} if name == "pca" else {}),
         },
     }
 
@@ -99,8 +100,8 @@ def save_weights(trainer: pl.Trainer, model: TinyMLP, path: Path) -> None:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    for name in ("plain", "accum"):
-        trainer, model = fit(out, name, devices=2)
+    for name, epochs in (("plain", 2), ("accum", 2), ("pca", 1)):
+        trainer, model = fit(out, name, devices=2, max_epochs=epochs)
         save_weights(trainer, model, out / f"{name}.pt")
     # stop after epoch 1 with a Lightning checkpoint, resume to epoch 2 from it
     trainer, _ = fit(out, "resume", devices=2, max_epochs=1)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(HERE))
 import ddp_script  # noqa: E402
 from conftest import TinyMLP  # noqa: E402
 
-STEPS = {"plain": [0, 2, 4], "accum": [0, 1, 2, 3, 4], "resume": [0, 2, 4]}
+STEPS = {"plain": [0, 2, 4], "accum": [0, 1, 2, 3, 4], "pca": [0, 2], "resume": [0, 2, 4]}
+EPOCHS = {"plain": 2, "accum": 2, "pca": 1}
 
 
 def _free_port() -> int:
@@ -64,16 +65,17 @@ def ddp_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    for name in ("plain", "accum"):
-        trainer, model = ddp_script.fit(out, name, devices=1)
+    for name, epochs in EPOCHS.items():
+        trainer, model = ddp_script.fit(out, name, devices=1, max_epochs=epochs)
         ddp_script.save_weights(trainer, model, out / f"{name}.pt")
     return out
 
 
-def _datasets(path: Path, step: int) -> dict[str, np.ndarray]:
+def _datasets(path: Path, step: int | None) -> dict[str, np.ndarray]:
+    """Every dataset of checkpoint ``step`` (``None``: of the PCA basis group)."""
     out: dict[str, np.ndarray] = {}
     with h5py.File(path, "r") as f:
-        f[schema.checkpoint_name(step)].visititems(
+        f[schema.BASES if step is None else schema.checkpoint_name(step)].visititems(
             lambda name, obj: (
                 out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
             )
@@ -93,7 +95,7 @@ def _model(weights: Path) -> TinyMLP:
     return model
 
 
-@pytest.mark.parametrize("name", ["plain", "accum", "resume"])
+@pytest.mark.parametrize("name", ["plain", "accum", "pca", "resume"])
 def test_each_example_once_per_checkpoint(ddp_out, name):
     path = ddp_out / f"{name}.h5"
     _, attribution, _ = ddp_script.data()
@@ -110,7 +112,7 @@ def test_each_example_once_per_checkpoint(ddp_out, name):
     assert not any(shard_path(path, r).exists() for r in range(2))  # shards merged and deleted
 
 
-@pytest.mark.parametrize("name", ["plain", "accum"])
+@pytest.mark.parametrize("name", ["plain", "accum", "pca"])
 def test_ddp_store_equals_single_process(ddp_out, single_out, name):
     ddp, single = ddp_out / f"{name}.h5", single_out / f"{name}.h5"
     # the training itself matches (DDP's averaged gradients = the global batch's mean)
@@ -135,6 +137,11 @@ def test_ddp_store_equals_single_process(ddp_out, single_out, name):
             np.testing.assert_allclose(np.asarray(attrs_a[k]), np.asarray(attrs_b[k]), rtol=1e-6)
         for k in ("steps_since_previous", "epoch", "trigger", "optimizer"):
             assert attrs_a[k] == attrs_b[k], k
+    if name == "pca":  # fitted by rank zero on the whole attribution set, used by both ranks
+        a, b = _datasets(ddp, None), _datasets(single, None)
+        assert sorted(a) == sorted(b) and a
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
     _, _, queries = ddp_script.data()
     model = _model(single_out / f"{name}.pt")
     for method in ("tracin", "influence"):

@@ -45,7 +45,7 @@ def check_strategy(trainer: pl.Trainer, mode: str) -> None:
         raise MisconfigurationException(
             f"GradientLogger supports multi-process fits with DDP (strategy='ddp' or 'ddp_spawn'); this Trainer "
             f"uses {name} with {trainer.world_size} processes, whose sharded parameters the sweep cannot hook. "
-            "Train with strategy='ddp', or log after training with the same callback on a one-device Trainer "
+            "Run the logged fit with strategy='ddp' (the model must fit on one device) or devices=1 "
             "(docs/store.md 'Distributed (DDP) fits')."
         )
     if mode != "sweep":
