@@ -64,6 +64,11 @@ class GradientLogger(pl.Callback):
     ``S``, ``accumulate_grad_batches`` ``A``), so a row is the gradient of the example's own
     ``per_example_loss`` as in a sweep. Training is untouched (no RNG, ``.grad`` or mode change).
 
+    Under DDP (``strategy="ddp"``/``"ddp_spawn"``, sweep mode) each rank sweeps a contiguous shard of
+    ``attribution_data`` into ``<path>.rank<r>.h5``, K-FAC sums are reduced over ranks, and rank zero
+    merges the shards into ``path``: the store equals a single-process one (docs/store.md "Distributed
+    (DDP) fits"). In-flight mode, FSDP and DeepSpeed are refused with a clear error.
+
     Args:
         path: the ``.h5`` store to write.
         attribution_data: Dataset or DataLoader of training examples to attribute (items must carry
