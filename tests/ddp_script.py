@@ -10,6 +10,7 @@ reference so both runs see the same data, seeds, global batch and logger options
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from conftest import TinyMLP, make_classification
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_tda import GradientLogger
@@ -67,30 +69,59 @@ def config(name: str, devices: int) -> dict[str, Any]:
 
 
 def fit(
-    out: Path, name: str, devices: int, max_epochs: int = 2, ckpt_path: str | None = None
+    out: Path,
+    name: str,
+    devices: int,
+    max_epochs: int = 2,
+    ckpt_path: str | None = None,
+    kill_at_sweep_batch: int | None = None,
 ) -> tuple[pl.Trainer, TinyMLP]:
-    """One logged fit of a seeded Adam TinyMLP; the store is ``out/<name>.h5``."""
+    """One logged fit of a seeded Adam TinyMLP; the store is ``out/<name>.h5``.
+
+    ``kill_at_sweep_batch=k``: rank 1 SIGKILLs itself at its ``k``-th sweep batch (1-based) and a
+    ``ModelCheckpoint`` saves ``out/ckpts/last.ckpt`` at every epoch end."""
     train, attribution, queries = data()
     cfg = config(name, devices)
     pl.seed_everything(0, verbose=False)
     model = TinyMLP(optimizer="adam", lr=0.05)
+    killer = None if kill_at_sweep_batch is None else _Killer(kill_at_sweep_batch)
     logger = GradientLogger(
-        out / f"{name}.h5", attribution_data=attribution, query_data=queries, **cfg["logger"]
+        out / f"{name}.h5",
+        attribution_data=attribution,
+        query_data=queries,
+        loss_fn=killer,
+        **cfg["logger"],
     )
+    callbacks: list[pl.Callback] = [logger]
+    extra: dict[str, Any] = {}
+    if kill_at_sweep_batch is not None or ckpt_path is not None and "last" in ckpt_path:
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpts", save_last=True))
+        extra["enable_checkpointing"] = True
     trainer = pl.Trainer(
-        **{**cfg["trainer"], "max_epochs": max_epochs},
-        callbacks=[logger],
+        **{**cfg["trainer"], "max_epochs": max_epochs, **extra},
+        callbacks=callbacks,
         default_root_dir=str(out),
     )
     loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=False)
     if devices > 1:  # rank r takes examples r, r + 2, ...: each step's global batch is the same set
-        rank = int(
-            os.environ.get("LOCAL_RANK", 0)
-        )  # set by Lightning in the launched rank-1 process
+        rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning in the rank-1 process
         sampler = DistributedSampler(train, num_replicas=devices, rank=rank, shuffle=False)
         loader = DataLoader(train, batch_size=cfg["batch_size"], sampler=sampler)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return trainer, model
+
+
+class _Killer:
+    """A sweep loss (``model.per_example_loss``) whose ``k``-th call on rank 1 kills that rank."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.calls = k, 0
+
+    def __call__(self, model: TinyMLP, batch: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.k and int(os.environ.get("LOCAL_RANK", 0)) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return model.per_example_loss(batch)
 
 
 def save_weights(trainer: pl.Trainer, model: TinyMLP, path: Path) -> None:
@@ -111,5 +142,20 @@ def main(out: Path) -> None:
     save_weights(trainer, model, out / "resume.pt")
 
 
+def killed(out: Path, then_resume: bool) -> None:
+    """Rank 1 killed mid-sweep of the step-4 checkpoint (shards of 17/18 rows in batches of 4: five
+    sweep batches per checkpoint, so call 13 is in the third checkpoint), or the resume from the
+    last Lightning checkpoint (epoch 1, step 2) to 2 epochs."""
+    torch.set_num_threads(1)
+    if not then_resume:
+        fit(out, "killed", devices=2, kill_at_sweep_batch=13)
+        return
+    trainer, model = fit(out, "killed", devices=2, ckpt_path=str(out / "ckpts" / "last.ckpt"))
+    save_weights(trainer, model, out / "killed.pt")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        killed(Path(sys.argv[1]), sys.argv[2] == "resume")
+    else:
+        main(Path(sys.argv[1]))

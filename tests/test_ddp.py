@@ -38,9 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
+def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -51,13 +49,19 @@ def ddp_out(tmp_path_factory) -> Path:
     }
     for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
         env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "ddp_script.py"), str(out)],
+    return subprocess.run(
+        [sys.executable, str(HERE / "ddp_script.py"), str(out), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _launch(out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -192,3 +196,28 @@ def test_unsupported_multi_process_setups_name_the_fix():
     logger = GradientLogger("unused.h5", mode="in_flight")
     with pytest.raises(MisconfigurationException, match="single-process only"):
         logger.setup(ddp, TinyMLP(), "fit")
+
+
+def test_ddp_rank_killed_mid_sweep_then_resumed(ddp_out, tmp_path):
+    """Rank 1 SIGKILLed mid-sweep of the step-4 checkpoint; the fit resumed from the last Lightning
+    checkpoint (step 2) finishes the store exactly as the uninterrupted DDP fit wrote it."""
+    killed = _launch(tmp_path, "kill")
+    assert killed.returncode != 0
+    store = AttributionStore(tmp_path / "killed.h5")
+    assert store.steps == [0, 2]  # the interrupted checkpoint never reached the store
+    resumed = _launch(tmp_path, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    store = AttributionStore(tmp_path / "killed.h5")
+    assert store.steps == [0, 2, 4] and store.incomplete == []
+    assert not any(shard_path(tmp_path / "killed.h5", r).exists() for r in range(2))
+    w_res, w_full = torch.load(tmp_path / "killed.pt"), torch.load(ddp_out / "plain.pt")
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7)
+    for step in STEPS["plain"]:
+        a, b = _datasets(tmp_path / "killed.h5", step), _datasets(ddp_out / "plain.h5", step)
+        assert sorted(a) == sorted(b)
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=f"{k}@{step}")
+        attrs, ref = _attrs(tmp_path / "killed.h5", step), _attrs(ddp_out / "plain.h5", step)
+        np.testing.assert_allclose(attrs["lr_cumsum"], ref["lr_cumsum"])
+        assert attrs["steps_since_previous"] == ref["steps_since_previous"]
