@@ -189,9 +189,11 @@ def test_unsupported_multi_process_setups_name_the_fix():
     check_strategy(ddp, "sweep")  # supported
     with pytest.raises(MisconfigurationException, match="mode='sweep'"):
         check_strategy(ddp, "in_flight")
-    other = SimpleNamespace(world_size=2, strategy=object())
-    with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
-        check_strategy(other, "sweep")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fsdp = SimpleNamespace(world_size=2, strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy.*strategy='ddp'"):
+        check_strategy(fsdp, "sweep")
     check_strategy(SimpleNamespace(world_size=1, strategy=object()), "in_flight")  # one process
     logger = GradientLogger("unused.h5", mode="in_flight")
     with pytest.raises(MisconfigurationException, match="single-process only"):
