@@ -298,9 +298,8 @@ class GradientLogger(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(
-            trainer, self.mode
-        )  # DDP sweeps only (docs/store.md "Distributed (DDP) fits")
+        # one process, or DDP sweeps (docs/store.md "Distributed (DDP) fits")
+        check_strategy(trainer, self.mode)
         self._loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
         self._layers, self._other = discover_layers(
             pl_module, self.projection, self.modules, self.exclude
