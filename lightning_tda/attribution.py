@@ -110,16 +110,19 @@ class AttributionStore(StoreReader):
         self,
         model: nn.Module | None = None,
         method: str | AttributionMethod = "tracin",
+        *,
+        block_rows: int | None = None,
         **method_kwargs: Any,
     ) -> torch.Tensor:
         """``[N]`` self-influence of every training example (store row order; ids in ``example_ids``).
 
         High values flag examples the model finds hard or inconsistent, e.g. mislabelled ones. Only
         stored rows are read, so ``model`` is not needed; it is accepted for symmetry with ``attribute``.
+        ``block_rows``: rows read per block (default: about 256 MB of fp32 per block).
         """
         m = get_method(method, **method_kwargs)
         return stream_self_influence(
-            self, m.self_terms(self), description=f"self-influence {m.name}"
+            self, m.self_terms(self), block_rows, description=f"self-influence {m.name}"
         )
 
     def add_dropout_ensemble(

@@ -115,6 +115,7 @@ def stream_scores(
                     s.addmm_(t.query, x.T)
                 else:
                     s += (t.query @ x.T) * t.row_weight[start:stop].to(device)
+            del blocks, x  # free this block before the next is read: one block in memory, not two
             if dense is not None:
                 dense[:, start:stop] = s.cpu()
                 continue
@@ -130,6 +131,7 @@ def _counted(blocks: Iterator[tuple[int, int, list[torch.Tensor]]], bar: Bar):
     """``blocks`` unchanged; advances ``bar`` by a block's rows once the caller is done with it."""
     for start, stop, b in blocks:
         yield start, stop, b
+        del b  # not held while the next block is read
         bar.advance(stop - start)
 
 
@@ -160,7 +162,8 @@ def stream_self_influence(
         for t in terms
     ]
     keys = list(dict.fromkeys(k for pair in pairs for k in pair))  # each dataset read once
-    block = block_rows or default_block_rows(store.width, len(keys))
+    # one more [B, D] fp32 term: the product a_i * b_i formed below
+    block = block_rows or default_block_rows(store.width, len(keys) + 1)
     out = torch.zeros(store.num_examples, dtype=torch.float64)
     label = f"{description}: {_checkpoints(terms)}"
     with progress_bar(label, store.num_examples, unit="rows") as bar:
@@ -173,9 +176,10 @@ def stream_self_influence(
                 else:
                     if t.apply is not None:
                         a = t.apply(a)
-                    term = (a * t.weight * b).sum(dim=1).double()
+                    term = torch.mv(a * b, t.weight.to(a.dtype)).double()  # one [B, D] temporary
                 if t.row_weight is not None:
                     term = term * t.row_weight[start:stop].double()
                 acc += term
+            blocks = a = b = None  # free this block before the next is read
             out[start:stop] = acc
     return out.float()
