@@ -18,7 +18,14 @@ from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import schema
 from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
-from lightning_tda.store.writer import ReadFile, StoreError, read_bases
+from lightning_tda.store.writer import (
+    ReadFile,
+    StoreError,
+    check_dataset,
+    check_group,
+    check_root,
+    read_bases,
+)
 
 
 class SchemaVersionError(StoreError):
@@ -101,6 +108,7 @@ class StoreReader:
             ) from e
         except (
             ArithmeticError,
+            AttributeError,
             LookupError,
             MemoryError,
             RuntimeError,
@@ -194,6 +202,11 @@ class StoreReader:
             )
         if step is None:
             return self.checkpoints[-1]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise ValueError(
+                f"a checkpoint is named by its global step, an int (this store has {self.steps}); "
+                f"got {step!r}"
+            )
         for c in self.checkpoints:
             if c.global_step == int(step):
                 return c
@@ -275,6 +288,8 @@ class StoreReader:
             ds = self._dataset(f, step, name)
             arr = ds[start:stop]
             enc = schema.dataset_encoding(ds, self.storage_dtype)
+            whole = start == 0 and (stop is None or stop >= len(ds))
+            self._verify(ds, arr if whole and isinstance(ds, h5py.Dataset) else None)
         if arr.ndim == 2:
             return schema.decode_rows(arr, enc)
         return torch.from_numpy(np.ascontiguousarray(arr))
@@ -288,7 +303,7 @@ class StoreReader:
         checkpoint's ``"train@batch"`` (or ``"train@batch:<steps>"``, :func:`schema.batch_view`) yields a
         lazy :class:`RowBlock` of the rows of those steps' batches that fall in the block."""
         with self._h5() as f:
-            dsets = [self._dataset(f, s, n) for s, n in steps_and_names]
+            dsets = [self._scanned(self._dataset(f, s, n)) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
             if not any(isinstance(d, BatchRows) for d in dsets):  # (those look up groups lazily)
                 f.unlock()  # the datasets are open: a long scan does not hold up the writer's commits
@@ -305,6 +320,10 @@ class StoreReader:
                         for d, e in zip(dsets, encs, strict=True)
                     ],
                 )
+            for d in dsets:  # a full scan ends with each dataset's checksum verified
+                scan = d.factors if isinstance(d, FactoredRows) else d
+                if isinstance(scan, _Scan) and scan.done():
+                    self._verify(scan.ds, crc=scan.crc)
 
     def state(self, step: int) -> dict[str, torch.Tensor]:
         """Trainable parameters and buffers saved at a checkpoint."""
@@ -318,7 +337,7 @@ class StoreReader:
             out = {}
             g.visititems(
                 lambda k, d: (
-                    out.__setitem__(k, torch.from_numpy(d[()]))
+                    out.__setitem__(k, torch.from_numpy(self._checked(d)))
                     if isinstance(d, h5py.Dataset)
                     else None
                 )
@@ -332,9 +351,43 @@ class StoreReader:
                 return {}
             out: dict[str, np.ndarray] = {}
             g.visititems(
-                lambda k, d: out.__setitem__(k, d[()]) if isinstance(d, h5py.Dataset) else None
+                lambda k, d: (
+                    out.__setitem__(k, self._checked(d)) if isinstance(d, h5py.Dataset) else None
+                )
             )
             return out
+
+    # -- integrity ------------------------------------------------------------------------------
+    def _verify(self, ds: Any, arr: np.ndarray | None = None, crc: int | None = None) -> None:
+        """Check a dataset's CRC once per reader (``arr``: its whole content, already read;
+        ``crc``: the CRC of its bytes, already computed)."""
+        raw = ds.factors if isinstance(ds, FactoredRows) else ds
+        if not isinstance(raw, h5py.Dataset) or schema.CRC not in raw.attrs:
+            return
+        verified = self.__dict__.setdefault("_verified", set())
+        if raw.name in verified:
+            return
+        if crc is None and arr is not None:
+            crc = schema.crc_update(0, arr)
+        try:
+            check_dataset(raw, crc)
+        except ValueError as e:
+            raise _bad(self, str(e)) from e
+        verified.add(raw.name)
+
+    def _checked(self, ds: h5py.Dataset) -> np.ndarray:
+        """A whole (small) dataset, its checksum verified."""
+        arr = ds[()]
+        self._verify(ds, np.asarray(arr))
+        return arr
+
+    def _scanned(self, ds: Any) -> Any:
+        """``ds`` with its rows checksummed as :meth:`iter_blocks` reads them in order."""
+        if isinstance(ds, FactoredRows) and schema.CRC in ds.factors.attrs:
+            ds.factors = _Scan(ds.factors)
+        elif isinstance(ds, h5py.Dataset) and schema.CRC in ds.attrs:
+            return _Scan(ds)
+        return ds
 
     def kfac_factors(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer: (A' [k_in, k_in], S' [k_out, k_out])}`` projected K-FAC factors of a checkpoint."""
@@ -378,6 +431,29 @@ def _lib_version() -> str:
     return __version__
 
 
+class _Scan:
+    """A dataset read front to back in row blocks, accumulating the CRC of its bytes."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds, self.attrs, self.shape, self.dtype = ds, ds.attrs, ds.shape, ds.dtype
+        self.crc, self.next = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        arr = self.ds[sel]
+        if isinstance(sel, slice) and sel.step is None and (sel.start or 0) == self.next >= 0:
+            self.crc = schema.crc_update(self.crc, arr)
+            self.next += len(arr)
+        else:
+            self.next = -1  # not a front-to-back scan: nothing to verify
+        return arr
+
+    def done(self) -> bool:
+        return self.next == len(self.ds)
+
+
 # -- layout checks ----------------------------------------------------------------------------------
 
 
@@ -391,6 +467,21 @@ def _bad(reader: StoreReader, what: str) -> StoreError:
 def check_layout(reader: StoreReader, f: h5py.File) -> None:
     """Check the shapes and dtypes every method relies on, so a damaged or foreign file fails at open
     with a :class:`StoreError` instead of a wrong score later."""
+    try:
+        sealed = check_root(f).get("checkpoints", [])
+        for name in (schema.EXAMPLE_IDS, schema.QUERY_IDS):
+            if isinstance(f.get(name), h5py.Dataset):
+                check_dataset(f[name])
+        for g in f.get(schema.CHECKPOINTS, {}).values():
+            if schema.INTEGRITY in g.attrs:
+                check_group(g)
+                if not g.attrs.get("complete", False):
+                    raise ValueError(f"{g.name} is sealed but not marked complete")
+    except ValueError as e:
+        raise _bad(reader, str(e)) from e
+    lost = sorted(set(sealed) - set(reader.steps))
+    if lost:
+        raise _bad(reader, f"complete checkpoints {lost} are missing")
     if reader.storage_dtype not in schema.STORAGE_DTYPES:
         raise _bad(
             reader, f"storage_dtype {reader.storage_dtype!r} is not one of {schema.STORAGE_DTYPES}"

@@ -13,6 +13,7 @@ Crash safety rests on three rules:
 from __future__ import annotations
 
 import errno
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,9 @@ def read_bases(f: h5py.File) -> dict[str, tuple[torch.Tensor | None, torch.Tenso
     g = f.get(schema.BASES)
     if g is None or not g.attrs.get("complete", False):
         return None
+    if schema.INTEGRITY in g.attrs:
+        check_group(g)
+        g.visititems(lambda _, d: check_dataset(d) if isinstance(d, h5py.Dataset) else None)
     out = {}
     for name, lg in g.items():
         out[name] = tuple(
@@ -58,6 +62,91 @@ def read_bases(f: h5py.File) -> dict[str, tuple[torch.Tensor | None, torch.Tenso
 def _attr(v: Any) -> Any:
     """HDF5-storable attribute value (str subclasses such as torch's version become plain str)."""
     return str(v) if isinstance(v, str) else v
+
+
+def seal_group(g: h5py.Group) -> None:
+    """Seal a finished group: a CRC on every dataset in it, and its ``integrity`` attribute (CRC of
+    its attributes, names of its datasets). Readers then refuse it if any of that changes."""
+    names: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            obj.attrs[schema.CRC] = schema.dataset_crc(obj)
+            names.append(name)
+
+    g.visititems(visit)
+    keys = sorted(k for k in g.attrs if k != schema.INTEGRITY)
+    g.attrs[schema.INTEGRITY] = json.dumps(
+        {
+            "attrs": {"keys": keys, "crc32": schema.attrs_crc(g.attrs, keys)},
+            "datasets": sorted(names),
+        }
+    )
+
+
+def check_group(g: h5py.Group) -> None:
+    """Verify a sealed group's attributes and that its datasets are all there (their bytes are checked
+    when read); raises ``ValueError`` naming what does not match."""
+    info = json.loads(g.attrs[schema.INTEGRITY])
+    keys = info["attrs"]["keys"]
+    missing = [k for k in keys if k not in g.attrs]
+    if missing:
+        raise ValueError(f"{g.name} lost its attributes {missing}")
+    if schema.attrs_crc(g.attrs, keys) != info["attrs"]["crc32"]:
+        raise ValueError(f"the attributes of {g.name} do not match their checksum")
+    gone = [n for n in info["datasets"] if not isinstance(g.get(n), h5py.Dataset)]
+    if gone:
+        raise ValueError(f"{g.name} lost its datasets {gone}")
+
+
+def check_dataset(ds: h5py.Dataset, data_crc: int | None = None) -> None:
+    """Verify a dataset's bytes and attributes against its CRC (when it has one)."""
+    want = ds.attrs.get(schema.CRC)
+    if want is not None and schema.dataset_crc(ds, data_crc) != int(want):
+        raise ValueError(f"{ds.name} does not match its checksum")
+
+
+def root_integrity(f: h5py.File) -> dict[str, Any]:
+    """The root ``integrity`` record (empty for a store written before sealing existed)."""
+    raw = f.attrs.get(schema.INTEGRITY)
+    return json.loads(raw) if raw is not None else {}
+
+
+def seal_root(f: h5py.File, checkpoints: list[int] | None = None) -> None:
+    """Seal the root attributes (and ``examples/ids``, ``queries/ids``); ``checkpoints`` replaces the
+    list of sealed checkpoints a reader must find complete."""
+    old = root_integrity(f)
+    keys = sorted(k for k in f.attrs if k != schema.INTEGRITY)
+    present = [
+        n for n in (schema.EXAMPLE_IDS, schema.QUERY_IDS) if isinstance(f.get(n), h5py.Dataset)
+    ]
+    new = {
+        "attrs": {"keys": keys, "crc32": schema.attrs_crc(f.attrs, keys)},
+        "checkpoints": sorted(old.get("checkpoints", []) if checkpoints is None else checkpoints),
+        "datasets": sorted(set(old.get("datasets", [])) | set(present)),
+    }
+    if new != old:
+        f.attrs[schema.INTEGRITY] = json.dumps(new, sort_keys=True)
+    for name in (schema.EXAMPLE_IDS, schema.QUERY_IDS):
+        ds = f.get(name)
+        if isinstance(ds, h5py.Dataset) and schema.CRC not in ds.attrs:
+            ds.attrs[schema.CRC] = schema.dataset_crc(ds)
+
+
+def check_root(f: h5py.File) -> dict[str, Any]:
+    """Verify the root seal (when there is one); raises ``ValueError`` naming what does not match."""
+    info = root_integrity(f)
+    if info:
+        keys = info["attrs"]["keys"]
+        missing = [k for k in keys if k not in f.attrs]
+        if missing:
+            raise ValueError(f"root attributes {missing} are missing")
+        if schema.attrs_crc(f.attrs, keys) != info["attrs"]["crc32"]:
+            raise ValueError("the root attributes do not match their checksum")
+        gone = [n for n in info.get("datasets", []) if not isinstance(f.get(n), h5py.Dataset)]
+        if gone:
+            raise ValueError(f"the datasets {gone} are missing")
+    return info
 
 
 _DISK_FULL = {
@@ -102,6 +191,14 @@ class StoreFile(h5py.File):
         except BaseException:
             self.journal.close(commit=False)
             raise
+        try:
+            check_root(self)
+        except (ValueError, KeyError, TypeError) as e:
+            super().close()
+            self.journal.close(commit=False)
+            raise StoreError(
+                f"{path} is damaged ({e}); refusing to write to it. Restore it from a copy or start a new store."
+            ) from e
         _WRITING.add(str(self.store_path.resolve()))
 
     def check(self) -> None:
@@ -110,6 +207,7 @@ class StoreFile(h5py.File):
             raise io_error(self.store_path, self.journal.error) from self.journal.error
 
     def flush(self) -> None:
+        seal_root(self)
         super().flush()
         self.check()
 
@@ -119,6 +217,8 @@ class StoreFile(h5py.File):
         ok = False
         try:
             if self.id.valid:
+                if self.journal.error is None:
+                    seal_root(self)
                 super().close()
             ok = True
         finally:
@@ -147,6 +247,7 @@ class ReadFile(h5py.File):
     def __init__(self, path: str | os.PathLike, lock_timeout: float | None = None) -> None:
         path = Path(path)
         timeout = journal.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        self._path = path
         self._lock_fd = os.open(path, os.O_RDONLY)
         self._view = False
         try:
@@ -168,6 +269,15 @@ class ReadFile(h5py.File):
         except BaseException:
             os.close(self._lock_fd)
             raise
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        damaged = exc_type is not None and issubclass(exc_type, (OSError, RuntimeError))
+        if damaged and not isinstance(exc, StoreError):  # HDF5 could not read part of the file
+            raise StoreError(
+                f"{self._path} could not be read ({exc}); the file is damaged. Restore it from a copy "
+                "or re-log the run."
+            ) from exc
 
     def unlock(self) -> None:
         """Let writers commit again (open datasets of complete checkpoints stay readable)."""
@@ -297,6 +407,8 @@ class StoreWriter:
                 if stale or not g.attrs.get("complete", False):
                     del ck[name]
                     removed.append(step)
+            sealed = root_integrity(f).get("checkpoints", [])
+            seal_root(f, [t for t in sealed if t not in removed])
             f.flush()
         return removed
 
@@ -367,6 +479,7 @@ class StoreWriter:
                     if mat is not None:
                         lg.create_dataset(side, data=mat.detach().float().cpu().numpy())
             g.attrs["complete"] = True
+            seal_group(g)
             f.flush()
 
     # -- checkpoint level --------------------------------------------------------------------
@@ -646,6 +759,8 @@ class CheckpointWriter:
             f.create_dataset(schema.QUERY_IDS, data=np.asarray(self.query_ids, dtype=np.int64))
         for k, v in attrs.items():
             self.group.attrs[k] = _attr(v)
-        f.flush()
+        # one atomic commit (journal): complete, sealed and listed in the root seal, or none of it
         self.group.attrs["complete"] = True
+        seal_group(self.group)
+        seal_root(f, [*root_integrity(f).get("checkpoints", []), self.step])
         f.flush()
