@@ -3,9 +3,14 @@
 The store is written directly with :class:`StoreWriter` (two checkpoints of ``[N, 1024]`` float16
 rows, written in blocks so this process stays small). A subprocess then scores it with
 ``attribute(method="tracin", top_k=10)`` and ``self_influence(method="graddot")``, with an explicit
-``block_rows`` and with the default, and reports the extra peak resident memory of each call (Linux
-``VmHWM``, reset through ``/proc/self/clear_refs`` before each call, minus ``VmRSS`` at its start).
-The scores are checked against a reference computed here block by block with h5py and numpy.
+``block_rows`` and with the default, and reports the extra peak resident memory of each call: Linux
+``VmHWM``, reset through ``/proc/self/clear_refs`` before each call, minus ``VmRSS`` at its start.
+(``ru_maxrss`` cannot be reset, and in a child started from pytest it begins near the parent's own
+high-water mark: about 0.8-1 GB here against 0.48 GB actually resident after imports.) The scores are
+checked against a reference computed here block by block from the raw datasets with h5py and torch.
+
+Before the fix in ``methods/scoring.py`` the default blocks peaked at 0.6 GB (TracIn, two blocks
+alive at once) and 0.8 GB (self-influence, two ``[B, D]`` temporaries); both now fail the bounds.
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ def _check_streaming(path: Path, tmp_path: Path, capsys) -> None:
     for name in ("attribute_default", "self_default"):
         assert report[name]["extra"] < min(1.5 * budget, store_bytes / 3), (name, report[name])
 
-    # scores: both block sizes agree with an independent numpy reference
+    # scores: both block sizes agree with an independent reference (h5py + torch, here)
     ref_v, ref_r, low_v, low_r, self_inf = _reference(path, queries)
     ids = _ids(np.arange(N))
     for name in ("explicit", "default"):
