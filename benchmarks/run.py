@@ -709,10 +709,19 @@ SUITES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", choices=sorted(SUITES), default="quality")
+    ap.add_argument("--suite", choices=[*sorted(SUITES), "perf"], default="quality")
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: the suite's)")
     ap.add_argument("--no-peers", action="store_true")
-    args = ap.parse_args()
+    args, rest = ap.parse_known_args()
+    if (
+        args.suite == "perf"
+    ):  # the performance suite has its own options (python -m benchmarks.perf -h)
+        from benchmarks.perf import main as perf_main
+
+        perf_main(rest)
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     tasks = args.tasks or SUITES[args.suite]
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
