@@ -31,6 +31,7 @@ from lightning_tda import (
 )
 from lightning_tda.methods import get_method
 from lightning_tda.store import schema
+from lightning_tda.store.writer import StoreWriter
 
 FUZZ = settings(
     max_examples=40,
@@ -257,6 +258,20 @@ def test_wrong_attrs_shapes_and_dtypes_are_a_store_error(good, muts):
         for m in muts:
             _apply(f, m)
     _damaged_outcome(bad, good.reference)
+
+
+def test_a_writer_refuses_to_extend_a_damaged_store(good):
+    """Appending to a store whose sealed attributes changed would seal the damage in: refused."""
+    bad = good.dir / "tampered.h5"
+    shutil.copy(good.path, bad)
+    with h5py.File(bad, "a") as f:
+        f.attrs["layer_groups"] = '{"net.0": 1}'  # valid JSON, wrong store
+    with pytest.raises(
+        StoreError, match=r"tampered.h5 is damaged .*root attributes.*refusing to write"
+    ):
+        StoreWriter(bad).set_root_attrs({"final_global_step": 9})
+    with pytest.raises(StoreError, match="root attributes do not match their checksum"):
+        AttributionStore(bad)
 
 
 # -- GradientLogger arguments ------------------------------------------------------------------------

@@ -253,6 +253,34 @@ def test_a_reader_keeping_the_file_open_does_not_stop_training(tmp_path, reader,
     _check_snapshots(path, [after])
 
 
+def test_an_h5py_handle_in_the_training_process_does_not_stop_training(tmp_path, monkeypatch):
+    """The same with the handle in the training process; AttributionStore shares it meanwhile."""
+    import h5py
+
+    path = tmp_path / "tda.h5"
+    monkeypatch.setattr(journal, "LOCK_TIMEOUT", 0.2)
+    held: list = []
+    seen: list[list[int]] = []
+
+    class Hold(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == EVERY:
+                held.append(h5py.File(path, "r"))  # HDF5's own locking, as a user would open it
+            if held:
+                seen.append(AttributionStore(path).steps)
+
+    try:
+        with pytest.warns(RuntimeWarning, match="kept .* open for more than"):
+            _fit(path, TinyMLP(), [Hold()])
+    finally:
+        for f in held:
+            f.close()
+    assert seen == [[s for s in STEPS if s <= t] for t in range(EVERY, 9)]
+    final = AttributionStore(path)
+    assert final.steps == STEPS and final.incomplete == []
+    _check_snapshots(path, [])
+
+
 # -- the reader process itself -----------------------------------------------------------------------
 
 

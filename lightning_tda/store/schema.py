@@ -162,7 +162,8 @@ def crc_update(crc: int, arr: np.ndarray) -> int:
 
 
 def dataset_crc(ds: Any, data_crc: int | None = None) -> int:
-    """CRC-32 of a dataset's raw bytes (``data_crc`` when already computed) then its attributes."""
+    """CRC-32 of a dataset's raw bytes (``data_crc`` when already computed), then its dtype, shape
+    and attributes."""
     if data_crc is None:
         data_crc = 0
         if ds.ndim == 0:
@@ -173,4 +174,5 @@ def dataset_crc(ds: Any, data_crc: int | None = None) -> int:
             for start in range(0, ds.shape[0], step):
                 data_crc = crc_update(data_crc, ds[start : start + step])
     keys = sorted(k for k in ds.attrs if k != CRC)
-    return zlib.crc32(str(attrs_crc(ds.attrs, keys)).encode(), data_crc)
+    layout = f"{ds.dtype.str} {tuple(ds.shape)} {attrs_crc(ds.attrs, keys)}"
+    return zlib.crc32(layout.encode(), data_crc)

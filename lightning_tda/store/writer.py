@@ -262,7 +262,16 @@ class ReadFile(h5py.File):
                     journal.journal_path(path), os.fstat(self._lock_fd).st_ino
                 )
             if undo is None:
-                super().__init__(path, "r", locking=False)
+                try:
+                    super().__init__(path, "r", locking=False)
+                except OSError as e:
+                    if "locking flag" not in str(e):
+                        raise
+                    # this process holds it open with HDF5's own locking: opening the path would share
+                    # that handle's (possibly stale) view, so read the bytes through a file object
+                    size = os.fstat(self._lock_fd).st_size
+                    view = journal.RolledBackView(self._lock_fd, journal.Undo(size, ()))
+                    super().__init__(view, "r")
             else:
                 self._view = True
                 super().__init__(journal.RolledBackView(self._lock_fd, undo), "r")
