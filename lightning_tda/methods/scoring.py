@@ -119,9 +119,8 @@ def stream_scores(
             if dense is not None:
                 dense[:, start:stop] = s.cpu()
                 continue
-            rows = torch.arange(start, stop, device=device).expand(q, -1)
-            best_v, best_r = _merge(best_v, best_r, s, rows, k, largest=True)
-            low_v, low_r = _merge(low_v, low_r, s, rows, k, largest=False)
+            best_v, best_r = _merge(best_v, best_r, s, start, k, largest=True)
+            low_v, low_r = _merge(low_v, low_r, s, start, k, largest=False)
     if dense is not None:
         return dense
     return TopK(best_v.cpu(), best_r.cpu(), low_v.cpu(), low_r.cpu())
@@ -140,12 +139,15 @@ def _checkpoints(terms: list) -> str:
     return f"{steps} checkpoint{'s' if steps != 1 else ''}"
 
 
-def _merge(v, r, s, rows, k, largest):
-    if v is not None:
-        s = torch.cat([v, s], dim=1)
-        rows = torch.cat([r, rows], dim=1)
-    kk = min(k, s.shape[1])
-    vals, idx = torch.topk(s, kk, dim=1, largest=largest, sorted=True)
+def _merge(v, r, s, start, k, largest):
+    """Running top-k: the block's own top-k (``s`` ``[Q, B]``, rows from ``start``) merged with the
+    ``[Q, k]`` kept so far; nothing of size ``[Q, B]`` besides ``s`` is formed."""
+    vals, idx = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest, sorted=True)
+    rows = idx + start
+    if v is None:
+        return vals, rows
+    vals, rows = torch.cat([v, vals], dim=1), torch.cat([r, rows], dim=1)
+    vals, idx = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest, sorted=True)
     return vals, torch.gather(rows, 1, idx)
 
 
