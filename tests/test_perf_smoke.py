@@ -139,3 +139,15 @@ def test_targets_and_markdown():
     md = perf.write_markdown(bad, "python -m benchmarks.perf")
     assert md.count("not met") == 4 and "failed: boom" in md and "3.00×" not in md
     assert "| 1.300 | not met |" in md
+
+
+def test_partial_results_still_render():
+    """A run stopped after (iii) reports only the targets it measured and names the others."""
+    full = _fake_results(1.1, 3.5, 0.8, 1.0)
+    part = {k: full[k] for k in ("query_throughput", "hdf5_read", "repeats", "machine")}
+    part["scoring_memory"] = {"error": "boom"}
+    part["targets"] = perf.targets(part)
+    assert set(part["targets"]) == {"scoring"}
+    md = perf.write_markdown(part, "python -m benchmarks.perf")
+    assert "in_flight_overhead, featurization, memory | not measured" in md
+    assert "the measurement failed (boom)" in md
