@@ -31,8 +31,10 @@ from conftest import TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_tda import AttributionStore, GradientLogger, StoreError
-from lightning_tda.store import journal
-from lightning_tda.store.writer import CheckpointWriter
+from lightning_tda.capture.layers import LayerSpec
+from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.store import journal, schema
+from lightning_tda.store.writer import CheckpointWriter, StoreWriter
 
 HERE = Path(__file__).parent
 STEPS = (4, 8, 12)  # 3 epochs x 4 optimizer steps; one checkpoint per epoch
@@ -155,7 +157,7 @@ def _trials(trace: list[dict]) -> list[dict]:
         for _ in range(7)
     ]
     for phase in sorted(by_phase):  # every phase at least once, the commit (most writes) more often
-        for _ in range(4 if phase == "commit" else 1):
+        for _ in range(5 if phase == "commit" else 2):
             trials.append({"fault": {"kind": "io", "at": rng.choice(by_phase[phase])}})
     for phase in ("setup", "commit", "commit", "close"):
         trials.append({"fault": {"kind": "io_torn", "at": rng.choice(by_phase[phase])}})
@@ -387,3 +389,70 @@ def test_disk_full_before_the_first_commit_leaves_no_file(tmp_path, monkeypatch)
     with pytest.raises(StoreError, match=r"disk full: no space left .*Free disk space"):
         _fit_in_process(store, tmp_path / "ckpt")
     assert not store.exists() and not journal.creating_path(store).exists()
+
+
+# -- an interrupt inside a commit -------------------------------------------------------------------
+
+
+def _writer_store(path: Path) -> tuple[StoreWriter, int]:
+    """A store written directly (one exact 4x8 layer, 16 examples) and its row width."""
+    layer = LayerSpec("l", "linear", 4, 8, False, 4, 8, 0, ("l.weight",))
+    w = StoreWriter(path)
+    w.write_run_metadata(
+        {
+            "layers": schema.to_json([layer.to_dict()]),
+            "projection": schema.to_json(ProjectionConfig(kind="exact").to_dict()),
+            "layer_groups": "{}",
+        }
+    )
+    return w, layer.size
+
+
+def _checkpoint(w: StoreWriter, step: int, width: int, commit: bool = True) -> None:
+    g = torch.Generator().manual_seed(step)
+    with w.begin_checkpoint(step, 16, width) as cw:
+        for start in (0, 8):
+            ids = torch.arange(start, start + 8) + 100
+            cw.write_rows(ids, torch.randn(8, width, generator=g), torch.rand(8, generator=g))
+        cw.write_arrays(schema.STATE, {"l|weight": torch.randn(4, 8, generator=g)})
+        if commit:
+            cw.commit({"lr_sum": [0.1], "lr_cumsum": [0.1 * step]})
+
+
+@pytest.mark.parametrize("at", [1, 4, 12, 30])
+def test_an_interrupt_inside_a_commit_propagates_and_rolls_back(tmp_path, monkeypatch, at):
+    """Ctrl-C lands inside HDF5's I/O (here: at the at-th low-level write of a checkpoint's commit).
+    The KeyboardInterrupt reaches the caller and the store is as of its last commit."""
+    path = tmp_path / "tda.h5"
+    w, width = _writer_store(path)
+    _checkpoint(w, 1, width)
+    before = snapshot_rows(path)
+    real, calls = journal.pwrite_all, [0]
+
+    def interrupted(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        real(fd, data, offset)
+
+    with pytest.raises(KeyboardInterrupt):
+        g = torch.Generator().manual_seed(2)
+        with w.begin_checkpoint(2, 16, width) as cw:
+            for start in (0, 8):
+                ids = torch.arange(start, start + 8) + 100
+                cw.write_rows(ids, torch.randn(8, width, generator=g), torch.rand(8, generator=g))
+            monkeypatch.setattr(journal, "pwrite_all", interrupted)
+            cw.write_arrays(schema.STATE, {"l|weight": torch.randn(4, 8, generator=g)})
+            cw.commit({"lr_sum": [0.1], "lr_cumsum": [0.2]})
+    monkeypatch.setattr(journal, "pwrite_all", real)
+    assert calls[0] >= at and not journal.journal_path(path).exists()
+    s = AttributionStore(path)
+    assert s.steps == [1] and s.incomplete == [2]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot_rows(path), before, strict=True))
+    _checkpoint(w, 2, width)  # the checkpoint is simply written again
+    assert AttributionStore(path).steps == [1, 2]
+
+
+def snapshot_rows(path: Path) -> list[torch.Tensor]:
+    s = AttributionStore(path)
+    return [s.read(1), s.read(1, "loss"), s.state(1)["l.weight"]]

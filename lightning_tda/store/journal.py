@@ -48,6 +48,7 @@ _HEADER = struct.Struct("<8sQQ")  # magic, inode of the store, its size at the l
 _RECORD = struct.Struct("<QQ")  # offset, length; followed by the old bytes
 LOCK_TIMEOUT = 10.0  # seconds a reader waits for a writer's commit, and a writer for readers
 _POLL = 0.005
+O_BINARY = getattr(os, "O_BINARY", 0)  # Windows opens in text mode otherwise
 _CONTENDED: set[str] = set()  # stores whose readers kept a writer waiting: do not wait again
 
 
@@ -172,7 +173,7 @@ def recover(path: str | os.PathLike, timeout: float = LOCK_TIMEOUT) -> bool:
     jpath = journal_path(path)
     if not jpath.exists() or not path.exists():
         return False
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR | O_BINARY)
     try:
         if not lock(fd, True, timeout):
             return False
@@ -234,8 +235,8 @@ class JournaledFile:
     Attributes:
         scratch: ``[(start, stop)]`` byte ranges whose old content nothing complete references (the
             rows of the checkpoint being written); writes inside one skip the journal.
-        error: the first ``OSError`` of a write; later writes are dropped and the caller must not
-            commit (:meth:`check` raises it).
+        error: the first failure (``OSError`` of a write, or an interrupt); later writes are dropped,
+            nothing is committed and the caller raises it (:meth:`check`).
     """
 
     def __init__(self, path: str | os.PathLike, lock_timeout: float = LOCK_TIMEOUT) -> None:
@@ -243,19 +244,23 @@ class JournaledFile:
         self.journal = journal_path(self.path)
         self.lock_timeout = lock_timeout
         self.scratch: list[tuple[int, int]] = []
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
         self.pos = 0
         self._jfd: int | None = None
         self._jsize = 0
         self._locked = False
-        self.creating = not self.path.exists()
-        if self.creating:
+        self.fresh = not self.path.exists()  # h5py creates the file structure
+        # (Windows cannot rename a file that is open: a new store is created in place there)
+        self.creating = self.fresh and os.name != "nt"
+        if self.fresh and not self.creating:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o666)
+        elif self.creating:
             self._tmp = creating_path(self.path)
-            self.fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            self.fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o666)
             with contextlib.suppress(FileNotFoundError):
                 self.journal.unlink()  # left by a store that was deleted since
         else:
-            self.fd = os.open(self.path, os.O_RDWR)
+            self.fd = os.open(self.path, os.O_RDWR | O_BINARY)
             try:
                 self._recover()
             except BaseException:
@@ -276,25 +281,37 @@ class JournaledFile:
             unlock(self.fd)
 
     # -- the file-object protocol h5py's driver uses ------------------------------------------------
+    # Nothing here may raise into HDF5 (h5py's driver cannot carry the exception safely): a failure,
+    # a full disk or a KeyboardInterrupt alike, is kept in ``error``; from then on writes are dropped,
+    # reads come back short (HDF5 fails cleanly) and nothing is committed.
     def seek(self, pos: int, whence: int = 0) -> int:
-        if whence == 2:
-            pos += os.fstat(self.fd).st_size
-        elif whence == 1:
-            pos += self.pos
-        self.pos = pos
-        return pos
+        try:
+            if whence == 2:
+                pos += os.fstat(self.fd).st_size
+            elif whence == 1:
+                pos += self.pos
+            self.pos = pos
+        except BaseException as e:
+            self._fail(e)
+        return self.pos
 
     def tell(self) -> int:
         return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = max(0, os.fstat(self.fd).st_size - self.pos)
-        data = pread(self.fd, n, self.pos)
-        if len(data) < n:  # past the end of the file reads as zeros, as with HDF5's sec2 driver
-            data += bytes(n - len(data))
-        self.pos += n
-        return data
+        if self.error is not None:
+            return b""
+        try:
+            if n is None or n < 0:
+                n = max(0, os.fstat(self.fd).st_size - self.pos)
+            data = pread(self.fd, n, self.pos)
+            if len(data) < n:  # past the end of the file reads as zeros, as with HDF5's sec2 driver
+                data += bytes(n - len(data))
+            self.pos += n
+            return data
+        except BaseException as e:
+            self._fail(e)
+            return b""
 
     def write(self, data) -> int:
         n = len(data)
@@ -304,8 +321,8 @@ class JournaledFile:
                 if off < self.base and not self._in_scratch(off, off + n):
                     self._save(off, min(off + n, self.base) - off)
                 pwrite_all(self.fd, data, off)
-            except OSError as e:
-                self.error = e
+            except BaseException as e:
+                self._fail(e)
         return n
 
     def truncate(self, size: int | None = None) -> int:
@@ -316,8 +333,8 @@ class JournaledFile:
                 if size < keep:
                     self._save(size, keep - size)
                 os.ftruncate(self.fd, size)
-            except OSError as e:
-                self.error = e
+            except BaseException as e:
+                self._fail(e)
         return size
 
     def flush(self) -> None:
@@ -325,12 +342,16 @@ class JournaledFile:
         if self.error is None:
             try:
                 self._commit()
-            except OSError as e:
-                self.error = e
+            except BaseException as e:
+                self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
 
     # -- transactions -------------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise the I/O error that stopped the writes, if any."""
+        """Raise the failure that stopped the writes, if any."""
         if self.error is not None:
             raise self.error
 
@@ -341,8 +362,8 @@ class JournaledFile:
         try:
             if commit and self.error is None:
                 self._commit()
-        except OSError as e:
-            self.error = e
+        except BaseException as e:
+            self._fail(e)
         try:
             if not self.creating and (self.error is not None or self._jfd is not None):
                 if self._jfd is not None:
@@ -386,7 +407,7 @@ class JournaledFile:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._jfd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._jfd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o666)
         header = _HEADER.pack(MAGIC, os.fstat(self.fd).st_ino, self.base)
         pwrite_all(self._jfd, header, 0)
         self._jsize = len(header)

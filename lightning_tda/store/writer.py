@@ -1,13 +1,19 @@
 """Crash-safe writer of the attribution store.
 
-Crash safety rests on three rules:
+Crash safety rests on these rules:
 
-1. The file is open only while a checkpoint is written; between checkpoints it is closed.
-2. A checkpoint's datasets are created contiguous with early allocation and the structure is
-   flushed before any row is written, so writing rows changes raw bytes only, never HDF5 metadata.
-   A process killed mid-sweep leaves consistent metadata.
-3. ``complete=True`` is set last, after every row is written and flushed. Readers ignore
-   checkpoints without it; the next writer reuses or deletes them.
+1. Every open for writing goes through :class:`StoreFile`: a rollback journal
+   (:mod:`lightning_tda.store.journal`) makes each completed HDF5 flush an atomic commit. A process
+   killed anywhere, inside a flush too, leaves the file as of its last commit (the next opener undoes
+   the rest; readers see that state meanwhile), and a failed write (a full disk) rolls back to it.
+   A new file appears at its path only at its first commit.
+2. A checkpoint's datasets are created contiguous with early allocation and committed before any
+   row is written, so rows go to raw bytes that nothing complete references (no journal needed).
+3. ``complete=True``, the checkpoint's seal (CRCs of its datasets and attributes, see
+   ``schema.INTEGRITY``) and its entry in the root seal are one commit, after every row is written.
+   Readers ignore checkpoints without it; the next writer reuses or deletes them.
+4. The file is open only while a checkpoint is written. Readers (:class:`ReadFile`) take a shared
+   lock while they read metadata, the writer an exclusive one while it commits.
 """
 
 from __future__ import annotations
@@ -187,7 +193,7 @@ class StoreFile(h5py.File):
         )
         self.store_path = Path(path)
         try:
-            super().__init__(self.journal, "w" if self.journal.creating else "r+")
+            super().__init__(self.journal, "w" if self.journal.fresh else "r+")
         except BaseException:
             self.journal.close(commit=False)
             raise
@@ -201,14 +207,23 @@ class StoreFile(h5py.File):
             ) from e
         _WRITING.add(str(self.store_path.resolve()))
 
-    def check(self) -> None:
-        """Raise a :class:`StoreError` if a write to the store failed."""
-        if self.journal.error is not None:
-            raise io_error(self.store_path, self.journal.error) from self.journal.error
+    def check(self, cause: BaseException | None = None) -> None:
+        """Raise what stopped the writes, if anything: a :class:`StoreError` for an I/O error (e.g. a
+        full disk), else the interrupt itself."""
+        err = self.journal.error
+        if err is None:
+            return
+        if isinstance(err, OSError):
+            raise io_error(self.store_path, err) from (cause or err)
+        raise err
 
     def flush(self) -> None:
-        seal_root(self)
-        super().flush()
+        try:
+            seal_root(self)
+            super().flush()
+        except Exception as e:
+            self.check(e)
+            raise
         self.check()
 
     def close(self) -> None:
@@ -232,6 +247,8 @@ class StoreFile(h5py.File):
         except Exception:
             if exc_type is None:
                 raise  # otherwise the error in flight says more
+        if exc_type is not None and not isinstance(exc, StoreError):
+            self.check(exc)  # an h5py error caused by a failed write: say what failed
 
 
 _WRITING: set[str] = set()  # stores this process has open for writing
@@ -248,7 +265,7 @@ class ReadFile(h5py.File):
         path = Path(path)
         timeout = journal.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
         self._path = path
-        self._lock_fd = os.open(path, os.O_RDONLY)
+        self._lock_fd = os.open(path, os.O_RDONLY | journal.O_BINARY)
         self._view = False
         try:
             if not journal.lock(self._lock_fd, False, timeout):
@@ -621,6 +638,8 @@ class CheckpointWriter:
         except Exception:
             if exc_type is None:
                 raise  # otherwise the error in flight says more
+        if exc_type is not None and not isinstance(exc, StoreError):
+            self.file.check(exc)  # an h5py error caused by a failed write: say what failed
 
     def close(self) -> None:
         """Commit what is written (an incomplete checkpoint stays incomplete) and close the file."""
@@ -628,10 +647,7 @@ class CheckpointWriter:
 
     def _check_io(self, err: BaseException | None = None) -> None:
         """Raise a clear :class:`StoreError` when a write to the store failed (e.g. disk full)."""
-        if self.file.journal.error is not None:
-            raise io_error(self.store.path, self.file.journal.error) from (
-                err or self.file.journal.error
-            )
+        self.file.check(err)
 
     def _encode(self, rows: torch.Tensor, name: str = schema.TRAIN) -> np.ndarray:
         encoding = self.encoding[name]
@@ -698,7 +714,7 @@ class CheckpointWriter:
                 self.ds[schema.TRAIN_PRECOND][sel] = pre
             self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
             self.ds[schema.ROW_IDS][sel] = ids_np[order]
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             self._check_io(e)
             raise
         self._check_io()
@@ -720,7 +736,7 @@ class CheckpointWriter:
         try:
             self.ds[schema.QUERY][start : start + b] = encoded
             self.ds[schema.QUERY_LOSS][start : start + b] = losses.detach().float().cpu().numpy()
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             self._check_io(e)
             raise
         self._check_io()
@@ -735,7 +751,7 @@ class CheckpointWriter:
                 arr = arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
             try:
                 g.create_dataset(name, data=np.asarray(arr), track_times=False)
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 self._check_io(e)
                 raise
         self._check_io()
