@@ -71,6 +71,7 @@ def _fake_results(ratio_in_flight: float, feat: float, scoring: float, mem: floa
         "seconds": ov,
         "ratio_sweep": 1.1,
         "ratio_in_flight": ratio_in_flight,
+        "all_seconds": {k: [v] for k, v in ov.items()},
     }
     ours = {"library": "lightning_tda", "method": "sweep", "examples": 10, "examples_per_s": 30.0}
     peer = {"library": "p", "method": "m", "examples": 10, "examples_per_s": 30.0 / feat}
@@ -149,5 +150,11 @@ def test_partial_results_still_render():
     part["targets"] = perf.targets(part)
     assert set(part["targets"]) == {"scoring"}
     md = perf.write_markdown(part, "python -m benchmarks.perf")
-    assert "in_flight_overhead, featurization, memory | not measured" in md
+    assert md.count("not measured (the run stopped early)") == 3
     assert "the measurement failed (boom)" in md
+
+
+def test_overhead_ratio_is_median_of_per_repeat_ratios():
+    times = {"plain": [10.0, 1.0, 20.0], "sweep": [1.0, 1.5, 30.0], "in_flight": [2.0, 2.0, 44.0]}
+    r = perf.overhead_ratios(times)  # per repeat: sweep 0.1, 1.5, 1.5; in-flight 0.2, 2.0, 2.2
+    assert r == {"ratio_sweep": pytest.approx(1.5), "ratio_in_flight": pytest.approx(2.0)}
