@@ -7,7 +7,6 @@ import json
 import os
 from typing import Any
 
-import h5py
 import torch
 from torch import nn
 
@@ -78,9 +77,16 @@ class AttributionStore(StoreReader):
         Returns:
             An :class:`AttributionResult`; ``indices``/``opponents`` hold example ids.
         """
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        m = get_method(method, **method_kwargs)
+        if isinstance(queries, dict) and not queries:
+            raise ValueError(
+                "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
+                "'logged', or {global_step: Tensor[Q, D]}"
+            )
+        m = _method(method, block_rows, method_kwargs)
         steps = [c.global_step for c in m.used_checkpoints(self)]
         if getattr(
             m, "measures_queries", False
@@ -120,7 +126,7 @@ class AttributionStore(StoreReader):
         stored rows are read, so ``model`` is not needed; it is accepted for symmetry with ``attribute``.
         ``block_rows``: rows read per block (default: about 256 MB of fp32 per block).
         """
-        m = get_method(method, **method_kwargs)
+        m = _method(method, block_rows, method_kwargs)
         return stream_self_influence(
             self, m.self_terms(self), block_rows, description=f"self-influence {m.name}"
         )
@@ -195,12 +201,12 @@ class AttributionStore(StoreReader):
                     overwrite,
                 )
                 bar.advance()
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             self._read_meta(f)
 
     def dataset_attrs(self, step: int, name: str) -> dict[str, Any]:
         """Attributes of one checkpoint dataset."""
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             ds = self._dataset(f, step, name)
             return {k: ds.attrs[k] for k in ds.attrs}
 
@@ -283,6 +289,17 @@ class AttributionStore(StoreReader):
                         f"query vectors for step {s} have shape {tuple(v.shape)} but the store's rows have D={self.width}; "
                         "compute them with the store's projection (AttributionStore.query_vectors)."
                     )
+                if not torch.isfinite(v).all():
+                    raise ValueError(
+                        f"precomputed query vectors for step {s} are not all finite (NaN or Inf); "
+                        "check the query gradients"
+                    )
+                first = next(iter(out.items()), None)
+                if first is not None and v.shape[0] != first[1].shape[0]:
+                    raise ValueError(
+                        f"precomputed query vectors must hold the same queries at every checkpoint: "
+                        f"{first[1].shape[0]} rows at step {first[0]} but {v.shape[0]} at step {s}"
+                    )
                 out[s] = v
             return out, None
         if model is None:
@@ -344,7 +361,7 @@ class AttributionStore(StoreReader):
             lines.append("optimizer: " + ", ".join(o["class"] for o in opt))
         lines.append(f"checkpoints ({len(self.checkpoints)} complete):")
         lines.append(f"  {'step':>8} {'epoch':>5} {'trigger':<12} {'lr_sum':>10}  datasets")
-        with h5py.File(self.path, "r") as f:
+        with self._h5() as f:
             for c in self.checkpoints:
                 g = f[schema.checkpoint_name(c.global_step)]
                 ds = [
@@ -371,6 +388,35 @@ class AttributionStore(StoreReader):
                 f"incomplete (ignored, rewritten on resume): steps {sorted(self.incomplete)}"
             )
         return "\n".join(lines)
+
+
+def _method(
+    method: str | AttributionMethod, block_rows: int | None, kwargs: dict[str, Any]
+) -> AttributionMethod:
+    """Check ``method``, ``block_rows`` and ``checkpoints=`` up front, then resolve the method."""
+    if not isinstance(method, (str, AttributionMethod)):
+        raise ValueError(
+            f"method must be a method name (e.g. 'tracin') or an AttributionMethod instance, "
+            f"got {method!r}"
+        )
+    if block_rows is not None and (
+        isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
+    ):
+        raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
+    steps = kwargs.get("checkpoints")
+    if steps is not None:
+        if isinstance(steps, (int, float)):  # a bare step: list(4) would be a TypeError later
+            raise ValueError(
+                f"checkpoints must be a list of global steps (e.g. checkpoints=[{steps!r}] for one), "
+                f"got {steps!r}"
+            )
+        seq = list(steps) if isinstance(steps, (list, tuple, range)) else []
+        repeated = sorted({repr(s) for i, s in enumerate(seq) if s in seq[:i]})
+        if repeated:
+            raise ValueError(
+                f"checkpoints lists {', '.join(repeated)} more than once; each checkpoint counts once"
+            )
+    return get_method(method, **kwargs)
 
 
 def _result(name, dense, top_k, ids, qids, steps) -> AttributionResult:

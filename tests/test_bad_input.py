@@ -403,3 +403,60 @@ def test_logged_queries_when_none_were_logged(good_store):
         store.attribute("logged")
     with pytest.raises(ValueError, match="'logged'"):
         store.attribute("loged")
+
+
+# -- argument validation of ProjectionConfig, the schedule and attribute() --------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rank", True),
+        ("basis_examples", False),
+        ("dense_dim", 2.5),
+        ("dense_dim", "8"),
+        ("seed", "abc"),
+        ("seed", 1.0),
+        ("dims", {"net.0": 3}),
+        ("dims", {"net.0": (1.5, 2)}),
+        ("dims", {"net.0": (4, -1)}),
+    ],
+)
+def test_projection_config_refuses_bad_fields(field, value):
+    from lightning_tda.capture.projection import ProjectionConfig
+
+    with pytest.raises(ValueError, match=field):
+        ProjectionConfig(**{field: value})
+
+
+def test_projection_config_takes_numpy_ints_and_round_trips():
+    import numpy as np
+
+    from lightning_tda.capture.projection import ProjectionConfig
+
+    cfg = ProjectionConfig(rank=np.int64(4), dims={"net.0": [2, 0]}, seed=np.int32(3))
+    back = ProjectionConfig.from_dict(cfg.to_dict())
+    assert back.dims == {"net.0": (2, 0)} and back.seed == 3
+    assert back.side_dim("net.0", "out", 9) == 2 and back.side_dim("net.0", "in", 9) == 9
+
+
+def test_at_steps_as_a_bare_int_names_the_list_form(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"at_steps=\[3\]"):
+        GradientLogger(tmp_path / "s.h5", at_steps=3, verbose=False)
+
+
+def test_attribute_refuses_repeated_checkpoints_and_bad_block_rows(good_store):
+    _, store = good_store
+    q = {4: torch.randn(2, store.width)}
+    with pytest.raises(ValueError, match="checkpoints lists 4 more than once"):
+        store.attribute(q, method="tracin", checkpoints=[4, 4])
+    with pytest.raises(ValueError, match=r"checkpoints=\[4\]"):
+        store.attribute(q, method="tracin", checkpoints=4)
+    with pytest.raises(ValueError, match="block_rows"):
+        store.self_influence(method="tracin", block_rows=0)
+    with pytest.raises(ValueError, match="method must be a method name"):
+        store.attribute(q, method=["tracin"])
+    # the valid call still gives TracIn: lr_sum * <q, row>
+    got = store.attribute(q, method="tracin", checkpoints=[4], top_k=None, block_rows=5).scores
+    want = store.checkpoint(4).lr_sum[0] * q[4] @ store.read(4).float().T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

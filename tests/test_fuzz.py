@@ -418,8 +418,7 @@ def test_gradient_logger_arguments_are_accepted_exactly_when_valid(good, words, 
         assert not bad, f"invalid {bad} accepted: {kw}"
 
 
-# (argument, value): input the constructor should refuse, found by the property above; left to the
-# owners of callbacks/gradient_logger.py, capture/projection.py and callbacks/schedule.py (see report)
+# (argument, value): input the constructor refuses, found by the property above (once bugs)
 KNOWN_BAD = [
     ("rank", True),  # bool is an int: silently rank 1
     ("basis_examples", True),
@@ -430,15 +429,21 @@ KNOWN_BAD = [
     ("dims", {"net.0": (1.5, 2)}),  # accepted, truncated to 1
     ("seed", "abc"),  # accepted, ValueError only at the first checkpoint
     ("at_steps", 3),  # TypeError: 'int' object is not iterable
-    ("modules", "net.0"),  # accepted as the patterns 'n', 'e', 't', '.', '0'
+    ("modules", ["net.0", 3]),  # a pattern must be a string
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="constructor validation gaps outside the store (see report)")
 @pytest.mark.parametrize(("name", "value"), KNOWN_BAD, ids=[f"{n}={v!r}" for n, v in KNOWN_BAD])
 def test_gradient_logger_refuses_known_bad_arguments(good, name, value):
     with pytest.raises((MisconfigurationException, ValueError), match=name):
         GradientLogger(good.dir / "args.h5", verbose=False, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["modules", "exclude"])
+def test_a_single_module_pattern_is_one_pattern(good, name):
+    """``modules="net.0"`` is the one pattern ``net.0``, not the patterns 'n', 'e', 't', '.', '0'."""
+    logger = GradientLogger(good.dir / "args.h5", verbose=False, **{name: "net.0"})
+    assert getattr(logger, name) == ["net.0"]
 
 
 # -- attribute() arguments ---------------------------------------------------------------------------
@@ -540,8 +545,8 @@ def _vectors(store: AttributionStore, q: int = 3, fill: float | None = None) -> 
     return out
 
 
-# found by the property above with its exclusions lifted; left to the owners of attribution.py and
-# methods/ (see report). Each should raise a ValueError/KeyError naming the argument.
+# found by the property above with its exclusions lifted (once bugs). Each raises a ValueError/KeyError
+# naming the argument.
 KNOWN_BAD_CALLS = {
     "top_k=True": (lambda s: _vectors(s), {"top_k": True}, "top_k"),  # silently top-1
     "method=['tracin']": (lambda s: _vectors(s), {"method": ["tracin"]}, "method"),  # unhashable
@@ -552,6 +557,7 @@ KNOWN_BAD_CALLS = {
     ),  # counted twice
     "checkpoints=4": (lambda s: _vectors(s), {"checkpoints": 4}, "checkpoints"),  # not iterable
     "NaN query": (lambda s: _vectors(s, fill=float("nan")), {}, "finite"),  # NaN scores
+    "Inf query": (lambda s: _vectors(s, fill=float("inf")), {}, "finite"),
     "Q differs by step": (
         lambda s: {2: torch.randn(3, s.width), 4: torch.randn(5, s.width)},
         {},
@@ -562,9 +568,6 @@ KNOWN_BAD_CALLS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="attribute() input validation gaps outside the store (see report)"
-)
 @pytest.mark.parametrize("case", list(KNOWN_BAD_CALLS))
 def test_attribute_refuses_known_bad_calls(good, case):
     make, kwargs, word = KNOWN_BAD_CALLS[case]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -243,7 +244,9 @@ class GradientLogger(pl.Callback):
                 raise MisconfigurationException(
                     f"{name} must be a sized (map-style) dataset so every example can be stored once per checkpoint"
                 )
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise MisconfigurationException(
                 f"batch_size must be a positive int, got {batch_size!r}"
             )
@@ -251,8 +254,8 @@ class GradientLogger(pl.Callback):
         self.path = self.writer.path
         self.attribution_data = attribution_data
         self.query_data = query_data
-        self.modules = list(modules) if modules is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
+        self.modules = _patterns("modules", modules)
+        self.exclude = _patterns("exclude", exclude)
         self.optimizer_state = optimizer_state
         self.curvature = curvature
         self.save_state = save_state
@@ -868,3 +871,22 @@ def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
     return state
+
+
+def _patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
+    """``modules``/``exclude`` as a list of names/regexes; a single string is one pattern."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]  # not list("net.0"), which would be the patterns 'n', 'e', 't', ...
+    try:
+        patterns = list(value)
+    except TypeError:
+        raise MisconfigurationException(
+            f"{name} must be a list of module names/regexes (or one string), got {value!r}"
+        ) from None
+    if not all(isinstance(p, (str, re.Pattern)) for p in patterns):
+        raise MisconfigurationException(
+            f"{name} must be a list of module names/regexes (strings), got {value!r}"
+        )
+    return patterns

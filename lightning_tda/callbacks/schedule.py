@@ -56,6 +56,13 @@ class LogSchedule:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise MisconfigurationException(f"{name} must be a positive int, got {v!r}")
         if self.at_steps is not None:
+            if isinstance(self.at_steps, (str, bytes)) or not isinstance(
+                self.at_steps, (Sequence, set, frozenset)
+            ):
+                raise MisconfigurationException(
+                    f"at_steps must be a list of non-negative ints (e.g. at_steps=[3] for one step), "
+                    f"got {self.at_steps!r}"
+                )
             steps = list(self.at_steps)
             if not steps or any(
                 not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in steps

@@ -7,6 +7,7 @@ matrices from the seed rule recorded in the store.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -51,7 +52,7 @@ class ProjectionConfig:
     def __post_init__(self) -> None:
         if self.basis not in ("random", "pca"):
             raise ValueError(f"basis must be 'random' or 'pca', got {self.basis!r}")
-        if not isinstance(self.basis_examples, int) or self.basis_examples < 1:
+        if not _is_int(self.basis_examples) or self.basis_examples < 1:
             raise ValueError(f"basis_examples must be a positive int, got {self.basis_examples!r}")
         if self.kind not in ("kronecker", "exact"):
             raise ValueError(f"projection must be 'kronecker' or 'exact', got {self.kind!r}")
@@ -59,14 +60,24 @@ class ProjectionConfig:
             raise ValueError(
                 f"distribution must be 'orthogonal', 'gaussian' or 'rademacher', got {self.distribution!r}"
             )
-        if self.kind == "kronecker" and (not isinstance(self.rank, int) or self.rank < 1):
+        if self.kind == "kronecker" and (not _is_int(self.rank) or self.rank < 1):
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-        if self.dense_dim < 0:
-            raise ValueError(f"dense_dim must be >= 0, got {self.dense_dim}")
+        if not _is_int(self.dense_dim) or self.dense_dim < 0:
+            raise ValueError(f"dense_dim must be an int >= 0, got {self.dense_dim!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.dims, dict):
+            raise ValueError(
+                f"dims must be a dict {{module_name: (k_out, k_in)}}, got {self.dims!r}"
+            )
         for name, dims in self.dims.items():
-            if len(dims) != 2 or any(int(d) < 0 for d in dims):
+            if (
+                not isinstance(dims, (tuple, list))
+                or len(dims) != 2
+                or not all(_is_int(d) and d >= 0 for d in dims)
+            ):
                 raise ValueError(
-                    f"dims[{name!r}] must be (k_out, k_in) with non-negative ints, got {dims!r}"
+                    f"dims[{name!r}] must be a pair (k_out, k_in) of non-negative ints, got {dims!r}"
                 )
 
     def side_dim(self, module_name: str, side: Literal["out", "in"], full: int) -> int:
@@ -89,6 +100,11 @@ class ProjectionConfig:
         d = dict(d)
         d["dims"] = {k: tuple(v) for k, v in d.get("dims", {}).items()}
         return cls(**d)
+
+
+def _is_int(v: object) -> bool:
+    """True for a Python or NumPy integer, not a bool (``True`` would silently mean 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def stable_seed(seed: int, *names: str) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from lightning_tda.store.writer import StoreError, _open
+from lightning_tda.store.writer import StoreError, _open, open_for_reading
 
 GROUP = "stride"
 DESIGN = "design"
@@ -119,7 +119,7 @@ class SubsetDesign:
     @classmethod
     def load(cls, path: str | os.PathLike) -> SubsetDesign | None:
         """The design stored in ``path``, or ``None`` when there is none."""
-        with h5py.File(os.fspath(path), "r") as f:
+        with open_for_reading(path) as f:
             g = f.get(f"{GROUP}/{DESIGN}")
             return None if g is None else _read(g)
 

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import h5py
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
 from lightning_tda.store.reader import StoreReader
-from lightning_tda.store.writer import StoreError, _open
+from lightning_tda.store.writer import StoreError, _open, open_for_reading
 from lightning_tda.stride.design import GROUP, PARTIAL, SubsetDesign
 from lightning_tda.stride.operator import (
     IGNORE,
@@ -529,12 +528,12 @@ def _fit_one(
 
 
 def exists(path: str | os.PathLike, step: int) -> bool:
-    with h5py.File(os.fspath(path), "r") as f:
+    with open_for_reading(path) as f:
         return f"{GROUP}/{step_group(step)}" in f
 
 
 def fitted_steps(path: str | os.PathLike) -> list[int]:
-    with h5py.File(os.fspath(path), "r") as f:
+    with open_for_reading(path) as f:
         g = f.get(GROUP)
         return [] if g is None else sorted(int(k) for k in g if k.isdigit())
 
@@ -572,7 +571,7 @@ def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) ->
 def load(path: str | os.PathLike, step: int) -> StrideResult:
     """Operators fitted at ``step`` (raises naming ``lightning_tda.stride.fit`` when absent)."""
     design = SubsetDesign.load(path)
-    with h5py.File(os.fspath(path), "r") as f:
+    with open_for_reading(path) as f:
         g = f.get(f"{GROUP}/{step_group(step)}")
         if g is None or design is None:
             have = fitted_steps(path) if GROUP in f else []
