@@ -755,7 +755,7 @@ def main() -> None:
         keep = [Row(**(r | {"ci": tuple(r["ci"]) if r["ci"] else None})) for r in old["rows"]]
         rows = [r for r in keep if r.task not in ran] + rows
         infos = {k: v for k, v in old["tasks"].items() if k not in ran} | infos
-        command += f" (then --tasks {tasks} re-run on {date.today().isoformat()})"
+        command += f"` and then `{command} --tasks {tasks}"  # rendered inside backticks
     elif tasks != SUITES[args.suite]:
         command += f" --tasks {tasks}"
     path.write_text(
