@@ -484,7 +484,7 @@ def _query_set(dm: Any, train: Dataset) -> tuple[Dataset, str]:
             try:
                 dm.setup(stage)
                 loader = getattr(dm, hook)()
-            except (MisconfigurationException, NotImplementedError, AttributeError):
+            except (MisconfigurationException, AttributeError):
                 continue
             if isinstance(loader, list | tuple):
                 loader = loader[0] if loader else None
@@ -496,22 +496,12 @@ def _query_set(dm: Any, train: Dataset) -> tuple[Dataset, str]:
 
 def main_report(args: argparse.Namespace) -> int:
     """Run ``lightning-tda report`` from parsed arguments."""
-    from lightning_tda.stride.cli import _instantiate
+    from lightning_tda.recipe_config import load_logged_run
 
     if args.queries < 1:
         raise ValueError(f"--queries must be >= 1, got {args.queries}")
-    model, dm, logger = _instantiate(args.config)
-    path = args.store or (logger.path if logger is not None else None)
-    if path is None:
-        raise ValueError(
-            f"{args.config} has no GradientLogger callback to take the store path from; pass --store"
-        )
-    train = logger.attribution_data if logger is not None else None
-    if train is None:
-        if dm is None:
-            raise ValueError(f"{args.config} defines no data module; the training data is needed")
-        dm.setup("fit")
-        train = dm.train_dataloader().dataset
+    run = load_logged_run(args.config, args.store)
+    model, dm, path, train = run.model, run.datamodule, run.store_path, run.train_data
     queries, source = _query_set(dm, train)
     n = min(args.queries, len(queries))
     out = write_report(

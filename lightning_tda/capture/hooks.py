@@ -66,6 +66,15 @@ class LayerProjector:
     records: list[_Record] = field(default_factory=list)
 
 
+def layer_input(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """A captured layer's input as ``[B, T, in (+1 bias column)]`` fp32, detached."""
+    x = x.detach().float()
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if spec.has_bias:
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    return x
+
+
 def build_projectors(
     layers: list[LayerSpec],
     config: ProjectionConfig,
@@ -163,10 +172,7 @@ class LayerGradientHooks:
                 or not output.requires_grad
             ):
                 return
-            x = inputs[0].detach().float()
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            if spec.has_bias:
-                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            x = layer_input(inputs[0], spec)
             xs = None
             if self.scales is not None:
                 xs = x * self.scales[spec.name][1]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tda.capture.hooks import LayerProjector, build_projectors
+from lightning_tda.capture.hooks import LayerProjector, build_projectors, layer_input
 from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
 from lightning_tda.capture.projection import ProjectionConfig
 
@@ -177,10 +177,7 @@ class InFlightCapture:
                 or not output.requires_grad
             ):
                 return
-            x = inputs[0].detach().float()
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            if spec.has_bias:
-                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            x = layer_input(inputs[0], spec)
             xp = x if proj.p_in is None else x @ proj.p_in
             output.register_hook(partial(self._backward, proj, xp, rows))
 

@@ -160,16 +160,14 @@ def _split(n_total: int, n_train: int, n_val: int, seed: int, what: str) -> tupl
 
 
 class _TokenizedDataModule(pl.LightningDataModule):
-    """Shared tokenizer lookup, collate function and loaders."""
+    """Shared tokenizer lookup, collate function and loaders; subclasses define
+    ``_collator(tokenizer)``."""
 
     def __init__(self, batch_size: int, seed: int) -> None:
         super().__init__()
         self.batch_size, self.seed = batch_size, seed
         self.tokenizer: Any = None
         self.train: IndexedDataset
-
-    def _collator(self, tokenizer: Any) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:

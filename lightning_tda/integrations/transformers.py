@@ -81,7 +81,8 @@ def _model_inputs(batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | N
 
 
 class _HFModule(pl.LightningModule):
-    """Shared optimiser setup and loss logging of the transformers wrappers."""
+    """Shared optimiser setup and loss logging of the transformers wrappers; subclasses define
+    ``per_example_loss(batch) -> Tensor[B]``."""
 
     def __init__(
         self,
@@ -110,9 +111,6 @@ class _HFModule(pl.LightningModule):
     def _peft_guard(self) -> None:
         if self.is_peft:
             check_adapters_active(self.model)
-
-    def per_example_loss(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         losses = self.per_example_loss(batch)

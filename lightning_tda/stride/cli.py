@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Any
 
 from lightning_tda.stride.fit import StrideConfig
@@ -53,44 +52,13 @@ def add_fit_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _instantiate(config: str) -> tuple[Any, Any, Any]:
-    """``(model, datamodule, gradient_logger or None)`` from a LightningCLI config, no training."""
-    from unittest import mock
-
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_tda.callbacks.gradient_logger import GradientLogger
-
-    with mock.patch.object(sys, "argv", sys.argv[:1]):  # args= is the whole command line
-        cli = LightningCLI(
-            args=["--config", config, "--trainer.logger", "false"],
-            run=False,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=None,
-        )
-    loggers = [c for c in cli.trainer.callbacks if isinstance(c, GradientLogger)]
-    return cli.model, cli.datamodule, (loggers[0] if loggers else None)
-
-
 def run_fit(args: argparse.Namespace) -> int:
+    from lightning_tda.recipe_config import load_logged_run
     from lightning_tda.store.reader import StoreReader
     from lightning_tda.stride.fit import fit, fitted_steps
 
-    model, dm, logger = _instantiate(args.config)
-    path = args.store or (logger.path if logger is not None else None)
-    if path is None:
-        raise ValueError(
-            f"{args.config} has no GradientLogger callback to take the store path from; pass --store"
-        )
-    data = logger.attribution_data if logger is not None else None
-    if data is None:
-        if dm is None:
-            raise ValueError(
-                f"{args.config} defines no data module; the training data that was logged is needed"
-            )
-        dm.setup("fit")
-        data = dm.train_dataloader().dataset  # the logger swept it in order when not given
+    run = load_logged_run(args.config, args.store)
+    model, data, path = run.model, run.train_data, run.store_path
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(StrideConfig)
