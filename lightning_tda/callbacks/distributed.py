@@ -148,43 +148,6 @@ def copy_shard_rows(cw: CheckpointWriter, shard: str | os.PathLike, step: int) -
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
             raw = {k: g[cw.stored_name[k]][lo:hi] for k in names}
-            _write_raw(cw, g[schema.ROW_IDS][lo:hi], raw, g[schema.TRAIN_LOSS][lo:hi])
+            ids = np.asarray(g[schema.ROW_IDS][lo:hi], dtype=np.int64)
+            cw.write_encoded(ids, raw, g[schema.TRAIN_LOSS][lo:hi])
     return n
-
-
-def _write_raw(
-    cw: CheckpointWriter, ids: np.ndarray, raw: Mapping[str, np.ndarray], losses: np.ndarray
-) -> None:
-    """``CheckpointWriter.write_rows`` for rows already in the stored encoding."""
-    ids = np.asarray(ids, dtype=np.int64)
-    b = len(ids)
-    if cw.canonical is None:
-        pos = np.arange(cw.next_row, cw.next_row + b)
-        if b and pos[-1] >= cw.n:
-            raise StoreError(f"the DDP shards hold more than the {cw.n} attribution examples")
-        cw.next_row += b
-    else:
-        try:
-            pos = np.fromiter((cw.canonical[int(i)] for i in ids), dtype=np.int64, count=b)
-        except KeyError as e:
-            raise StoreError(
-                f"example id {e.args[0]} is not among the store's examples; attribution data must hold the "
-                "same examples at every checkpoint."
-            ) from None
-    listed = ids.tolist()
-    if len(set(listed)) != b or cw.written[pos].any() or any(i in cw.seen_ids for i in listed):
-        raise StoreError(
-            "an example id appears twice in one checkpoint across the DDP shards; example ids must be "
-            "unique (IndexedDataset(dataset, ids=...))."
-        )
-    order = np.argsort(pos)
-    pos_s = pos[order]
-    contiguous = b > 0 and pos_s[-1] - pos_s[0] == b - 1
-    sel = slice(int(pos_s[0]), int(pos_s[-1]) + 1) if contiguous else pos_s
-    for k, arr in raw.items():
-        cw.ds[k][sel] = arr[order]
-    cw.ds[schema.TRAIN_LOSS][sel] = np.asarray(losses, dtype=np.float32)[order]
-    cw.ds[schema.ROW_IDS][sel] = ids[order]
-    cw._check_io()
-    cw.written[pos] = True
-    cw.seen_ids.update(listed)

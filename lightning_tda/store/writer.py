@@ -674,6 +674,16 @@ class CheckpointWriter:
             raise StoreError(
                 f"rows of shape {tuple(rows.shape)} do not match [batch={b}, D={self.width}]"
             )
+        encoded = {schema.TRAIN: self._encode(self._stored(rows))}
+        if precond is not None:
+            encoded[schema.TRAIN_PRECOND] = self._encode(
+                self._stored(precond), schema.TRAIN_PRECOND
+            )
+        self.write_encoded(ids_np, encoded, losses.detach().float().cpu().numpy())
+
+    def _positions(self, ids_np: np.ndarray) -> np.ndarray:
+        """Store row of each id in ``ids_np`` ``[B]``; refuses overflow, unknown and repeated ids."""
+        b = len(ids_np)
         if self.canonical is None:
             pos = np.arange(self.next_row, self.next_row + b)
             if pos.size and pos[-1] >= self.n:
@@ -697,29 +707,30 @@ class CheckpointWriter:
                 f"example ids {dup} appear twice in one checkpoint sweep; example ids must be unique "
                 "(IndexedDataset(dataset, ids=...)) and each example swept once."
             )
+        return pos
+
+    def write_encoded(
+        self, ids_np: np.ndarray, encoded: dict[str, np.ndarray], losses: np.ndarray
+    ) -> None:
+        """Write one batch already in the stored encoding: ``ids_np``/``losses`` ``[B]``,
+        ``encoded[name]`` ``[B, ...]`` rows of each dataset, all in batch order."""
+        pos = self._positions(ids_np)
         order = np.argsort(pos)
+        b = len(ids_np)
         pos_s = pos[order]
         contiguous = b > 0 and pos_s[-1] - pos_s[0] == b - 1
         sel = slice(int(pos_s[0]), int(pos_s[-1]) + 1) if contiguous else pos_s
-        order_t = torch.from_numpy(order).to(rows.device)
-        train = self._encode(self._stored(rows.index_select(0, order_t)))
-        pre = (
-            None
-            if precond is None
-            else self._encode(self._stored(precond.index_select(0, order_t)), schema.TRAIN_PRECOND)
-        )
         try:
-            self.ds[schema.TRAIN][sel] = train
-            if pre is not None:
-                self.ds[schema.TRAIN_PRECOND][sel] = pre
-            self.ds[schema.TRAIN_LOSS][sel] = losses.detach().float().cpu().numpy()[order]
+            for name, arr in encoded.items():
+                self.ds[name][sel] = arr[order]
+            self.ds[schema.TRAIN_LOSS][sel] = np.asarray(losses, dtype=np.float32)[order]
             self.ds[schema.ROW_IDS][sel] = ids_np[order]
         except (OSError, RuntimeError) as e:
             self._check_io(e)
             raise
         self._check_io()
         self.written[pos] = True
-        self.seen_ids.update(batch_ids)
+        self.seen_ids.update(ids_np.tolist())
 
     def _stored(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows as stored: factored per layer under ``storage="lorif"``, else as given."""
