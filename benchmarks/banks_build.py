@@ -1,6 +1,7 @@
 """Build (or resume) the retraining banks: ``python -m benchmarks.banks_build [task ...]``.
 
-Tasks: digits, tinygpt (the default pair), digits_short, digits_two_stage (mislabel has no bank).
+Tasks: digits, tinygpt (the default pair), digits_short, digits_two_stage (mislabel has no bank), and
+the realistic AdamW banks clf_adamw, gpt_adamw, gpt_single_pass, lora_ft (benchmarks/tasks_realistic.py).
 A staged task's recipe carries its curriculum, so each subset run trains stage by stage on
 ``subset ∩ stage members``.
 """
@@ -11,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.tasks import TASKS
+from benchmarks.tasks import TASKS as SGD_TASKS
+from benchmarks.tasks_realistic import REALISTIC
 from lightning_tda.eval.retrain import build_bank
 
 BANKS = Path(__file__).parent / "banks"
+TASKS = {**SGD_TASKS, **REALISTIC}
 
 
 def bank_path(task_name: str) -> Path:
