@@ -46,6 +46,8 @@ class TinyMLP(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
         if self.optimizer == "sgd_sched":
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
             return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)]

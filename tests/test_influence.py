@@ -358,11 +358,18 @@ def test_source_bad_arguments(mlp_run):
         Source(segments=0)
 
 
-def test_source_adam_form_without_curvature_is_tracin_adam(tmp_path):
-    """optimizer='adam', L = 1, H → 0: SOURCE = Σ_c η_c <g_q(θ_T), P_c g_i(θ_c)> / N (TracIn-Adam)."""
+def test_source_adam_form_without_curvature_is_preconditioned_tracin(tmp_path):
+    """optimizer='adam', L = 1, H → 0: SOURCE = Σ_c η_c <D g_q(θ_T), g_i(θ_c)> / N with D the
+    per-coordinate projected Adam preconditioner (ratio of the stored precond and plain rows)."""
     store, at_t, n = _tiny_curvature_run(tmp_path, "adam", 0.01)
     src = store.attribute(at_t, method=Source(segments=1, optimizer="adam"), top_k=None).scores
-    ref = store.attribute(at_t, method="tracin_adam", top_k=None).scores
-    torch.testing.assert_close(src.double() * n, ref.double(), rtol=2e-3, atol=0)
+    g = {s: store.read(s, schema.TRAIN).double() for s in store.steps}
+    r = {s: store.read(s, schema.TRAIN_PRECOND).double() for s in store.steps}
+    d = sum((g[s] * r[s]).sum(0) for s in g) / sum((g[s] ** 2).sum(0) for s in g)
+    last = store.steps[-1]
+    ref = sum(
+        c.lr_sum[0] * (at_t[last].double() * d) @ g[c.global_step].T for c in store.checkpoints
+    )
+    torch.testing.assert_close(src.double() * n, ref, rtol=2e-3, atol=0)
     auto = store.attribute(at_t, method=Source(segments=1, optimizer="auto"), top_k=None).scores
     torch.testing.assert_close(auto, src)

@@ -13,14 +13,15 @@ and ``s(i, q) = Σ_ℓ (1/N_ℓ) ⟨F_r,ℓ (Π_{ℓ' > ℓ} F_S,ℓ') g_q(θ_T)
 from the query gradient at the last checkpoint. ``H̄ → 0`` gives lr-weighted TracIn with the query at
 ``θ_T``; ``L = 1`` an influence function with damping ``1/(η̄K)`` implied by the run (no tuning).
 
-Adam/AdamW (methods.md §8.4, a per-layer version of SOURCE's diagonal approximation): the injected
-update of an example is the Adam-preconditioned gradient ``P ḡ`` (the stored ``train_precond`` rows)
-and the exponents use ``x = η̄K p̄_l σ`` with ``p̄_l`` the layer's mean preconditioner ``1/(√v̂ + ε)``
-from the logged second moments, so ``F_r = η̄K · φ(x)`` still tends to TracIn-Adam as ``H̄ → 0``.
-It is opt-in (``optimizer="adam"`` or ``"auto"``): one scalar per layer is a crude stand-in for the
-elementwise preconditioner (rare embedding rows with tiny ``v̂`` dominate the mean), and on the
-AdamW-trained tiny GPT benchmark it scored below the SGD form (BENCHMARKS.md), so the default treats
-every run as SGD with the logged learning rates.
+Adam/AdamW (methods.md §8.4): the update is ``-η (P g + λ_wd θ)`` with Adam's elementwise
+preconditioner ``P``. In the projected space ``P`` is the per-coordinate diagonal ``D`` of
+:func:`~lightning_tda.methods.preconditioner.projected_adam_diagonal` (from the logged second moments),
+and the linearised dynamics ``λ_wd I + D H̄`` are similar to the symmetric ``H' = D^½ H̄ D^½ + λ_wd I``
+(AdamW's decoupled decay; Adam's L2 decay enters as ``D^½ (H̄ + λ I) D^½``). Each segment then uses
+``F_r`` and ``F_S`` of ``H'``: the contribution ``D^½ F_r(H') D^½ u`` and the propagation
+``u ← D^{-½} F_S(H') D^½ u``, which is exact for a quadratic loss under a fixed diagonal preconditioner.
+The train side is the plain stored gradient ``ḡ_ℓ``. ``optimizer="auto"`` (the default) reads the
+logged optimizer class. Weight decay of SGD (L2) shifts ``H̄`` the same way.
 
 Multi-stage runs: give ``boundaries`` at the stage changes and ``stage_members`` (the example ids
 trained on in each stage). An example absent from a stage contributes nothing there (and is left
@@ -30,7 +31,6 @@ out of that stage's curvature), but its earlier contribution is still propagated
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -39,7 +39,18 @@ import numpy as np
 import torch
 
 from lightning_tda.methods.base import AttributionMethod, select_checkpoints
-from lightning_tda.methods.curvature import Curvature, CurvatureMode, apply_blocks, fit_curvature
+from lightning_tda.methods.curvature import (
+    BlockEigen,
+    Curvature,
+    CurvatureMode,
+    apply_blocks,
+    fit_curvature,
+)
+from lightning_tda.methods.preconditioner import (
+    optimizer_kind,
+    projected_adam_diagonal,
+    weight_decay_columns,
+)
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store import schema
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
@@ -72,8 +83,9 @@ class Segment:
     steps: list[int]
     ck_weights: list[torch.Tensor]  # per checkpoint [D]: its share of the segment's lr sum
     eta_k: torch.Tensor  # [D] η̄K per column (momentum-corrected)
-    precond: dict[str, float]  # p̄_l per block (1 for SGD)
-    curvature: Curvature
+    shift: dict[str, float]  # per block: λ added to the eigenvalues (weight decay)
+    curvature: Curvature  # of H̄ (SGD) or of H' = D^½ H̄ D^½ (Adam)
+    scale: torch.Tensor | None  # [D] D^½ (Adam) or None (SGD)
     mask: torch.Tensor | None  # [N] float 0/1 stage membership, None = every example
     members: int
 
@@ -89,10 +101,11 @@ class Source(AttributionMethod):
             checkpoint.
         stage_members: per segment, the example ids trained on in it (``None`` = every example).
         curvature: ``"raw"`` (exact block Fisher of the stored rows) or ``"ekfac"`` (logged K-FAC basis).
-        optimizer: ``"sgd"`` (default: plain loss-gradient rows and the logged lr sums), ``"adam"``
-            (the Adam variant above) or ``"auto"`` (``"adam"`` when the store logged an Adam optimizer).
+        optimizer: ``"auto"`` (default: the logged optimizer's form), ``"sgd"`` (plain gradient
+            dynamics with the logged lr sums) or ``"adam"`` (the per-coordinate Adam form above).
         momentum: SGD heavy-ball ``β``; ``None`` = the logged hyper-parameter (``η/(1-β)`` is used).
         damping: optional extra ``λ`` added to every eigenvalue (numerical safety; default 0).
+        weight_decay: include the logged weight decay in the dynamics (default ``True``).
         checkpoints: restrict to these logged steps (default: all).
     """
 
@@ -100,9 +113,10 @@ class Source(AttributionMethod):
     boundaries: Sequence[int] | None = None
     stage_members: Sequence[Sequence[int] | None] | None = None
     curvature: CurvatureMode = "raw"
-    optimizer: Literal["auto", "sgd", "adam"] = "sgd"
+    optimizer: Literal["auto", "sgd", "adam"] = "auto"
     momentum: float | None = None
     damping: float = 0.0
+    weight_decay: bool = True
     checkpoints: Sequence[int] | None = None
     name: ClassVar[str] = "source"
 
@@ -149,13 +163,16 @@ class Source(AttributionMethod):
         return groups
 
     def _optimizer(self, store: StoreReader) -> tuple[str, list[float]]:
-        opts = json.loads(store.attrs.get("optimizers", "[]"))
-        groups = opts[0]["groups"] if opts else []
+        """``(kind, per-group momentum)``: kind ``"sgd"``, ``"adam"`` or ``"adamw"``."""
+        logged = optimizer_kind(store)
         kind = self.optimizer
         if kind == "auto":
-            kind = "adam" if opts and "adam" in opts[0]["class"].lower() else "sgd"
-        if kind == "adam":
-            return kind, [0.0] * max(1, len(groups))
+            kind = logged
+        elif kind == "adam":
+            kind = logged if logged != "sgd" else "adamw"
+        if kind != "sgd":
+            return kind, [0.0]
+        groups = [g for o in json.loads(store.attrs.get("optimizers", "[]")) for g in o["groups"]]
         betas = [
             float(self.momentum if self.momentum is not None else g.get("momentum", 0.0) or 0.0)
             for g in groups
@@ -171,14 +188,7 @@ class Source(AttributionMethod):
                 f"stage_members has {len(self.stage_members)} entries for {len(groups)} segments"
             )
         kind, betas = self._optimizer(store)
-        dataset = schema.TRAIN_PRECOND if kind == "adam" else schema.TRAIN
-        if kind == "adam":
-            missing = [c.global_step for c in cks if not c.has_precond]
-            if missing:
-                raise ValueError(
-                    f"checkpoints {missing} have no Adam-preconditioned rows; source with Adam needs "
-                    "GradientLogger(optimizer_state=True) (or pass optimizer='sgd')"
-                )
+        dataset = schema.TRAIN
         ngroups = len(cks[-1].lr_cumsum)
         if ngroups == 0:
             raise ValueError(
@@ -218,23 +228,33 @@ class Source(AttributionMethod):
             steps = [c.global_step for c in group]
             row_w = None if mask is None else {s: mask.double() for s in steps}
             curv = fit_curvature(store, steps, self.curvature, schema.TRAIN, row_w)
-            precond = _layer_preconditioners(store, steps, curv) if kind == "adam" else {}
-            out.append(Segment(steps, weights, eta_cols, precond, curv, mask, count))
+            wd = weight_decay_columns(store, steps[-1]) if self.weight_decay else None
+            scale, shift = None, {b.name: 0.0 for b in curv}
+            if kind in ("sgd", "adamw") and wd is not None:
+                shift = {b.name: float(wd[b.cols.start]) for b in curv}
+            if kind != "sgd":
+                scale = projected_adam_diagonal(store, steps).sqrt()
+                l2 = wd if (kind == "adam" and wd is not None) else None
+                curv = preconditioned_curvature(curv, scale, l2)
+            out.append(Segment(steps, weights, eta_cols, shift, curv, scale, mask, count))
         return dataset, out
 
     # -- evaluation ------------------------------------------------------------------------------
     def _walk(self, segs: list[Segment], u: torch.Tensor):
-        """Yield ``(segment, F_r(u_ℓ))`` from the last segment back, propagating ``u`` with ``F_S``."""
+        """Yield ``(segment, contribution of u)`` from the last segment back, propagating ``u``."""
         for seg in reversed(segs):
             curv = [b.to(u.device) for b in seg.curvature]
 
             def funcs(b, s, seg=seg):
                 eta_k = float(seg.eta_k[b.cols.start])
-                return source_functions(s, eta_k, seg.precond.get(b.name, 1.0), self.damping)
+                return source_functions(s, eta_k, 1.0, self.damping + seg.shift[b.name])
 
-            contrib = apply_blocks(curv, u, lambda b, s: funcs(b, s)[0])
-            yield seg, contrib
-            u = apply_blocks(curv, u, lambda b, s: funcs(b, s)[1])
+            scale = None if seg.scale is None else seg.scale.to(u.device, u.dtype)
+            w = u if scale is None else u * scale
+            contrib = apply_blocks(curv, w, lambda b, s: funcs(b, s)[0])
+            yield seg, (contrib if scale is None else contrib * scale)
+            w = apply_blocks(curv, w, lambda b, s: funcs(b, s)[1])
+            u = w if scale is None else w / scale
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         dataset, segs = self.build(store)
@@ -287,52 +307,25 @@ def _expand(values: list[float], n: int) -> list[float]:
     return values if len(values) == n else [values[0]] * n
 
 
-def _layer_preconditioners(
-    store: StoreReader, steps: list[int], curv: Curvature
-) -> dict[str, float]:
-    """``p̄_l``: mean Adam preconditioner ``1/(√v̂ + ε)`` of each layer, averaged over ``steps``."""
-    opts = json.loads(store.attrs.get("optimizers", "[]"))
-    group = opts[0]["groups"][0] if opts and opts[0]["groups"] else {}
-    beta2 = float((group.get("betas") or (0.9, 0.999))[1])
-    eps = float(group.get("eps", 1e-8))
-    sums: dict[str, float] = {}
-    for step in steps:
-        arrays = store.arrays(step, schema.OPTIMIZER)
-        for b in curv:
-            row, col = arrays.get(f"{b.name}/row"), arrays.get(f"{b.name}/col")
-            if row is None or col is None:
-                sums[b.name] = sums.get(b.name, 0.0) + _dense_preconditioner(
-                    arrays, b.name, beta2, eps
-                )
-                continue
-            t = float(arrays.get(f"{b.name}/step", 0.0))
-            corr = 1.0 - beta2**t if t > 0 else 1.0
-            r = torch.from_numpy(row).double() / corr
-            c = torch.from_numpy(col).double() / corr
-            # the same factor-wise a b^T ≈ 1/(√v̂ + ε) the logger applied to the train_precond rows
-            a = 1.0 / ((r / r.mean().clamp_min(1e-30)).sqrt() + math.sqrt(eps))
-            bb = 1.0 / (c.sqrt() + math.sqrt(eps))
-            sums[b.name] = sums.get(b.name, 0.0) + float(a.mean() * bb.mean())
-    return {k: v / len(steps) for k, v in sums.items()}
+def preconditioned_curvature(
+    curv: Curvature, scale: torch.Tensor, l2: torch.Tensor | None = None
+) -> Curvature:
+    """Eigendecompose ``H' = S (H̄ + diag(l2)) S`` per block, ``S = diag(scale)`` (``scale = D^½``).
+
+    ``curv`` holds ``H̄``'s eigendecomposition (raw or Kronecker basis); ``l2`` is an optional ``[D]``
+    L2 weight decay added before preconditioning (Adam's coupled decay). Returns raw blocks.
+    """
+    out: Curvature = []
+    for b in curv:
+        q = b.q if b.q is not None else torch.kron(b.q_s, b.q_a)
+        h = (q * b.sigma.double().clamp_min(0)) @ q.T
+        if l2 is not None:
+            h = h + torch.diag(l2[b.cols].double())
+        s = scale[b.cols].double()
+        hp = s[:, None] * h * s[None, :]
+        sigma, qp = torch.linalg.eigh(0.5 * (hp + hp.T))
+        out.append(BlockEigen(b.name, b.cols, sigma, q=qp))
+    return out
 
 
-def _dense_preconditioner(arrays: dict, block: str, beta2: float, eps: float) -> float:
-    """Mean ``1/(√v̂ + ε)`` over the parameters of a ``<dense>`` block (1.0 when none is logged)."""
-    total, count = 0.0, 0
-    for key, value in arrays.items():
-        if not key.startswith(f"{block}/") or key.endswith("/step") or key.endswith("/col"):
-            continue
-        base = key.rsplit("/", 1)[0]
-        t = float(arrays.get(f"{base}/step", 0.0))
-        corr = 1.0 - beta2**t if t > 0 else 1.0
-        v = torch.from_numpy(value).double() / corr
-        if key.endswith("/row"):  # 2-D parameter: Adafactor reconstruction from row/col means
-            c = torch.from_numpy(arrays[f"{base}/col"]).double() / corr
-            v = torch.outer(v, c) / v.mean().clamp_min(1e-30)
-        p = 1.0 / (v.clamp_min(0).sqrt() + eps)
-        total += float(p.sum())
-        count += p.numel()
-    return total / count if count else 1.0
-
-
-__all__ = ["Source", "phi1", "source_functions"]
+__all__ = ["Source", "phi1", "preconditioned_curvature", "source_functions"]

@@ -1,0 +1,59 @@
+"""Capture configurations and candidate method settings explored by :mod:`benchmarks.defaults`."""
+
+from __future__ import annotations
+
+from benchmarks.tasks import Task, classification_measure
+from lightning_tda.methods import DataInf, Influence, Source
+
+
+def captures_for(task: Task) -> list[tuple[str, dict]]:
+    """``(label, GradientLogger kwargs)``: the current defaults first, then the alternatives."""
+    out = [
+        ("default", {}),
+        ("r16 pca fp32", dict(rank=16, basis="pca", dtype="float32")),
+        ("r32 pca fp32", dict(rank=32, basis="pca", dtype="float32")),
+        ("r32 random fp32", dict(rank=32, dtype="float32")),
+    ]
+    if task.name == "clf_adamw":
+        out.append(("r64 pca fp32", dict(rank=64, basis="pca", dtype="float32")))
+    if task.name == "gpt_single_pass":
+        out = [out[0], out[1], out[2]]  # 10,000 rows: sweeps are the cost
+    if task.name == "gpt_adamw":
+        out.append(
+            ("r16 pca fp32 + dense 256", dict(rank=16, basis="pca", dtype="float32", dense_dim=256))
+        )
+    return out
+
+
+def candidates_for(task: Task, capture: str) -> list[tuple[str, object]]:
+    """``(label, store -> method)`` for every setting scored on a capture."""
+    c: list[tuple[str, object]] = [
+        ("graddot", lambda s: "graddot"),
+        ("tracin", lambda s: "tracin"),
+        ("tracin_adam", lambda s: "tracin_adam"),
+        ("datainf", lambda s: DataInf()),
+    ]
+    for scale in (0.01, 0.1, 1.0, 10.0):
+        c.append(
+            (f"influence raw last ds={scale:g}", lambda s, x=scale: Influence(damping_scale=x))
+        )
+        c.append(
+            (
+                f"influence raw all ds={scale:g}",
+                lambda s, x=scale: Influence(damping_scale=x, checkpoints=s.steps),
+            )
+        )
+    c.append(("influence ekfac last", lambda s: Influence(mode="ekfac")))
+    c.append(("influence ekfac all", lambda s: Influence(mode="ekfac", checkpoints=s.steps)))
+    if task.measure is classification_measure:
+        for scale in (0.1, 1.0, 10.0):
+            c.append(
+                (
+                    f"influence trak all ds={scale:g}",
+                    lambda s, x=scale: Influence(mode="trak", damping_scale=x),
+                )
+            )
+    for L in (1, 3):
+        c.append((f"source L={L} sgd", lambda s, L=L: Source(segments=L, optimizer="sgd")))
+        c.append((f"source L={L} adam", lambda s, L=L: Source(segments=L, optimizer="adam")))
+    return c
