@@ -964,6 +964,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(filename=args.log, level=logging.INFO, format="%(asctime)s %(message)s")
+    LOG.setLevel(logging.INFO)  # kronfluence lowers the root logger's level to its log_level
     for name in ("lightning.pytorch", "lightning.fabric", "transformers", "kronfluence", "TRAK"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)

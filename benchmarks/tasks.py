@@ -18,13 +18,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_tda import IndexedDataset, causal_lm_loss
 from lightning_tda.data import StagedDataModule
 from lightning_tda.data.digits import load_digits_splits
 from lightning_tda.demo import DigitsMLP
-from lightning_tda.eval.retrain import BankSpec, RetrainRecipe
+from lightning_tda.eval.retrain import BankSpec, RetrainRecipe, shared_order
 
 
 @dataclass
@@ -68,6 +68,13 @@ class Task:
                 self.train, self.recipe.stages, batch_size=self.recipe.batch_size, seed=seed
             )
             return trainer_kwargs, {"datamodule": dm}
+        if self.spec.shared_seeds:  # the bank's order convention: one permutation per seed
+            n = len(self.train)
+            order = shared_order(np.arange(n), n, self.spec.run_seed(0, seed))
+            loader = DataLoader(
+                Subset(self.train, order.tolist()), batch_size=self.recipe.batch_size
+            )
+            return trainer_kwargs, {"train_dataloaders": loader}
         loader = DataLoader(
             self.train,
             batch_size=self.recipe.batch_size,

@@ -19,6 +19,7 @@ from lightning_tda.capture.layers import (
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
 from lightning_tda.methods import AttributionMethod, get_method
+from lightning_tda.methods.auto import AUTO, auto_method, method_settings
 from lightning_tda.methods.influence import QueryVectors
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.progress import progress_bar
@@ -48,7 +49,7 @@ class AttributionStore(StoreReader):
         self,
         queries: Any,
         model: nn.Module | None = None,
-        method: str | AttributionMethod = "tracin",
+        method: str | AttributionMethod = "auto",
         top_k: int | None = 10,
         *,
         loss_fn: LossFn | None = None,
@@ -65,8 +66,10 @@ class AttributionStore(StoreReader):
                 during training; or ``{global_step: Tensor[Q, D]}`` of precomputed projected gradients.
             model: the model class that was trained (any weights; each checkpoint's state is loaded
                 temporarily and the model is left as it was). Needed unless queries are logged/precomputed.
-            method: a name (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``, ``"influence"``,
-                ``"source"``, ...; see ``lightning_tda.methods.METHODS``) or a method instance.
+            method: ``"auto"`` (default: the best method for what the store holds, see
+                :mod:`lightning_tda.methods.auto`; the choice is recorded in ``result.settings``), a name
+                (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``, ``"influence"``, ``"source"``,
+                ...; see ``lightning_tda.methods.METHODS``) or a method instance.
             top_k: keep the ``k`` strongest proponents and opponents per query; ``None`` for dense ``[Q, N]``.
             loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default: ``model.per_example_loss``).
             batch_size: batch size of the query sweep when ``queries`` is a Dataset.
@@ -86,7 +89,7 @@ class AttributionStore(StoreReader):
                 "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
                 "'logged', or {global_step: Tensor[Q, D]}"
             )
-        m = _method(method, block_rows, method_kwargs)
+        m, settings = _method(method, block_rows, method_kwargs, self)
         steps = [c.global_step for c in m.used_checkpoints(self)]
         if getattr(
             m, "measures_queries", False
@@ -94,7 +97,7 @@ class AttributionStore(StoreReader):
             dense, qids = m.scores(
                 self, queries, model, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
             )
-            return _result(m.name, dense, top_k, self.example_ids, qids, steps)
+            return _result(m.name, dense, top_k, self.example_ids, qids, steps, settings)
         qvecs, qids = self.query_vectors(
             queries,
             model,
@@ -107,9 +110,17 @@ class AttributionStore(StoreReader):
         out = stream_scores(self, terms, top_k, block_rows, description=f"scoring {m.name}")
         ids = self.example_ids
         if top_k is None:
-            return AttributionResult(m.name, out, None, None, None, ids, qids, steps)
+            return AttributionResult(m.name, out, None, None, None, ids, qids, steps, settings)
         return AttributionResult(
-            m.name, out.values, ids[out.rows], out.low_values, ids[out.low_rows], ids, qids, steps
+            m.name,
+            out.values,
+            ids[out.rows],
+            out.low_values,
+            ids[out.low_rows],
+            ids,
+            qids,
+            steps,
+            settings,
         )
 
     def self_influence(
@@ -126,7 +137,7 @@ class AttributionStore(StoreReader):
         stored rows are read, so ``model`` is not needed; it is accepted for symmetry with ``attribute``.
         ``block_rows``: rows read per block (default: about 256 MB of fp32 per block).
         """
-        m = _method(method, block_rows, method_kwargs)
+        m, _ = _method(method, block_rows, method_kwargs, self)
         return stream_self_influence(
             self, m.self_terms(self), block_rows, description=f"self-influence {m.name}"
         )
@@ -391,9 +402,13 @@ class AttributionStore(StoreReader):
 
 
 def _method(
-    method: str | AttributionMethod, block_rows: int | None, kwargs: dict[str, Any]
-) -> AttributionMethod:
-    """Check ``method``, ``block_rows`` and ``checkpoints=`` up front, then resolve the method."""
+    method: str | AttributionMethod,
+    block_rows: int | None,
+    kwargs: dict[str, Any],
+    store: StoreReader,
+) -> tuple[AttributionMethod, dict[str, Any]]:
+    """Check ``method``, ``block_rows`` and ``checkpoints=`` up front, then resolve the method
+    (``"auto"`` from what ``store`` holds); returns it with its settings."""
     if not isinstance(method, (str, AttributionMethod)):
         raise ValueError(
             f"method must be a method name (e.g. 'tracin') or an AttributionMethod instance, "
@@ -416,15 +431,25 @@ def _method(
             raise ValueError(
                 f"checkpoints lists {', '.join(repeated)} more than once; each checkpoint counts once"
             )
-    return get_method(method, **kwargs)
+    if isinstance(method, str) and method == AUTO:
+        if kwargs:
+            raise ValueError(
+                f"method='auto' takes no hyper-parameters (got {sorted(kwargs)}); name the method, "
+                "e.g. method='influence', checkpoints=[...]"
+            )
+        m, reason = auto_method(store)
+        return m, {**method_settings(m), "chosen_by": AUTO, "reason": reason}
+    m = get_method(method, **kwargs)
+    return m, method_settings(m)
 
 
-def _result(name, dense, top_k, ids, qids, steps) -> AttributionResult:
+def _result(name, dense, top_k, ids, qids, steps, settings=None) -> AttributionResult:
     """An :class:`AttributionResult` from dense ``[Q, N]`` scores (top-k when ``top_k`` is set)."""
+    settings = settings or {}
     if top_k is None:
-        return AttributionResult(name, dense, None, None, None, ids, qids, steps)
+        return AttributionResult(name, dense, None, None, None, ids, qids, steps, settings)
     k = min(int(top_k), dense.shape[1])
     hi, lo = dense.topk(k, dim=1), dense.topk(k, dim=1, largest=False)
     return AttributionResult(
-        name, hi.values, ids[hi.indices], lo.values, ids[lo.indices], ids, qids, steps
+        name, hi.values, ids[hi.indices], lo.values, ids[lo.indices], ids, qids, steps, settings
     )

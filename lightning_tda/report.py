@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed
 from lightning_tda.methods import AttributionMethod, get_method
+from lightning_tda.methods.auto import AUTO, auto_method
 
 Rendering = str | np.ndarray | torch.Tensor | tuple[Any, str] | None
 """What a renderer returns: text, an image array (``[H, W]``, ``[H, W, 3]`` or ``[C, H, W]``), an
@@ -274,7 +275,7 @@ def write_report(
     train_data: Any,
     out_html: str | os.PathLike,
     *,
-    method: str | AttributionMethod = "tracin",
+    method: str | AttributionMethod = "auto",
     top_k: int = 5,
     render: Renderer | None = None,
     self_influence: bool | str = True,
@@ -327,7 +328,7 @@ def write_report(
         raise ValueError("queries is empty; pass at least one query example")
     qdata = Subset(qdata, range(min(len(qdata), max_queries)))
     lookup = _ExampleLookup(train_data)
-    m = get_method(method)
+    m = auto_method(store)[0] if method == AUTO else get_method(method)
     res = store.attribute(qdata, model=model, method=m, top_k=None, collate_fn=collate_fn)
     dense = res.scores.float()  # [Q, N] in store row order
     k = min(top_k, dense.shape[1])
@@ -452,7 +453,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--store", default=None, help="store path (default: the config's GradientLogger path)"
     )
-    p.add_argument("--method", default="tracin", choices=sorted(METHODS))
+    p.add_argument("--method", default=AUTO, choices=[AUTO, *sorted(METHODS)])
     p.add_argument("--top-k", type=int, default=5, help="proponents and opponents per query")
     p.add_argument(
         "--queries",

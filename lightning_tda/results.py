@@ -24,6 +24,8 @@ class AttributionResult:
         example_ids: ``[N]`` example id of each store row (the column order of dense scores).
         query_ids: ``[Q]`` ids of the queries when known.
         checkpoints: the global steps that contributed.
+        settings: the method's hyper-parameters as used; with ``method="auto"`` also
+            ``"chosen_by": "auto"`` and the ``"reason"`` for the choice.
     """
 
     method: str
@@ -34,6 +36,7 @@ class AttributionResult:
     example_ids: torch.Tensor
     query_ids: torch.Tensor | None = None
     checkpoints: list[int] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
     @property
     def dense(self) -> bool:

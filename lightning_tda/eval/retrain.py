@@ -48,16 +48,43 @@ class BankSpec:
         alpha: kept fraction of the training set.
         num_seeds: ``R`` runs per subset (ground truth = their mean; two or more give a ceiling).
         base_seed: seeds subsets and runs.
+        shared_seeds: ``False`` (dattri's convention): run ``r`` of subset ``j`` trains with seed
+            ``base_seed + j * R + r``. ``True`` (the fixed-seed convention for LM pre-training, where
+            initialisation and data-order noise swamp a half subset's effect): run ``r`` of *every*
+            subset trains with seed ``base_seed + r`` (the same initialisation) and visits its examples
+            in the order of one permutation of the full training set, :func:`shared_order`.
+        in_place: with ``shared_seeds``, every run visits the *full* permutation in the same batches
+            and a removed example only gets loss weight 0 where it stands (the single-model protocol of
+            metagradient LDS): the model must define ``set_kept(mask: Tensor[N])`` and weight its
+            training loss by ``mask[example id position]``.
     """
 
     num_subsets: int = 64
     alpha: float = 0.5
     num_seeds: int = 2
     base_seed: int = 0
+    shared_seeds: bool = False
+    in_place: bool = False
 
     def __post_init__(self) -> None:
         if self.num_subsets < 2 or self.num_seeds < 1 or not 0 < self.alpha < 1:
             raise ValueError(f"invalid bank spec {self}")
+        if self.in_place and not self.shared_seeds:
+            raise ValueError("in_place=True needs shared_seeds=True (one data order per seed)")
+
+    def to_meta(self) -> dict:
+        """JSON-ready dict; ``shared_seeds``/``in_place`` are left out when unset, as in older banks."""
+        d = asdict(self)
+        for k in ("shared_seeds", "in_place"):
+            if not d[k]:
+                del d[k]
+        return d
+
+    def run_seed(self, subset: int, run: int) -> int:
+        """The seed of run ``run`` of subset ``subset``."""
+        if self.shared_seeds:
+            return self.base_seed + run
+        return self.base_seed + subset * self.num_seeds + run
 
 
 @dataclass(frozen=True)
@@ -163,10 +190,28 @@ def _hash_item(h: Any, item: Any) -> None:
         h.update(pickle.dumps(item, protocol=4))
 
 
+def shared_order(indices: np.ndarray, num_train: int, seed: int) -> np.ndarray:
+    """``indices`` in the order of ``default_rng(seed).permutation(num_train)`` (a shared-seed run)."""
+    keep = np.zeros(num_train, dtype=bool)
+    keep[np.asarray(indices)] = True
+    perm = np.random.default_rng(seed).permutation(num_train)
+    return perm[keep[perm]]
+
+
 def train_on_subset(
-    factory: ModelFactory, train: Dataset, indices: np.ndarray, seed: int, recipe: RetrainRecipe
+    factory: ModelFactory,
+    train: Dataset,
+    indices: np.ndarray,
+    seed: int,
+    recipe: RetrainRecipe,
+    shuffle: bool = True,
+    kept: np.ndarray | None = None,
 ) -> Any:
     """Train ``factory()`` on ``train[indices]`` with ``seed``; returns the trained model (eval mode).
+
+    ``shuffle=False`` visits ``indices`` in the given order every epoch (shared-seed banks). ``kept``
+    (``[N]`` 0/1 by dataset position): train on every row of ``indices`` in order but weight each
+    example's loss by ``kept`` (in-place banks; the model must define ``set_kept``).
 
     With ``recipe.stages`` the run follows the curriculum restricted to ``indices``: stage ``k``
     trains on the rows of ``indices`` whose example ids are members of stage ``k``.
@@ -175,6 +220,12 @@ def train_on_subset(
 
     pl.seed_everything(seed, verbose=False)
     model = factory()
+    if kept is not None:
+        if not hasattr(model, "set_kept"):
+            raise ValueError(
+                f"an in-place bank needs a model with set_kept(mask); {type(model).__name__} has none"
+            )
+        model.set_kept(torch.as_tensor(kept, dtype=torch.float32))
     if recipe.stages is not None:
         from lightning_tda.data.staged import StagedDataModule
 
@@ -188,8 +239,8 @@ def train_on_subset(
             train_dataloaders=DataLoader(
                 Subset(train, [int(i) for i in indices]),
                 batch_size=recipe.batch_size,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(seed),
+                shuffle=shuffle,
+                generator=torch.Generator().manual_seed(seed) if shuffle else None,
             )
         )
     kwargs = dict(
@@ -219,9 +270,14 @@ def _init_worker() -> None:
 
 
 def _run_job(args: tuple) -> tuple[str, float]:
-    factory, train, queries, measure, indices, seed, recipe, out_file = args
+    factory, train, queries, measure, indices, seed, recipe, out_file, shuffle, in_place = args
     t0 = time.perf_counter()
-    model = train_on_subset(factory, train, indices, seed, recipe)
+    kept = None
+    if in_place:  # the full order, the removed examples weighted 0 where they stand
+        kept = np.zeros(len(train), dtype=np.float32)
+        kept[np.asarray(indices)] = 1.0
+        indices = shared_order(np.arange(len(train)), len(train), seed)
+    model = train_on_subset(factory, train, indices, seed, recipe, shuffle, kept)
     with torch.no_grad():
         values = {k: np.asarray(v, dtype=np.float32) for k, v in measure(model, queries).items()}
     tmp = f"{out_file}.tmp.npz"
@@ -231,7 +287,7 @@ def _run_job(args: tuple) -> tuple[str, float]:
 
 
 def run_jobs(
-    jobs: list[tuple[np.ndarray, int, Path]],
+    jobs: list[tuple],
     factory: ModelFactory,
     train: Dataset,
     queries: Dataset,
@@ -241,14 +297,24 @@ def run_jobs(
     progress: Callable[[int, int], None] | None = None,
     description: str = "retraining",
 ) -> None:
-    """Train and measure each ``(indices, seed, out_file)`` whose file does not exist yet.
+    """Train and measure each ``(indices, seed, out_file[, shuffle[, in_place]])`` whose file does not
+    exist yet.
 
     A progress bar labelled ``description`` counts the runs (finished ones count as done).
     """
     todo = [
-        (factory, train, queries, measure, idx, seed, recipe, str(f))
-        for idx, seed, f in jobs
-        if not Path(f).exists()
+        (
+            factory,
+            train,
+            queries,
+            measure,
+            *job[:2],
+            recipe,
+            str(job[2]),
+            *(*job[3:], True, False)[:2],
+        )
+        for job in jobs
+        if not Path(job[2]).exists()
     ]
     done = len(jobs) - len(todo)
     if not todo:
@@ -332,7 +398,7 @@ def build_bank(
     (p / "jobs").mkdir(parents=True, exist_ok=True)
     fingerprint = {"train": dataset_fingerprint(train), "queries": dataset_fingerprint(queries)}
     meta = {
-        "spec": asdict(spec),
+        "spec": spec.to_meta(),
         "recipe": recipe.to_meta(),
         "fingerprint": fingerprint,
         "measurements": measurements,
@@ -353,11 +419,20 @@ def build_bank(
     )  # jobs/ belong to this meta
     subsets = draw_subsets(len(train), spec)
     r_total = spec.num_seeds
-    jobs = [
-        (subsets[j], spec.base_seed + j * r_total + r, p / "jobs" / f"{j:04d}_{r:02d}.npz")
-        for j in range(spec.num_subsets)
-        for r in range(r_total)
-    ]
+    jobs = []
+    for j in range(spec.num_subsets):
+        for r in range(r_total):
+            seed = spec.run_seed(j, r)
+            idx = shared_order(subsets[j], len(train), seed) if spec.shared_seeds else subsets[j]
+            jobs.append(
+                (
+                    idx,
+                    seed,
+                    p / "jobs" / f"{j:04d}_{r:02d}.npz",
+                    not spec.shared_seeds,
+                    spec.in_place,
+                )
+            )
     t0 = time.perf_counter()
     run_jobs(
         jobs,

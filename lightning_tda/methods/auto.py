@@ -1,0 +1,52 @@
+"""``method="auto"``: the default attribution method for what a store holds.
+
+The rule (chosen on the choosing half of each benchmark bank's queries, BENCHMARKS.md "Defaults"):
+
+1. in-flight rows (``GradientLogger(mode="in_flight")``): per-step TracIn, the only estimator those
+   batch rows support exactly;
+2. otherwise: the damped influence function averaged over every logged checkpoint (an ensemble over
+   the trajectory), each checkpoint with its own block curvature and damping from the training rows
+   (:data:`DEFAULT_DAMPING_SCALE` × the mean eigenvalue of each layer block).
+
+The chosen method and its settings are recorded in the result (``AttributionResult.settings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from lightning_tda.methods.base import AttributionMethod
+from lightning_tda.methods.influence import Influence
+from lightning_tda.methods.tracin import TracIn
+from lightning_tda.store.reader import StoreReader
+
+AUTO = "auto"
+
+
+def auto_method(store: StoreReader) -> tuple[AttributionMethod, str]:
+    """``(method, reason)``: the default method for ``store`` (module docstring)."""
+    cks = list(store.checkpoints)
+    if not cks:
+        store.checkpoint(None)  # raises the informative "no complete checkpoint" error
+    if any(c.in_flight for c in cks):
+        return TracIn(), "in-flight rows: per-step TracIn"
+    steps = [c.global_step for c in cks]
+    reason = f"sweep rows at {len(steps)} checkpoint(s): influence averaged over all of them"
+    return Influence(checkpoints=steps), reason
+
+
+def method_settings(method: AttributionMethod) -> dict[str, Any]:
+    """The method's hyper-parameters as a JSON-ready dict (dataclass fields)."""
+    out: dict[str, Any] = {}
+    for f in fields(method):  # type: ignore[arg-type]
+        v = getattr(method, f.name)
+        if callable(v):
+            v = getattr(v, "__name__", repr(v))
+        elif isinstance(v, (list, tuple)):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+__all__ = ["AUTO", "auto_method", "method_settings"]
