@@ -26,13 +26,17 @@ Families (``--family``):
   classifier) and benchmarks/peers_lm.py (projected to 2048, LMs) run ``TracInAttributor``. One setting.
   On gpt_single_pass it is computed from the TRAK pass's captured 2048-dim features instead (same loss,
   same projector; equal to ``TracInAttributor`` up to a constant, checked on gpt_adamw), to fit the budget.
-- ``traker_trak``: traker ``TRAKer`` over all checkpoints (classifier only), fp32 ``BasicProjector``;
-  its defaults (proj 2048, lambda_reg 0) and lambda_reg {1e2, 1e3, 1e4, 1e5} at proj 2048.
+- ``traker_trak``: traker ``TRAKer`` over all checkpoints, fp32 ``BasicProjector``; its defaults (proj 2048,
+  lambda_reg 0) and lambda_reg {1e2, 1e3, 1e4, 1e5} at proj 2048, extended by a decade (up to 3 times)
+  while the grid's edge is best on the choosing half. Featurized once; each λ re-runs traker's own
+  ``finalize_features()`` and scoring (bit-identical to separate runs, checked on clf_adamw). LMs use a
+  small ``AbstractModelOutput`` (log-prob of the supervised next tokens, out-to-loss ``1 - p``).
 
 LoRA (``lora_ft``): every peer sees the PEFT model, whose only trainable parameters are the adapters:
-dattri differentiates ``requires_grad`` parameters only, kronfluence tracks the ``lora_A``/``lora_B``
-``nn.Linear`` modules only (the frozen ``Conv1D`` base layers are not converted or tracked). The loss is
-the summed next-token CE on completion bytes (labels -100 on prompt and padding), as the task trains.
+dattri differentiates ``requires_grad`` parameters only, traker gets them as ``grad_wrt``, kronfluence
+tracks the ``lora_A``/``lora_B`` ``nn.Linear`` modules only (the frozen ``Conv1D`` base layers are not
+converted or tracked). The loss is the summed next-token CE on completion bytes (labels -100 on prompt
+and padding), as the task trains.
 
 Every score matrix is ``[Q, N]`` in our sign (positive = the training example lowers the query's loss /
 raises its margin). A setting that fails is a row with its ``error``. A (re-)run family replaces that
@@ -666,98 +670,158 @@ def run_tracin(p: Problem, ctx) -> None:
 # ----------------------------------------------------------------------------- traker TRAK
 
 
-def traker_trak(
-    ctask: ClassificationTask, proj_dim: int, lambda_reg: float
-) -> tuple[np.ndarray, float]:
-    """traker TRAKer on CPU (fp32 BasicProjector, seed 0) over all checkpoints, as benchmarks/peers.py
-    runs it, with ``proj_dim`` and ``lambda_reg`` free."""
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
+def _traker_lm_output():
+    from trak.modelout_functions import AbstractModelOutput
 
-    from benchmarks.peers import _fresh_model
+    class CausalLMOutput(AbstractModelOutput):
+        """Model output = log-probability of the supervised next tokens of one sequence (minus the summed
+        CE the task trains on); out-to-loss term ``1 - p`` with ``p`` that sequence probability, the
+        same output and weighting as the dattri TRAK rows (benchmarks/peers_lm.py)."""
 
-    ckpts = _clone_ckpts(ctask.checkpoints)
-    x_tr, y_tr = ctask.x_train.float(), ctask.y_train.long()
-    x_te, y_te = ctask.x_test.float(), ctask.y_test.long()
-    n, q = len(x_tr), len(x_te)
-    logging.getLogger("TRAK").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="traker_") as save_dir:
+        def __init__(self) -> None:  # abstract in traker
+            super().__init__()
+
+        @staticmethod
+        def get_output(model, weights, buffers, tokens, labels=None):
+            labels = tokens if labels is None else labels
+            logits = torch.func.functional_call(model, (weights, buffers), (tokens.unsqueeze(0),))
+            return -_labeled_seq_loss(logits, labels.unsqueeze(0)).sum()
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):
+            tokens = batch[0]
+            labels = batch[1] if len(batch) > 1 else tokens
+            logits = torch.func.functional_call(model, (weights, buffers), (tokens,))
+            p = torch.exp(-_labeled_seq_loss(logits, labels))
+            return (1 - p).clone().detach().unsqueeze(-1)
+
+    return CausalLMOutput()
+
+
+class TrakerSweep:
+    """traker ``TRAKer`` on CPU (fp32 ``BasicProjector``, seed 0) over all checkpoints, featurized ONCE;
+    each ``lambda_reg`` then re-runs traker's own ``finalize_features()`` (its score computer's
+    ``lambda_reg`` set and the models' ``is_finalized`` flags cleared) and scoring. Checked bit-identical to
+    separate TRAKer runs on clf_adamw. ``seconds`` of a λ = featurization + this finalize + scoring."""
+
+    def __init__(self, p: Problem, proj_dim: int, save_dir: str) -> None:
+        from trak import TRAKer
+        from trak.projectors import BasicProjector, ProjectionType
+
+        self.p = p
+        logging.getLogger("TRAK").setLevel(logging.WARNING)
         t0 = time.perf_counter()
-        model = _fresh_model(ctask, ckpts[-1])
-        grad_dim = sum(x.numel() for x in model.parameters())
+        self.ckpts = _clone_ckpts(p.checkpoints)
+        model = p.model(self.ckpts[-1])
+        trainable = [n for n, q in model.named_parameters() if q.requires_grad]
+        self.grad_wrt = trainable if p.kind == "lora" else None  # LoRA: adapter parameters only
+        self.grad_dim = sum(
+            q.numel() for q in model.parameters() if q.requires_grad or p.kind != "lora"
+        )
         projector = BasicProjector(
-            grad_dim=grad_dim,
+            grad_dim=self.grad_dim,
             proj_dim=proj_dim,
             seed=0,
             proj_type=ProjectionType.rademacher,
             device="cpu",
             dtype=torch.float32,
         )
-        traker = TRAKer(
+        self.traker = TRAKer(
             model=model,
-            task="image_classification",
-            train_set_size=n,
-            save_dir=save_dir,
+            task="image_classification" if p.kind == "clf" else _traker_lm_output(),
+            train_set_size=p.n_train,
+            save_dir=save_dir,  # fresh temp dir; load_from_save_dir=False breaks scoring in 0.3.2
             device="cpu",
             projector=projector,
             proj_dim=proj_dim,
             use_half_precision=False,
-            lambda_reg=lambda_reg,
+            lambda_reg=0.0,
             logging_level=logging.WARNING,
+            grad_wrt=self.grad_wrt,
         )
-        for mid, ck in enumerate(ckpts):
-            traker.load_checkpoint(ck, model_id=mid)
-            for s in range(0, n, TRAIN_BS):
-                traker.featurize(
-                    batch=[x_tr[s : s + TRAIN_BS], y_tr[s : s + TRAIN_BS]],
-                    num_samples=len(x_tr[s : s + TRAIN_BS]),
-                )
-        traker.finalize_features()
-        for mid, ck in enumerate(ckpts):
-            traker.start_scoring_checkpoint(
-                exp_name="queries", checkpoint=ck, model_id=mid, num_targets=q
+        for mid, ck in enumerate(self.ckpts):
+            self.traker.load_checkpoint(ck, model_id=mid)
+            for s in range(0, p.n_train, TRAIN_BS):
+                batch = [t[s : s + TRAIN_BS] for t in p.train]
+                self.traker.featurize(batch=batch, num_samples=len(batch[0]))
+        self.featurize_s = time.perf_counter() - t0
+        self.calls = 0
+
+    def scores(self, lambda_reg: float) -> tuple[np.ndarray, float]:
+        tr = self.traker
+        t0 = time.perf_counter()
+        tr.lambda_reg = lambda_reg
+        tr.score_computer.lambda_reg = lambda_reg
+        for meta in tr.saver.model_ids.values():
+            meta["is_finalized"] = 0
+        tr.finalize_features()
+        exp = f"queries_{self.calls}"
+        self.calls += 1
+        for mid, ck in enumerate(self.ckpts):
+            tr.start_scoring_checkpoint(
+                exp_name=exp, checkpoint=ck, model_id=mid, num_targets=self.p.n_test
             )
-            for s in range(0, q, TEST_BS):
-                traker.score(
-                    batch=[x_te[s : s + TEST_BS], y_te[s : s + TEST_BS]],
-                    num_samples=len(x_te[s : s + TEST_BS]),
-                )
-        scores = np.array(traker.finalize_scores(exp_name="queries"))
-        seconds = time.perf_counter() - t0
-    return np.ascontiguousarray(scores.T, dtype=np.float64), seconds
+            for s in range(0, self.p.n_test, TEST_BS):
+                batch = [t[s : s + TEST_BS] for t in self.p.test]
+                tr.score(batch=batch, num_samples=len(batch[0]))
+        scores = np.array(tr.finalize_scores(exp_name=exp))  # [N, Q], copied out of the memmap
+        return _to_qn(scores, self.p, train_first=True), self.featurize_s + time.perf_counter() - t0
 
 
 def run_traker(p: Problem, ctx) -> None:
     base = {
         "checkpoints": f"all ({len(p.checkpoints)})",
-        "task": "image_classification (margin output)",
+        "task": "image_classification (margin output)"
+        if p.kind == "clf"
+        else "custom AbstractModelOutput: log-prob of the supervised next tokens, out-to-loss 1 - p",
         "projector": "BasicProjector rademacher fp32, seed 0 (CPU)",
         "use_half_precision": False,
+        "proj_dim": 2048,
     }
-    if p.kind != "clf":
-        ctx.add(
-            "traker",
-            "TRAK",
-            base,
-            is_default=True,
-            error="not run: traker ships classification / "
-            "CLIP / text-classification model outputs only; a causal-LM AbstractModelOutput was out of "
-            "scope for this sweep",
-        )
-        return
-    for lam in (0.0, *ctx.traker_lambdas):
-        settings = {**base, "proj_dim": 2048, "lambda_reg": lam}
+    if p.kind == "lora":
+        base["grad_wrt"] = "LoRA adapter parameters only"
+
+    def settings(lam):
+        s = {**base, "lambda_reg": lam}
         if lam == 0.0:
-            settings["note"] = (
-                "library defaults proj_dim 2048, lambda_reg 0 (fp32 and an explicit CPU "
-                "projector instead of use_half_precision=True / the CUDA projector)"
+            s["note"] = (
+                "library defaults proj_dim 2048, lambda_reg 0 (fp32 and an explicit CPU projector "
+                "instead of use_half_precision=True / the CUDA projector)"
             )
+        return s
+
+    with tempfile.TemporaryDirectory(prefix="traker_") as save_dir:
         try:
-            scores, sec = traker_trak(p.ctask, 2048, lam)
+            sweep = TrakerSweep(p, 2048, save_dir)
         except Exception as exc:
-            ctx.add("traker", "TRAK", settings, is_default=lam == 0.0, error=exc)
-            continue
-        ctx.add("traker", "TRAK", settings, is_default=lam == 0.0, scores=scores, seconds=sec)
+            for lam in (0.0, *ctx.traker_lambdas):
+                ctx.add("traker", "TRAK", settings(lam), is_default=lam == 0.0, error=exc)
+            return
+        choose = {}
+        lams = [0.0, *ctx.traker_lambdas]
+        extended = 0
+        while lams:
+            lam = lams.pop(0)
+            s = settings(lam)
+            if extended and lam not in (0.0, *ctx.traker_lambdas):
+                s["grid_extension"] = (
+                    "the grid's edge was best on the choosing half: one decade further"
+                )
+            try:
+                scores, sec = sweep.scores(lam)
+            except Exception as exc:
+                ctx.add("traker", "TRAK", s, is_default=lam == 0.0, error=exc)
+                continue
+            ctx.add("traker", "TRAK", s, is_default=lam == 0.0, scores=scores, seconds=sec)
+            choose[lam] = ctx.rows[-1]["choose"]
+            if not lams and extended < 3:  # best at an edge of the λ grid: extend by a decade
+                grid = sorted(k for k in choose if k > 0)
+                best = max(grid, key=lambda k: choose[k])
+                if best == grid[0]:
+                    lams.append(grid[0] / 10)
+                    extended += 1
+                elif best == grid[-1]:
+                    lams.append(grid[-1] * 10)
+                    extended += 1
     LOG.info("traker done")
 
 
