@@ -137,7 +137,7 @@ def evaluate_capture(
 
 
 def main() -> None:
-    from benchmarks.explore import candidates_for, captures_for
+    from benchmarks.explore import candidates_for, captures_for, final_candidates, final_captures
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--task", action="append", required=True)
@@ -152,11 +152,13 @@ def main() -> None:
         task = TASKS[name]()
         bank = BankView.load(task)
         rows = []
+        final = args.tag == "final"
+        captures = final_captures(task) if final else captures_for(task)
         with tempfile.TemporaryDirectory() as tmp:
-            for label, kwargs in captures_for(task):
+            for label, kwargs in captures:
                 if args.captures and label not in args.captures:
                     continue
-                cands = candidates_for(task, label)
+                cands = (final_candidates if final else candidates_for)(task, label)
                 if args.methods:
                     cands = [c for c in cands if re.search(args.methods, c[0])]
                 rows += evaluate_capture(task, bank, label, kwargs, cands, Path(tmp))

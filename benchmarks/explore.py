@@ -32,21 +32,18 @@ def candidates_for(task: Task, capture: str) -> list[tuple[str, object]]:
         ("tracin", lambda s: "tracin"),
         ("tracin_adam", lambda s: "tracin_adam"),
         ("datainf", lambda s: DataInf()),
+        ("influence raw last ds=0.1", lambda s: Influence(damping_scale=0.1)),
     ]
-    for scale in (0.01, 0.1, 1.0, 10.0):
-        c.append(
-            (f"influence raw last ds={scale:g}", lambda s, x=scale: Influence(damping_scale=x))
-        )
+    for scale in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
         c.append(
             (
                 f"influence raw all ds={scale:g}",
                 lambda s, x=scale: Influence(damping_scale=x, checkpoints=s.steps),
             )
         )
-    c.append(("influence ekfac last", lambda s: Influence(mode="ekfac")))
     c.append(("influence ekfac all", lambda s: Influence(mode="ekfac", checkpoints=s.steps)))
     if task.measure is classification_measure:
-        for scale in (0.1, 1.0, 10.0):
+        for scale in (0.3, 1.0, 3.0):
             c.append(
                 (
                     f"influence trak all ds={scale:g}",
@@ -56,4 +53,35 @@ def candidates_for(task: Task, capture: str) -> list[tuple[str, object]]:
     for L in (1, 3):
         c.append((f"source L={L} sgd", lambda s, L=L: Source(segments=L, optimizer="sgd")))
         c.append((f"source L={L} adam", lambda s, L=L: Source(segments=L, optimizer="adam")))
+    return c
+
+
+# -- the published run: every method at its defaults, on the default capture and the "fast" preset --
+
+
+def final_captures(task: Task) -> list[tuple[str, dict]]:
+    """The default ``GradientLogger`` (preset "accurate") and the "fast" preset."""
+    return [("default", {}), ("fast preset", dict(preset="fast"))]
+
+
+def final_candidates(task: Task, capture: str) -> list[tuple[str, object]]:
+    """``attribute()`` with no method (``"auto"``), then every method at its own defaults."""
+    from lightning_tda.methods.auto import auto_method
+
+    c: list[tuple[str, object]] = [("attribute() defaults", lambda s: auto_method(s)[0])]
+    if capture != "default":
+        return c + [("tracin", lambda s: "tracin")]
+    c += [
+        ("graddot", lambda s: "graddot"),
+        ("gradcos", lambda s: "gradcos"),
+        ("tracin", lambda s: "tracin"),
+        ("tracin_adam", lambda s: "tracin_adam"),
+        ("influence (last ckpt)", lambda s: "influence"),
+        ("influence (ekfac, all ckpts)", lambda s: Influence(mode="ekfac", checkpoints=s.steps)),
+        ("source (L=3, optimizer auto)", lambda s: "source"),
+        ("source (L=3, SGD form)", lambda s: Source(optimizer="sgd")),
+        ("datainf", lambda s: "datainf"),
+    ]
+    if task.measure is classification_measure:
+        c.append(("influence (trak, all ckpts)", lambda s: Influence(mode="trak")))
     return c

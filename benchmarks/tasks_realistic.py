@@ -392,7 +392,7 @@ def lora_measure(model: nn.Module, queries: Dataset) -> dict[str, np.ndarray]:
     return {"loss": (loss / n).double().numpy()}
 
 
-def lora_ft_task(num_subsets: int = 64, num_seeds: int = 3) -> Task:
+def lora_ft_task(num_subsets: int = 48, num_seeds: int = 3) -> Task:
     pairs = qa_pairs("facts", n=600)
     perm = np.random.default_rng(4).permutation(len(pairs))
     x, labels = encode_pairs(pairs)

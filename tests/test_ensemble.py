@@ -79,7 +79,7 @@ def test_influence_averages_over_members(run):
         for s in store.layers:
             sl = slice(s.offset, s.offset + s.size)
             f = rows[:, sl].T @ rows[:, sl] / len(rows)
-            lam = 0.1 * torch.trace(f) / f.shape[0]
+            lam = torch.trace(f) / len(rows)  # default: trace(F_l) / N
             inv = torch.linalg.inv(f + lam * torch.eye(f.shape[0], dtype=f.dtype))
             ref = ref + qv[(step, r)][:, sl].double() @ inv @ rows[:, sl].T / 2
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_tda import AttributionStore, GradientLogger, Indexed
 from lightning_tda.data.digits import DigitsDataModule, load_digits_splits
 from lightning_tda.demo import DigitsMLP
+from lightning_tda.methods import Influence
 from lightning_tda.report import add_report_parser, default_render, write_report
 
 
@@ -104,7 +105,9 @@ def test_report_tables_equal_attribute_and_topk_self_influence(digits_run):
         max_queries=q, num_outliers=n_out,
     )  # fmt: skip
     page = parse(out)
-    ref = store.attribute(Subset(data.test, range(q)), model=model, method="tracin", top_k=k)
+    # the report's default method is the store's: method="auto"
+    ref = store.attribute(Subset(data.test, range(q)), model=model, top_k=k)
+    assert ref.settings["chosen_by"] == "auto"
     assert [s["id"] for s in page.queries] == [str(int(i)) for i in ref.query_ids]
     for qi, sec in enumerate(page.queries):
         assert [i for i, _ in sec["proponents"]] == ref.indices[qi].tolist()
@@ -113,7 +116,7 @@ def test_report_tables_equal_attribute_and_topk_self_influence(digits_run):
         np.testing.assert_allclose(
             [s for _, s in sec["opponents"]], ref.opponent_scores[qi], rtol=1e-6
         )
-    si = store.self_influence(method="tracin")
+    si = store.self_influence(method=Influence(checkpoints=store.steps))  # what auto chose
     top = torch.topk(si, n_out)
     assert [i for i, _ in page.self_influence] == store.example_ids[top.indices].tolist()
     np.testing.assert_allclose([s for _, s in page.self_influence], top.values, rtol=1e-6)
@@ -220,7 +223,7 @@ def test_cli_report_on_a_recipe_run(tmp_path, monkeypatch):
     ref = store.attribute(Subset(dm.splits.test, range(3)), model=DigitsMLP(), top_k=3)
     assert [[i for i, _ in s["proponents"]] for s in page.queries] == ref.indices.tolist()
     assert [[i for i, _ in s["opponents"]] for s in page.queries] == ref.opponents.tolist()
-    top = torch.topk(store.self_influence(method="tracin"), 4).indices
+    top = torch.topk(store.self_influence(method=Influence(checkpoints=store.steps)), 4).indices
     assert [i for i, _ in page.self_influence] == store.example_ids[top].tolist()
     assert len(page.imgs) == 3 * (2 + 2 * 3) + 1 + 4
     for a in page.imgs:

@@ -44,6 +44,23 @@ from lightning_tda.store import schema
 from lightning_tda.store.batches import BatchStep, rebuild_example_ids, write_batch_steps
 from lightning_tda.store.writer import StoreError, StoreWriter
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "accurate": {"rank": 32, "basis": "pca", "dtype": "float32"},
+    "fast": {"rank": 16, "basis": "random", "dtype": "float16"},
+}
+"""Named capture settings; ``GradientLogger(preset=...)``."""
+
+
+def _resolve_preset(preset: str | None, mode: str) -> str:
+    if preset is None:
+        return "fast" if mode == "in_flight" else "accurate"
+    if preset not in PRESETS:
+        raise MisconfigurationException(
+            f"preset must be one of {sorted(PRESETS)} (or None for the mode's default), got {preset!r}"
+        )
+    return preset
+
+
 MODES = ("sweep", "in_flight")
 
 
@@ -82,15 +99,15 @@ class GradientLogger(pl.Callback):
         log_at_fit_start: also log the starting weights (global step 0).
         log_at_fit_end: also log the final weights.
         projection: ``"kronecker"`` (two-sided LoGra projection) or ``"exact"`` (no projection).
-        rank: projected size per side of each layer (``k_out = k_in = rank``).
+        rank: projected size per side of each layer (``k_out = k_in = rank``); default from ``preset``.
         dims: per-layer ``{module_name: (k_out, k_in)}`` overrides.
         distribution: ``"orthogonal"`` (default), ``"gaussian"`` or ``"rademacher"`` projection matrices.
         seed: projection seed; matrices are regenerated from ``(seed, module name)`` on the query side.
         dense_dim: project the remaining trainable parameters (embeddings, norms) to this many dims via
             ``torch.func``; ``0`` (default) skips them (listed in the store).
-        basis: ``"random"`` (default, seeded matrices) or ``"pca"``: top eigenvectors of each layer's
-            K-FAC factors, fitted once at the first checkpoint and stored (much better fidelity at
-            small ``rank``, one extra pass over ``basis_examples`` examples).
+        basis: ``"random"`` (seeded matrices, nothing stored) or ``"pca"``: top eigenvectors of each
+            layer's K-FAC factors, fitted once at the first checkpoint and stored (much better fidelity
+            at small ``rank``, one extra pass over ``basis_examples`` examples); default from ``preset``.
         basis_examples: examples used to fit the ``"pca"`` basis.
         modules: names/regexes of the modules to capture (default: every eligible one).
         exclude: names/regexes of modules to skip.
@@ -104,7 +121,13 @@ class GradientLogger(pl.Callback):
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
         batch_size: sweep batch size when ``attribution_data``/``query_data`` is a Dataset (default 64).
         collate_fn: collate function for Dataset inputs.
-        dtype: storage dtype of rows: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        dtype: storage dtype of rows: ``"float16"``, ``"bfloat16"`` or ``"float32"``; default from
+            ``preset``.
+        preset: the capture defaults for ``rank``/``basis``/``dtype`` (explicit arguments win):
+            ``"accurate"`` (default in sweep mode: rank 32, PCA basis, float32 rows) or ``"fast"``
+            (default in-flight: rank 16, random basis, float16 rows, 8x less storage per layer). Both
+            were chosen on the benchmark banks (BENCHMARKS.md "Defaults"); README "Presets" lists what
+            each costs and scores.
         storage: ``"dense"`` (default) stores each example's projected gradient as is (``train``,
             ``k_out·k_in`` values per layer); ``"lorif"`` stores rank-``c`` factors ``U√S``, ``V√S`` of
             each layer's ``[k_out, k_in]`` block from a per-example truncated SVD (``train_factors``,
@@ -155,12 +178,12 @@ class GradientLogger(pl.Callback):
         log_at_fit_start: bool = False,
         log_at_fit_end: bool = False,
         projection: str = "kronecker",
-        rank: int = 16,
+        rank: int | None = None,
         dims: dict[str, tuple[int, int]] | None = None,
         distribution: str = "orthogonal",
         seed: int = 0,
         dense_dim: int = 0,
-        basis: str = "random",
+        basis: str | None = None,
         basis_examples: int = 1024,
         modules: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -170,7 +193,8 @@ class GradientLogger(pl.Callback):
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
         collate_fn: Any = None,
-        dtype: str = "float16",
+        dtype: str | None = None,
+        preset: str | None = None,
         storage: str = "dense",
         lorif_rank: int = 1,
         overwrite: bool = False,
@@ -188,6 +212,13 @@ class GradientLogger(pl.Callback):
                 f"training batches themselves), got {mode!r}"
             )
         self.mode = mode
+        self.preset = _resolve_preset(preset, mode)
+        capture = PRESETS[self.preset]
+        rank = capture["rank"] if rank is None else rank
+        basis = capture["basis"] if basis is None else basis
+        dtype = capture["dtype"] if dtype is None else dtype
+        if projection == "exact" and basis == "pca" and preset is None:
+            basis = "random"  # exact rows need no basis
         self._recorder: InFlightRecorder | None = None
         self._pending: list[BatchStep] = []
         self._query_ids: Any = None

@@ -15,6 +15,7 @@ import torch
 
 from lightning_tda.methods.base import AttributionMethod, select_checkpoints
 from lightning_tda.methods.curvature import (
+    DampingScale,
     damped_inverse,
     default_damping,
     fit_curvature,
@@ -54,9 +55,12 @@ class Influence(AttributionMethod):
         mode: ``"raw"``, ``"ekfac"`` or ``"trak"``.
         checkpoints: global steps to average over; ``None`` = the last checkpoint (``"raw"``,
             ``"ekfac"``) or every checkpoint (``"trak"``).
-        damping: absolute ``λ`` for every layer; ``None`` = ``damping_scale × mean eigenvalue`` of each
-            layer's curvature (LoGra/kronfluence default), derived from the training rows only.
-        damping_scale: see ``damping``.
+        damping: absolute ``λ`` for every layer; ``None`` = from ``damping_scale`` and each layer's
+            curvature, derived from the training rows only.
+        damping_scale: ``"auto"`` (default): ``λ_l = trace(F_l) / N`` (``k_l / N`` times the mean
+            eigenvalue of a block of ``k_l`` columns over ``N`` examples); a float ``s``:
+            ``s × mean eigenvalue`` (LoGra/kronfluence use ``0.1``). See
+            :func:`~lightning_tda.methods.curvature.default_damping`.
         dropout_members: average over this many dropout sub-networks per checkpoint (Efficient
             Ensembles, methods.md §10), added beforehand with
             :meth:`~lightning_tda.AttributionStore.add_dropout_ensemble`; ``0`` uses the logged rows.
@@ -65,7 +69,7 @@ class Influence(AttributionMethod):
     mode: InfluenceMode = "raw"
     checkpoints: Sequence[int] | None = None
     damping: float | None = None
-    damping_scale: float = 0.1
+    damping_scale: DampingScale = "auto"
     dropout_members: int = 0
     name: ClassVar[str] = "influence"
 
@@ -76,8 +80,12 @@ class Influence(AttributionMethod):
             self.checkpoints = [int(s) for s in self.checkpoints]
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping must be > 0 (or None for the default), got {self.damping!r}")
-        if not self.damping_scale > 0:
-            raise ValueError(f"damping_scale must be > 0, got {self.damping_scale!r}")
+        if self.damping_scale != "auto" and (
+            isinstance(self.damping_scale, bool)
+            or not isinstance(self.damping_scale, (int, float))
+            or not self.damping_scale > 0
+        ):
+            raise ValueError(f"damping_scale must be > 0 or 'auto', got {self.damping_scale!r}")
         if not isinstance(self.dropout_members, int) or self.dropout_members < 0:
             raise ValueError(f"dropout_members must be an int >= 0, got {self.dropout_members!r}")
 
@@ -121,7 +129,8 @@ class Influence(AttributionMethod):
                 total = float(weights[step].sum())
                 for b in curv:
                     b.sigma = b.sigma * total
-            lam = default_damping(curv, self.damping, self.damping_scale)
+            rows = store.num_examples if weights is None else int((weights[step] > 0).sum())
+            lam = default_damping(curv, self.damping, self.damping_scale, rows)
             out.append((step, dataset, key, curv, lam, inv_q))
         return out
 

@@ -1,0 +1,54 @@
+"""``store.attribute(queries, model=model)`` with no method: the documented ``"auto"`` rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyMLP, loader, make_classification, trainer
+
+from lightning_tda import AttributionStore, GradientLogger
+from lightning_tda.methods import Influence, TracIn
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("auto")
+    torch.manual_seed(0)
+    data = make_classification(48)
+    model = TinyMLP(optimizer="adamw", lr=0.02)
+    sweep = GradientLogger(tmp / "sweep.h5", attribution_data=data, every_n_epochs=1, verbose=False)
+    flight = GradientLogger(tmp / "flight.h5", mode="in_flight", verbose=False)
+    trainer(tmp, [sweep, flight], max_epochs=3).fit(model, loader(data))
+    return model, AttributionStore(tmp / "sweep.h5"), AttributionStore(tmp / "flight.h5")
+
+
+def test_auto_on_sweep_rows_is_influence_over_every_checkpoint(runs):
+    model, store, _ = runs
+    queries = make_classification(5, seed=1)
+    auto = store.attribute(queries, model=model, top_k=None)
+    ref = store.attribute(
+        queries, model=model, method=Influence(checkpoints=store.steps), top_k=None
+    )
+    assert len(store.steps) == 3
+    assert auto.method == "influence" and auto.checkpoints == store.steps
+    assert auto.settings["chosen_by"] == "auto" and auto.settings["checkpoints"] == store.steps
+    assert "influence" in auto.settings["reason"]
+    torch.testing.assert_close(auto.scores, ref.scores, rtol=0, atol=0)
+    named = store.attribute(queries, model=model, method="tracin", top_k=3)
+    assert named.settings == {"checkpoints": None, "interval": "previous"}
+    assert "chosen_by" not in named.settings
+
+
+def test_auto_on_in_flight_rows_is_per_step_tracin(runs):
+    model, _, flight = runs
+    queries = make_classification(4, seed=2)
+    auto = flight.attribute(queries, model=model, top_k=None)
+    ref = flight.attribute(queries, model=model, method=TracIn(), top_k=None)
+    assert auto.method == "tracin" and "in-flight" in auto.settings["reason"]
+    torch.testing.assert_close(auto.scores, ref.scores, rtol=0, atol=0)
+
+
+def test_auto_refuses_hyper_parameters(runs):
+    model, store, _ = runs
+    with pytest.raises(ValueError, match="name the method"):
+        store.attribute(make_classification(2, seed=3), model=model, checkpoints=[1])
