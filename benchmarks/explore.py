@@ -18,6 +18,8 @@ def captures_for(task: Task) -> list[tuple[str, dict]]:
         out.append(("r64 pca fp32", dict(rank=64, basis="pca", dtype="float32")))
     if task.name == "gpt_single_pass":
         out = [out[0], out[1], out[2]]  # 10,000 rows: sweeps are the cost
+    if task.name in ("lora_ft", "gpt_single_pass"):  # after the preset change: {} is "accurate"
+        return [("accurate preset", {}), ("fast preset", dict(preset="fast"))]
     if task.name == "gpt_adamw":
         out.append(
             ("r16 pca fp32 + dense 256", dict(rank=16, basis="pca", dtype="float32", dense_dim=256))

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from lightning_tda.attribution import AttributionStore  # noqa: E402
 from lightning_tda.callbacks import GradientLogger, InfluencePanels  # noqa: E402
-from lightning_tda.capture.featurize import NonFiniteError  # noqa: E402
+from lightning_tda.capture.checks import NonFiniteError  # noqa: E402
 from lightning_tda.capture.layers import ProjectionMismatchError  # noqa: E402
 from lightning_tda.capture.losses import causal_lm_loss, classification_loss  # noqa: E402
 from lightning_tda.data import Indexed, IndexedDataset, MissingExampleIdsError  # noqa: E402

@@ -85,10 +85,7 @@ def run_demo(
     logger = GradientLogger(
         out,
         attribution_data=data.train,
-        every_n_epochs=3,
-        projection="kronecker",
-        rank=16,
-        basis="pca",
+        every_n_epochs=3,  # capture at its defaults: the "accurate" preset (rank 32, PCA, float32)
         batch_size=250,
         overwrite=True,
         verbose=False,
@@ -123,10 +120,10 @@ def run_demo(
         preds = model(x).argmax(1)
     order = torch.argsort(losses, descending=True)[:n_queries].tolist()
     queries = torch.utils.data.Subset(data.test, order)
-    res = store.attribute(queries, model=model, method="tracin", top_k=top_k)
+    res = store.attribute(queries, model=model, top_k=top_k)  # method="auto"
     print(
-        f"\nTracIn-CP over {len(res.checkpoints)} checkpoints (steps {res.checkpoints}); "
-        "score > 0: the example's training steps lowered the query's loss.\n"
+        f"\n{res.method} (chosen by method='auto': {res.settings['reason']}; steps {res.checkpoints}); "
+        "score > 0: including the example lowers the query's loss.\n"
     )
     for qi, ti in enumerate(order):
         qid = int(data.test.ids[ti])

@@ -147,3 +147,12 @@ class TokenDataset(torch.utils.data.Dataset):
 @pytest.fixture
 def cls_data():
     return make_classification()
+
+
+def FastLogger(*args, **kwargs):  # noqa: N802 (stands in for the class)
+    """``GradientLogger(..., preset="fast")`` (rank 16, random basis, float16 rows): the capture the
+    mechanics tests (byte counts, sweep-batch counts, random-matrix oracles) were written against."""
+    from lightning_tda import GradientLogger
+
+    kwargs.setdefault("preset", "fast")
+    return GradientLogger(*args, **kwargs)

@@ -36,10 +36,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from conftest import TinyMLP, loader, make_classification
+from conftest import FastLogger, TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tda import GradientLogger
 from lightning_tda.store import journal
 from lightning_tda.store import writer as store_writer
 
@@ -72,7 +71,7 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     data = make_classification(64)
     model = KillingMLP(kill_at)
-    logger = GradientLogger(
+    logger = FastLogger(
         store, attribution_data=data, every_n_epochs=1, batch_size=16, verbose=False
     )
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1, save_top_k=-1)
@@ -133,7 +132,7 @@ def run_trial(trial: dict[str, Any]) -> None:
     data = make_classification(N_TRAIN)
     queries = make_classification(N_QUERY, seed=1)
     model = KillingMLP(fault.get("at") if fault.get("kind") == "batch" else None, "adam")
-    logger = GradientLogger(
+    logger = FastLogger(
         store,
         attribution_data=data,
         query_data=queries,

@@ -35,7 +35,7 @@ def test_demo_and_inspect_cli(tmp_path, capsys):
     assert store.steps == [48]
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "train [1000, 416] float16" in text and "net.0 128x65->16x16" in text
+    assert "train [1000, 1344] float32" in text and "net.0 128x65->32x32" in text
 
 
 def test_inspect_reports_errors_cleanly(tmp_path, capsys):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, loader, make_classification, trainer
+from conftest import FastLogger, TinyMLP, loader, make_classification, trainer
 from oracles import reference_rows
 from torch.utils.data import DataLoader
 
-from lightning_tda import AttributionStore, GradientLogger
+from lightning_tda import AttributionStore
 from lightning_tda.capture.ensemble import member_mask
 from lightning_tda.methods import Influence
 from lightning_tda.store.members import member_dataset
@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     data = make_classification(80)
     queries = make_classification(6, seed=1)
     model = TinyMLP(lr=0.2)
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp / "e.h5",
         attribution_data=data,
         every_n_epochs=3,
@@ -79,7 +79,7 @@ def test_influence_averages_over_members(run):
         for s in store.layers:
             sl = slice(s.offset, s.offset + s.size)
             f = rows[:, sl].T @ rows[:, sl] / len(rows)
-            lam = torch.trace(f) / len(rows)  # default: trace(F_l) / N
+            lam = torch.trace(f) / f.shape[0]  # default: 1.0 x mean eigenvalue
             inv = torch.linalg.inv(f + lam * torch.eye(f.shape[0], dtype=f.dtype))
             ref = ref + qv[(step, r)][:, sl].double() @ inv @ rows[:, sl].T / 2
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

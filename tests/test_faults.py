@@ -27,10 +27,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification
+from conftest import FastLogger, TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_tda import AttributionStore, GradientLogger, StoreError
+from lightning_tda import AttributionStore, StoreError
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.store import journal, schema
@@ -317,7 +317,7 @@ def _fit_in_process(store: Path, ckpt: Path, extra=(), resume: bool = False) -> 
     pl.seed_everything(0, verbose=False)
     data = make_classification(64)
     model = TinyMLP(optimizer="adam", lr=0.01)
-    logger = GradientLogger(
+    logger = FastLogger(
         store,
         attribution_data=data,
         query_data=make_classification(8, seed=1),

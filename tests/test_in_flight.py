@@ -1,4 +1,4 @@
-"""GradientLogger(mode="in_flight"): rows from the training batches themselves, per optimizer step.
+"""FastLogger(mode="in_flight"): rows from the training batches themselves, per optimizer step.
 
 References are independent of the in-flight code path: a sweep-mode logger in the same fit (same
 weights θ_t, its own hooks and autograd.grad on the per-example loss), exact torch.func gradients at
@@ -15,14 +15,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
+from conftest import (
+    FastLogger,
+    TinyGPT,
+    TinyMLP,
+    TokenDataset,
+    loader,
+    make_classification,
+    trainer,
+)
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from oracles import per_example_grads
 from scipy.stats import pearsonr
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_tda import AttributionStore, GradientLogger, IndexedDataset, MissingExampleIdsError
+from lightning_tda import AttributionStore, IndexedDataset, MissingExampleIdsError
 from lightning_tda.capture.in_flight import token_mean
 from lightning_tda.capture.losses import resolve_loss_fn
 from lightning_tda.data.indexed import get_example_ids
@@ -150,7 +158,7 @@ def test_in_flight_rows_equal_the_sweep_at_the_same_weights(tmp_path, case):
         verbose=False,
         **{k: v for k, v in kw.items() if k != "in_flight_reduction"},
     )
-    in_flight = GradientLogger(
+    in_flight = FastLogger(
         tmp_path / "if.h5",
         mode="in_flight",
         **common,
@@ -160,7 +168,7 @@ def test_in_flight_rows_equal_the_sweep_at_the_same_weights(tmp_path, case):
             else {}
         ),
     )
-    sweep = GradientLogger(
+    sweep = FastLogger(
         tmp_path / "sweep.h5",
         attribution_data=data,
         every_n_train_steps=1,
@@ -208,8 +216,8 @@ def test_wrong_reduction_contract_scales_rows(tmp_path):
     torch.manual_seed(0)
     data, model = make_classification(32), TinyMLP(lr=0.1)
     common = dict(projection="exact", dtype="float32", verbose=False)
-    wrong = GradientLogger(tmp_path / "w.h5", mode="in_flight", in_flight_reduction="sum", **common)
-    sweep = GradientLogger(
+    wrong = FastLogger(tmp_path / "w.h5", mode="in_flight", in_flight_reduction="sum", **common)
+    sweep = FastLogger(
         tmp_path / "s.h5",
         attribution_data=data,
         log_at_fit_start=True,
@@ -237,7 +245,7 @@ def test_training_is_bit_identical_with_the_logger(tmp_path):
         return model.state_dict()
 
     plain = fit([])
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp_path / "a.h5",
         mode="in_flight",
         query_data=make_classification(5, seed=1),
@@ -269,7 +277,7 @@ def test_in_flight_tracin_equals_per_step_brute_force(tmp_path, every):
     data = make_classification(36)
     queries = make_classification(6, seed=1)
     model = TinyMLP(optimizer="sgd_sched", lr=0.2)  # SGD momentum, StepLR halving every 3 epochs
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp_path / "a.h5",
         mode="in_flight",
         every_n_train_steps=every,
@@ -316,7 +324,7 @@ def test_in_flight_tracin_equals_per_step_brute_force(tmp_path, every):
 def test_only_batch_aware_methods_read_in_flight_checkpoints(tmp_path):
     torch.manual_seed(0)
     data = make_classification(24)
-    logger = GradientLogger(tmp_path / "a.h5", mode="in_flight", rank=4, verbose=False)
+    logger = FastLogger(tmp_path / "a.h5", mode="in_flight", rank=4, verbose=False)
     trainer(tmp_path, [logger], max_epochs=1).fit(TinyMLP(), loader(data, batch_size=8))
     store = AttributionStore(tmp_path / "a.h5")
     q = make_classification(3, seed=1)
@@ -338,15 +346,15 @@ def test_only_batch_aware_methods_read_in_flight_checkpoints(tmp_path):
 def test_bad_in_flight_configuration_names_the_fix(tmp_path):
     data = make_classification(8)
     with pytest.raises(MisconfigurationException, match="drop attribution_data"):
-        GradientLogger(tmp_path / "a.h5", attribution_data=data, mode="in_flight")
+        FastLogger(tmp_path / "a.h5", attribution_data=data, mode="in_flight")
     with pytest.raises(MisconfigurationException, match="every_n_train_steps"):
-        GradientLogger(tmp_path / "a.h5", every_n_epochs=1, mode="in_flight")
+        FastLogger(tmp_path / "a.h5", every_n_epochs=1, mode="in_flight")
     with pytest.raises(MisconfigurationException, match="dense_dim=0"):
-        GradientLogger(tmp_path / "a.h5", dense_dim=8, mode="in_flight")
+        FastLogger(tmp_path / "a.h5", dense_dim=8, mode="in_flight")
     with pytest.raises(MisconfigurationException, match="'mean', 'sum' or a callable"):
-        GradientLogger(tmp_path / "a.h5", mode="in_flight", in_flight_reduction="avg")
+        FastLogger(tmp_path / "a.h5", mode="in_flight", in_flight_reduction="avg")
     with pytest.raises(MisconfigurationException, match="mode must be 'sweep'"):
-        GradientLogger(tmp_path / "a.h5", mode="inflight")
+        FastLogger(tmp_path / "a.h5", mode="inflight")
     plain = TensorDataset(torch.randn(8, 8), torch.randint(0, 3, (8,)))
 
     class NoIds(TinyMLP):
@@ -354,7 +362,7 @@ def test_bad_in_flight_configuration_names_the_fix(tmp_path):
             x, y = batch
             return F.cross_entropy(self(x), y)
 
-    logger = GradientLogger(tmp_path / "b.h5", mode="in_flight", verbose=False)
+    logger = FastLogger(tmp_path / "b.h5", mode="in_flight", verbose=False)
     with pytest.raises(MissingExampleIdsError, match="IndexedDataset"):
         trainer(tmp_path, [logger], max_epochs=1).fit(NoIds(), DataLoader(plain, batch_size=4))
 
@@ -364,14 +372,14 @@ def test_resume_relogs_the_steps_after_the_lightning_checkpoint(tmp_path):
     data = make_classification(24)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
     torch.manual_seed(0)
-    first = GradientLogger(tmp_path / "a.h5", mode="in_flight", rank=4, verbose=False)
+    first = FastLogger(tmp_path / "a.h5", mode="in_flight", rank=4, verbose=False)
     trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(
         TinyMLP(), loader(data, batch_size=8)
     )
     assert AttributionStore(tmp_path / "a.h5").steps == list(range(6))
     epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
     torch.manual_seed(1)
-    again = GradientLogger(tmp_path / "a.h5", mode="in_flight", rank=4, verbose=False)
+    again = FastLogger(tmp_path / "a.h5", mode="in_flight", rank=4, verbose=False)
     rec = StepRecorder()
     trainer(tmp_path, [again, rec], max_epochs=2).fit(
         TinyMLP(), loader(data, batch_size=8, seed=5), ckpt_path=epoch0

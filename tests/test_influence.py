@@ -185,7 +185,7 @@ def test_raw_influence_is_damped_block_inverse_and_self_influence(mlp_run):
     for s in kron.layers:
         g = rows[s.name]
         f = g.T @ g / len(g)
-        lam = torch.trace(f) / len(g)  # documented default: trace(F_l) / N
+        lam = torch.trace(f) / f.shape[0]  # documented default: 1.0 x mean eigenvalue
         inv = torch.linalg.inv(f + lam * torch.eye(f.shape[0], dtype=f.dtype))
         ref = ref + qv[step][:, s.offset : s.offset + s.size].double() @ inv @ g.T
         self_ref = self_ref + ((g @ inv) * g).sum(1)
@@ -218,7 +218,7 @@ def test_trak_mode_equals_margin_gradient_trak(mlp_run):
     for s in exact.layers:
         sl = slice(s.offset, s.offset + s.size)
         k = phi[:, sl].T @ phi[:, sl]
-        lam = torch.trace(k) / len(phi)  # default: trace(K_l) / N
+        lam = torch.trace(k) / k.shape[0]  # default: 1.0 x mean eigenvalue
         ref = ref + phi_q[:, sl] @ torch.linalg.solve(k + lam * torch.eye(k.shape[0]), phi[:, sl].T)
     ref = ref * (1 - p)[None, :]
     assert min(pearsonr(a, b)[0] for a, b in zip(ours.numpy(), ref.numpy(), strict=True)) > 0.9999

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
+from conftest import (
+    FastLogger,
+    TinyGPT,
+    TinyMLP,
+    TokenDataset,
+    loader,
+    make_classification,
+    trainer,
+)
 from oracles import augmented_gradient, per_example_grads, reference_rows, rel_err
 from torch.utils.data import DataLoader
 
-from lightning_tda import AttributionStore, GradientLogger, IndexedDataset
+from lightning_tda import AttributionStore, IndexedDataset
 from lightning_tda.capture.featurize import Featurizer
 from lightning_tda.capture.layers import CONV1D, discover_layers
 from lightning_tda.capture.losses import resolve_loss_fn
@@ -86,7 +94,7 @@ def test_logged_rows_match_oracle_end_to_end(tmp_path):
     data = make_classification(48)
     model = TinyMLP()
     config = ProjectionConfig("kronecker", rank=4, seed=7)
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp_path / "s.h5",
         attribution_data=data,
         every_n_epochs=1,
@@ -110,7 +118,7 @@ def test_pca_basis_rows_match_oracle_end_to_end(tmp_path):
     torch.manual_seed(0)
     data = IndexedDataset(TokenDataset(10))
     model = TinyGPT()
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp_path / "p.h5",
         attribution_data=data,
         every_n_epochs=1,
@@ -149,7 +157,7 @@ def test_gpt2_logged_rows_match_oracle_end_to_end(tmp_path):
     torch.manual_seed(0)
     data = IndexedDataset(TokenDataset(10))
     model = TinyGPT()
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp_path / "g.h5",
         attribution_data=data,
         every_n_epochs=1,

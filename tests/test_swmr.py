@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification
+from conftest import FastLogger, TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import Callback
 
 from lightning_tda import AttributionStore, GradientLogger
@@ -35,7 +35,7 @@ STEPS = [2, 4, 6, 8]
 def _fit(path: Path, model: pl.LightningModule, callbacks=()) -> GradientLogger:
     pl.seed_everything(0, verbose=False)
     data = make_classification(64)
-    logger = GradientLogger(
+    logger = FastLogger(
         path,
         attribution_data=data,
         query_data=make_classification(8, seed=1),

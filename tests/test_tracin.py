@@ -9,12 +9,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification, trainer
+from conftest import FastLogger, TinyMLP, loader, make_classification, trainer
 from oracles import per_example_grads
 from scipy.stats import pearsonr, spearmanr
 from torch.utils.data import DataLoader, Subset
 
-from lightning_tda import AttributionStore, GradientLogger
+from lightning_tda import AttributionStore
 from lightning_tda.capture.losses import resolve_loss_fn
 from lightning_tda.data.digits import load_digits_splits
 from lightning_tda.demo import DigitsMLP
@@ -54,7 +54,7 @@ def sched_run(tmp_path_factory):
     queries = make_classification(10, seed=1)
     model = TinyMLP(optimizer="sgd_sched", lr=0.2)
     snap = Snapshots(every=2)
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp / "exact.h5",
         attribution_data=data,
         query_data=queries,
@@ -168,7 +168,7 @@ def test_tracin_adam_equals_factored_brute_force(tmp_path):
     queries = make_classification(6, seed=1)
     model = TinyMLP(optimizer="adam", lr=0.01)
     snap = Snapshots(every=1)
-    logger = GradientLogger(
+    logger = FastLogger(
         tmp_path / "a.h5", attribution_data=data, every_n_epochs=1, projection="exact"
     )
     trainer(tmp_path, [logger, snap], max_epochs=2).fit(model, loader(data))
@@ -222,7 +222,7 @@ def test_kronecker_projection_ranks_like_exact(tmp_path):
         pl.seed_everything(0, verbose=False)
         model = DigitsMLP()
         path = tmp_path / f"{kind}{rank}{basis}.h5"
-        logger = GradientLogger(
+        logger = FastLogger(
             path,
             attribution_data=splits.train,
             every_n_epochs=1,

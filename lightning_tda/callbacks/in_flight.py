@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_tda.capture.featurize import NonFiniteError, _check_finite
+from lightning_tda.capture.checks import NonFiniteError, _check_finite
 from lightning_tda.capture.in_flight import InFlightCapture, Reduction, reduction_factor
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.projection import ProjectionConfig

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_tda.capture.checks import _check_losses
 from lightning_tda.capture.layers import DENSE, LayerSpec
 from lightning_tda.capture.losses import LossFn
+from lightning_tda.data.indexed import get_example_ids
 
 Bases = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 """``{layer: (P_out [O, k_out] or None, P_in [I(+1), k_in] or None)}``; ``None`` = exact side."""
@@ -97,9 +99,11 @@ def fit_pca_bases(
     seen = 0
     with torch.enable_grad(), _CovarianceHooks(model, layers) as hooks:
         for batch in batches:
+            ids = get_example_ids(batch)  # the same clear errors as the sweep, on the first batch
             ctx = forward_context() if forward_context is not None else contextlib.nullcontext()
             with ctx:
                 losses = loss_fn(model, batch)
+            _check_losses(losses, ids)
             hooks.backward(losses)
             seen += int(losses.shape[0])
             if seen >= max_examples:

@@ -100,37 +100,26 @@ def damped_inverse(curv: Curvature, lambdas: Mapping[str, float]) -> Callable:
     return fn
 
 
-DampingScale = float | Literal["auto"]
+DEFAULT_DAMPING_SCALE = 1.0
+"""``λ_l = 1.0 × mean eigenvalue`` of each block: chosen on the benchmark banks' choosing halves
+(BENCHMARKS.md "Defaults"; the LoGra/kronfluence heuristic ``0.1`` damps too little on every AdamW bank)."""
 
 
 def default_damping(
-    curv: Curvature,
-    damping: float | None,
-    scale: DampingScale = "auto",
-    num_rows: int | None = None,
+    curv: Curvature, damping: float | None, scale: float = DEFAULT_DAMPING_SCALE
 ) -> dict[str, float]:
-    """Per-block ``λ_l``: ``damping`` if given, else ``scale × mean eigenvalue`` of the block.
-
-    ``scale="auto"`` (the default) is ``k_l / N``, i.e. ``λ_l = trace(F_l) / N`` for a block of ``k_l``
-    columns fitted on ``N = num_rows`` examples: the damping grows with the number of projected
-    directions per example (more directions the ``N`` rows estimate poorly) and needs no evaluation
-    query (chosen on the benchmark banks' choosing halves, BENCHMARKS.md "Defaults"). A float gives
-    ``scale × trace(F_l) / k_l`` (LoGra's and kronfluence's ``0.1`` heuristic is ``scale=0.1``).
-    """
+    """Per-block ``λ_l``: ``damping`` if given, else ``scale × mean eigenvalue`` (``scale·trace(F_l)/k_l``),
+    computed from the training rows only."""
     if damping is not None:
         if not damping > 0:
             raise ValueError(f"damping must be > 0, got {damping!r} (or None for the default)")
         return {b.name: float(damping) for b in curv}
-    if scale == "auto":
-        if not num_rows or num_rows < 1:
-            raise ValueError("damping_scale='auto' needs the number of examples the curvature saw")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"damping_scale must be > 0 or 'auto', got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"damping_scale must be > 0, got {scale!r}")
     out = {}
     for b in curv:
         mean = float(b.sigma.clamp_min(0).mean())
-        factor = len(b.sigma) / num_rows if scale == "auto" else float(scale)
-        out[b.name] = factor * mean if mean > 0 else 1e-12
+        out[b.name] = float(scale) * mean if mean > 0 else 1e-12
     return out
 
 

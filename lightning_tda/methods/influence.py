@@ -15,7 +15,7 @@ import torch
 
 from lightning_tda.methods.base import AttributionMethod, select_checkpoints
 from lightning_tda.methods.curvature import (
-    DampingScale,
+    DEFAULT_DAMPING_SCALE,
     damped_inverse,
     default_damping,
     fit_curvature,
@@ -57,9 +57,8 @@ class Influence(AttributionMethod):
             ``"ekfac"``) or every checkpoint (``"trak"``).
         damping: absolute ``λ`` for every layer; ``None`` = from ``damping_scale`` and each layer's
             curvature, derived from the training rows only.
-        damping_scale: ``"auto"`` (default): ``λ_l = trace(F_l) / N`` (``k_l / N`` times the mean
-            eigenvalue of a block of ``k_l`` columns over ``N`` examples); a float ``s``:
-            ``s × mean eigenvalue`` (LoGra/kronfluence use ``0.1``). See
+        damping_scale: ``λ_l = damping_scale × mean eigenvalue`` of each layer's curvature; default
+            ``1.0`` (chosen on the benchmark banks; LoGra/kronfluence use ``0.1``). See
             :func:`~lightning_tda.methods.curvature.default_damping`.
         dropout_members: average over this many dropout sub-networks per checkpoint (Efficient
             Ensembles, methods.md §10), added beforehand with
@@ -69,7 +68,7 @@ class Influence(AttributionMethod):
     mode: InfluenceMode = "raw"
     checkpoints: Sequence[int] | None = None
     damping: float | None = None
-    damping_scale: DampingScale = "auto"
+    damping_scale: float = DEFAULT_DAMPING_SCALE
     dropout_members: int = 0
     name: ClassVar[str] = "influence"
 
@@ -80,12 +79,12 @@ class Influence(AttributionMethod):
             self.checkpoints = [int(s) for s in self.checkpoints]
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping must be > 0 (or None for the default), got {self.damping!r}")
-        if self.damping_scale != "auto" and (
+        if (
             isinstance(self.damping_scale, bool)
             or not isinstance(self.damping_scale, (int, float))
             or not self.damping_scale > 0
         ):
-            raise ValueError(f"damping_scale must be > 0 or 'auto', got {self.damping_scale!r}")
+            raise ValueError(f"damping_scale must be > 0, got {self.damping_scale!r}")
         if not isinstance(self.dropout_members, int) or self.dropout_members < 0:
             raise ValueError(f"dropout_members must be an int >= 0, got {self.dropout_members!r}")
 
@@ -129,8 +128,7 @@ class Influence(AttributionMethod):
                 total = float(weights[step].sum())
                 for b in curv:
                     b.sigma = b.sigma * total
-            rows = store.num_examples if weights is None else int((weights[step] > 0).sum())
-            lam = default_damping(curv, self.damping, self.damping_scale, rows)
+            lam = default_damping(curv, self.damping, self.damping_scale)
             out.append((step, dataset, key, curv, lam, inv_q))
         return out
 
