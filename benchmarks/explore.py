@@ -21,6 +21,7 @@ def captures_for(task: Task) -> list[tuple[str, dict]]:
     if task.name in ("lora_ft", "gpt_single_pass"):  # after the preset change: {} is "accurate"
         return [("accurate preset", {}), ("fast preset", dict(preset="fast"))]
     if task.name == "gpt_adamw":
+        out.append(("r32 pca fp32 + dense 512", dict(dense_dim=512)))
         out.append(
             ("r16 pca fp32 + dense 256", dict(rank=16, basis="pca", dtype="float32", dense_dim=256))
         )

@@ -67,11 +67,17 @@ def task_section(name: str) -> str:
     best_peer = max(peer_ok, key=lambda p: p["choose"]) if peer_ok else None
     if default and best_peer:
         d = default[0]
-        verdict = "beats" if d["report"] > best_peer["report"] else "does not beat"
+        diff = d["report"] - best_peer["report"]
+        verdict = "above" if diff > 0 else "below"
+        overlap = d["report_ci"][0] <= best_peer["report_ci"][1] and (
+            best_peer["report_ci"][0] <= d["report_ci"][1]
+        )
         lines.append(
             f"**Headline:** `store.attribute(queries, model=model)` on a default `GradientLogger` "
-            f"scores {_fmt(d)} and {verdict} the best tuned peer ({best_peer['library']} "
-            f"{best_peer['method']}, {_settings(best_peer.get('settings'))}: {_fmt(best_peer)})."
+            f"scores {_fmt(d)}, {abs(diff):.3f} {verdict} the best tuned peer (the best peer setting on "
+            f"the choosing half: {best_peer['library']} {best_peer['method']}, "
+            f"{_settings(best_peer.get('settings'))}: {_fmt(best_peer)})"
+            + ("; the CIs overlap." if overlap else ".")
         )
         lines.append("")
     lines += [

@@ -251,7 +251,7 @@ def gpt_adamw_task(num_subsets: int = 100, num_seeds: int = 3) -> Task:
     )
 
 
-def gpt_single_pass_task(num_subsets: int = 64, num_seeds: int = 3) -> Task:
+def gpt_single_pass_task(num_subsets: int = 50, num_seeds: int = 3) -> Task:
     train, test = _blocks(10000, 200, seed=2, large=True)
     return Task(
         name="gpt_single_pass",
