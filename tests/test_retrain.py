@@ -165,3 +165,76 @@ def test_topk_removal_test_removes_the_right_rows(tmp_path):
         expect = tiny_measure(without, queries)["loss"] - tiny_measure(full, queries)["loss"]
     np.testing.assert_allclose(rep.delta_topk, expect, rtol=1e-5, atol=1e-6)
     assert rep.delta_random.shape == (3,) and "proponents" in str(rep)
+
+
+class _OrderRecorder(TinyMLP):
+    """Records the example ids it trains on (in order) and the loss weight each got."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.kept = None
+        self.seen: list[int] = []
+        self.weights: list[float] = []
+        self.init = self.net[0].weight.detach().clone()
+
+    def set_kept(self, mask):
+        self.kept = mask
+
+    def training_step(self, batch, batch_idx):
+        ids, (x, y) = batch
+        self.seen += ids.tolist()
+        w = torch.ones(len(ids)) if self.kept is None else self.kept[ids - 1000]
+        self.weights += w.tolist()
+        return (F.cross_entropy(self(x), y, reduction="none") * w).mean()
+
+
+def _order_measure(model, queries):
+    """Per query q: the q-th id trained on, its weight, and a fingerprint of the initial weights."""
+    q = len(queries)
+    pad = [-1] * max(0, q - len(model.seen))  # a subset run sees fewer examples than queries
+    return {
+        "id": np.asarray((model.seen + pad)[:q], dtype=np.float64),
+        "w": np.asarray((model.weights + pad)[:q], dtype=np.float64),
+        "init": np.full(q, float(model.init.sum())),
+    }
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_shared_seed_banks_share_initialisation_and_order(tmp_path, in_place):
+    """shared_seeds: run r of every subset starts from the same weights and visits the examples in
+    one permutation of the full set (restricted to the subset, or in place with weight 0)."""
+    n = 16
+    train, queries = make_classification(n), make_classification(n, seed=1)
+    spec = BankSpec(
+        num_subsets=3, alpha=0.5, num_seeds=2, base_seed=5, shared_seeds=True, in_place=in_place
+    )
+    recipe = RetrainRecipe(max_epochs=1, batch_size=4)
+    bank = build_bank(
+        tmp_path / "bank",
+        _OrderRecorder,
+        train,
+        queries,
+        _order_measure,
+        {"id": "goodness", "w": "goodness", "init": "goodness"},
+        spec,
+        recipe,
+        processes=1,
+    )
+    subsets = bank.subsets
+    for r in range(2):
+        perm = np.random.default_rng(5 + r).permutation(n)
+        assert len({float(bank.outputs["init"][j, r, 0]) for j in range(3)}) == 1  # same init
+        for j in range(3):
+            seen = bank.outputs["id"][j, r].astype(int) - 1000
+            members = set(subsets[j].tolist())
+            if in_place:  # every example in the permutation order, removed ones weighted 0
+                assert seen.tolist() == perm.tolist()
+                w = bank.outputs["w"][j, r]
+                assert w.tolist() == [float(i in members) for i in perm]
+            else:  # the subset's examples in the permutation's order
+                expect = [i for i in perm if i in members]
+                assert seen[: len(expect)].tolist() == expect
+    assert bank.meta["spec"]["shared_seeds"] is True
+    assert bank.meta["spec"].get("in_place", False) is in_place
+    with pytest.raises(ValueError, match="shared_seeds"):
+        BankSpec(in_place=True)
