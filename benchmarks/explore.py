@@ -81,6 +81,18 @@ def final_candidates(task: Task, capture: str) -> list[tuple[str, object]]:
         ("tracin_adam", lambda s: "tracin_adam"),
         ("influence (last ckpt)", lambda s: "influence"),
         ("influence (ekfac, all ckpts)", lambda s: Influence(mode="ekfac", checkpoints=s.steps)),
+        (
+            "influence (ekfac, all ckpts, damping_scale=0.1)",
+            lambda s: Influence(mode="ekfac", checkpoints=s.steps, damping_scale=0.1),
+        ),
+        (
+            "influence (raw, all ckpts, damping_scale=0.3)",
+            lambda s: Influence(checkpoints=s.steps, damping_scale=0.3),
+        ),
+        (
+            "influence (raw, all ckpts, damping_scale=3)",
+            lambda s: Influence(checkpoints=s.steps, damping_scale=3.0),
+        ),
         ("source (L=3, optimizer auto)", lambda s: "source"),
         ("source (L=3, SGD form)", lambda s: Source(optimizer="sgd")),
         ("datainf", lambda s: "datainf"),

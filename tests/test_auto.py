@@ -18,29 +18,45 @@ def runs(tmp_path_factory):
     model = TinyMLP(optimizer="adamw", lr=0.02)
     sweep = GradientLogger(tmp / "sweep.h5", attribution_data=data, every_n_epochs=1, verbose=False)
     flight = GradientLogger(tmp / "flight.h5", mode="in_flight", verbose=False)
-    trainer(tmp, [sweep, flight], max_epochs=3).fit(model, loader(data))
-    return model, AttributionStore(tmp / "sweep.h5"), AttributionStore(tmp / "flight.h5")
+    plain = GradientLogger(
+        tmp / "plain.h5", attribution_data=data, every_n_epochs=1, curvature=False, verbose=False
+    )
+    trainer(tmp, [sweep, flight, plain], max_epochs=3).fit(model, loader(data))
+    return (
+        model,
+        AttributionStore(tmp / "sweep.h5"),
+        AttributionStore(tmp / "flight.h5"),
+        AttributionStore(tmp / "plain.h5"),
+    )
 
 
-def test_auto_on_sweep_rows_is_influence_over_every_checkpoint(runs):
-    model, store, _ = runs
+def test_auto_on_sweep_rows_is_ekfac_influence_over_every_checkpoint(runs):
+    model, store, _, plain = runs
     queries = make_classification(5, seed=1)
     auto = store.attribute(queries, model=model, top_k=None)
     ref = store.attribute(
-        queries, model=model, method=Influence(checkpoints=store.steps), top_k=None
+        queries, model=model, method=Influence(mode="ekfac", checkpoints=store.steps), top_k=None
     )
     assert len(store.steps) == 3
     assert auto.method == "influence" and auto.checkpoints == store.steps
     assert auto.settings["chosen_by"] == "auto" and auto.settings["checkpoints"] == store.steps
-    assert "influence" in auto.settings["reason"]
+    assert auto.settings["mode"] == "ekfac" and auto.settings["damping_scale"] == 0.1
+    assert "EK-FAC" in auto.settings["reason"]
     torch.testing.assert_close(auto.scores, ref.scores, rtol=0, atol=0)
+    # without logged K-FAC factors: the raw block influence, damping 1.0 x mean eigenvalue
+    raw = plain.attribute(queries, model=model, top_k=None)
+    ref = plain.attribute(
+        queries, model=model, method=Influence(checkpoints=plain.steps), top_k=None
+    )
+    assert raw.settings["mode"] == "raw" and raw.settings["damping_scale"] == 1.0
+    torch.testing.assert_close(raw.scores, ref.scores, rtol=0, atol=0)
     named = store.attribute(queries, model=model, method="tracin", top_k=3)
     assert named.settings == {"checkpoints": None, "interval": "previous"}
     assert "chosen_by" not in named.settings
 
 
 def test_auto_on_in_flight_rows_is_per_step_tracin(runs):
-    model, _, flight = runs
+    model, _, flight, _ = runs
     queries = make_classification(4, seed=2)
     auto = flight.attribute(queries, model=model, top_k=None)
     ref = flight.attribute(queries, model=model, method=TracIn(), top_k=None)
@@ -49,6 +65,6 @@ def test_auto_on_in_flight_rows_is_per_step_tracin(runs):
 
 
 def test_auto_refuses_hyper_parameters(runs):
-    model, store, _ = runs
+    model, store, _, _ = runs
     with pytest.raises(ValueError, match="name the method"):
         store.attribute(make_classification(2, seed=3), model=model, checkpoints=[1])

@@ -116,7 +116,9 @@ def test_report_tables_equal_attribute_and_topk_self_influence(digits_run):
         np.testing.assert_allclose(
             [s for _, s in sec["opponents"]], ref.opponent_scores[qi], rtol=1e-6
         )
-    si = store.self_influence(method=Influence(checkpoints=store.steps))  # what auto chose
+    si = store.self_influence(
+        method=Influence(mode="ekfac", checkpoints=store.steps)
+    )  # what auto chose
     top = torch.topk(si, n_out)
     assert [i for i, _ in page.self_influence] == store.example_ids[top.indices].tolist()
     np.testing.assert_allclose([s for _, s in page.self_influence], top.values, rtol=1e-6)
@@ -223,7 +225,9 @@ def test_cli_report_on_a_recipe_run(tmp_path, monkeypatch):
     ref = store.attribute(Subset(dm.splits.test, range(3)), model=DigitsMLP(), top_k=3)
     assert [[i for i, _ in s["proponents"]] for s in page.queries] == ref.indices.tolist()
     assert [[i for i, _ in s["opponents"]] for s in page.queries] == ref.opponents.tolist()
-    top = torch.topk(store.self_influence(method=Influence(checkpoints=store.steps)), 4).indices
+    top = torch.topk(
+        store.self_influence(method=Influence(mode="ekfac", checkpoints=store.steps)), 4
+    ).indices
     assert [i for i, _ in page.self_influence] == store.example_ids[top].tolist()
     assert len(page.imgs) == 3 * (2 + 2 * 3) + 1 + 4
     for a in page.imgs:

@@ -4,9 +4,11 @@ The rule (chosen on the choosing half of each benchmark bank's queries, BENCHMAR
 
 1. in-flight rows (``GradientLogger(mode="in_flight")``): per-step TracIn, the only estimator those
    batch rows support exactly;
-2. otherwise: the damped influence function averaged over every logged checkpoint (an ensemble over
-   the trajectory), each checkpoint with its own block curvature and damping from the training rows
-   (:data:`DEFAULT_DAMPING_SCALE` × the mean eigenvalue of each layer block).
+2. sweep rows with the logged K-FAC factors (``GradientLogger(curvature=True)``, the default): EK-FAC
+   influence averaged over every logged checkpoint (an ensemble over the trajectory), each checkpoint
+   with its own eigenbasis, corrected eigenvalues and damping (0.1 × the mean eigenvalue per layer);
+3. sweep rows without factors: the raw block influence averaged over every checkpoint (damping 1.0 ×
+   the mean eigenvalue per layer).
 
 The chosen method and its settings are recorded in the result (``AttributionResult.settings``).
 """
@@ -32,8 +34,17 @@ def auto_method(store: StoreReader) -> tuple[AttributionMethod, str]:
     if any(c.in_flight for c in cks):
         return TracIn(), "in-flight rows: per-step TracIn"
     steps = [c.global_step for c in cks]
-    reason = f"sweep rows at {len(steps)} checkpoint(s): influence averaged over all of them"
-    return Influence(checkpoints=steps), reason
+    try:
+        for step in steps:
+            store.kfac_factors(step)
+    except KeyError:
+        reason = (
+            f"sweep rows at {len(steps)} checkpoint(s) without K-FAC factors: raw block influence "
+            "averaged over all of them"
+        )
+        return Influence(checkpoints=steps), reason
+    reason = f"sweep rows at {len(steps)} checkpoint(s): EK-FAC influence averaged over all of them"
+    return Influence(mode="ekfac", checkpoints=steps), reason
 
 
 def method_settings(method: AttributionMethod) -> dict[str, Any]:

@@ -100,14 +100,14 @@ def damped_inverse(curv: Curvature, lambdas: Mapping[str, float]) -> Callable:
     return fn
 
 
-DEFAULT_DAMPING_SCALE = 1.0
-"""``λ_l = 1.0 × mean eigenvalue`` of each block: chosen on the benchmark banks' choosing halves
-(BENCHMARKS.md "Defaults"; the LoGra/kronfluence heuristic ``0.1`` damps too little on every AdamW bank)."""
+DEFAULT_DAMPING_SCALE = {"raw": 1.0, "trak": 1.0, "ekfac": 0.1}
+"""Default ``damping_scale`` per influence mode (``λ_l = scale × mean eigenvalue`` of each block), chosen
+on the benchmark banks' choosing halves (BENCHMARKS.md "Defaults"): the raw block Fisher wants about the
+mean eigenvalue itself on every AdamW bank, while the EK-FAC spectrum (Kronecker eigenbasis, corrected
+eigenvalues) wants kronfluence's ``0.1``."""
 
 
-def default_damping(
-    curv: Curvature, damping: float | None, scale: float = DEFAULT_DAMPING_SCALE
-) -> dict[str, float]:
+def default_damping(curv: Curvature, damping: float | None, scale: float = 0.1) -> dict[str, float]:
     """Per-block ``λ_l``: ``damping`` if given, else ``scale × mean eigenvalue`` (``scale·trace(F_l)/k_l``),
     computed from the training rows only."""
     if damping is not None:

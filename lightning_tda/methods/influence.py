@@ -57,9 +57,9 @@ class Influence(AttributionMethod):
             ``"ekfac"``) or every checkpoint (``"trak"``).
         damping: absolute ``λ`` for every layer; ``None`` = from ``damping_scale`` and each layer's
             curvature, derived from the training rows only.
-        damping_scale: ``λ_l = damping_scale × mean eigenvalue`` of each layer's curvature; default
-            ``1.0`` (chosen on the benchmark banks; LoGra/kronfluence use ``0.1``). See
-            :func:`~lightning_tda.methods.curvature.default_damping`.
+        damping_scale: ``λ_l = damping_scale × mean eigenvalue`` of each layer's curvature; ``None``
+            (default) = ``1.0`` for ``"raw"``/``"trak"`` and ``0.1`` for ``"ekfac"``
+            (:data:`~lightning_tda.methods.curvature.DEFAULT_DAMPING_SCALE`, chosen on the benchmark banks).
         dropout_members: average over this many dropout sub-networks per checkpoint (Efficient
             Ensembles, methods.md §10), added beforehand with
             :meth:`~lightning_tda.AttributionStore.add_dropout_ensemble`; ``0`` uses the logged rows.
@@ -68,7 +68,7 @@ class Influence(AttributionMethod):
     mode: InfluenceMode = "raw"
     checkpoints: Sequence[int] | None = None
     damping: float | None = None
-    damping_scale: float = DEFAULT_DAMPING_SCALE
+    damping_scale: float | None = None
     dropout_members: int = 0
     name: ClassVar[str] = "influence"
 
@@ -79,6 +79,8 @@ class Influence(AttributionMethod):
             self.checkpoints = [int(s) for s in self.checkpoints]
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping must be > 0 (or None for the default), got {self.damping!r}")
+        if self.damping_scale is None:
+            self.damping_scale = DEFAULT_DAMPING_SCALE[self.mode]
         if (
             isinstance(self.damping_scale, bool)
             or not isinstance(self.damping_scale, (int, float))
