@@ -68,3 +68,21 @@ def test_auto_refuses_hyper_parameters(runs):
     model, store, _, _ = runs
     with pytest.raises(ValueError, match="name the method"):
         store.attribute(make_classification(2, seed=3), model=model, checkpoints=[1])
+
+
+def test_damping_defaults_on_a_known_spectrum():
+    """λ_l = scale × mean eigenvalue per block; scale 1.0 for raw/trak and 0.1 for ekfac by default."""
+    from lightning_tda.methods.curvature import BlockEigen, default_damping
+
+    sigma_a = torch.tensor([4.0, 2.0, 0.0, -1e-9], dtype=torch.float64)  # mean of clamped = 1.5
+    sigma_b = torch.tensor([9.0, 3.0], dtype=torch.float64)  # mean 6
+    curv = [BlockEigen("a", slice(0, 4), sigma_a), BlockEigen("b", slice(4, 6), sigma_b)]
+    assert default_damping(curv, None, 1.0) == {"a": 1.5, "b": 6.0}
+    assert default_damping(curv, None, 0.1) == pytest.approx({"a": 0.15, "b": 0.6})
+    assert default_damping(curv, 0.5) == {"a": 0.5, "b": 0.5}
+    assert Influence().damping_scale == 1.0
+    assert Influence(mode="trak").damping_scale == 1.0
+    assert Influence(mode="ekfac").damping_scale == 0.1
+    assert Influence(mode="ekfac", damping_scale=2.0).damping_scale == 2.0
+    with pytest.raises(ValueError, match="damping_scale"):
+        Influence(damping_scale=0)
