@@ -18,6 +18,8 @@ Families (``--family``):
   kwargs; each (proj_dim, λ) then gets ``(XᵀX + λI)⁻¹Xᵀ`` re-solved from the captured ``X`` (what
   ``cache()`` computes) and runs dattri's own ``attribute()`` (bit-identical to separate dattri runs,
   checked on clf_adamw). ``seconds`` = the gradient pass + this projection + this solve + scoring.
+  Like traker's λ, a proj_dim's regularization list is extended by a decade (up to 3 times) while its
+  edge is best on the choosing half (re-solves only, no new gradient pass).
 - ``kronfluence_ekfac``: kronfluence EK-FAC at the last checkpoint, factors fitted once, pairwise scores
   for damping_factor {1e-8 (the library's ``ScoreArguments`` default in 1.0.1), 1e-4, 1e-3, 1e-2, 1e-1,
   None (its heuristic 0.1 x mean eigenvalue, what benchmarks/peers.py passes)}; ``seconds`` = factor fit
@@ -233,7 +235,13 @@ def _to_qn(scores, p: Problem, train_first: bool) -> np.ndarray:
 # ----------------------------------------------------------------------------- dattri TRAK
 
 
-def dattri_trak_sweep(p: Problem, grid: dict[int, list[float]], tracin_weights=None) -> dict:
+def dattri_trak_sweep(
+    p: Problem,
+    grid: dict[int, list[float]],
+    tracin_weights=None,
+    choose: Callable[[np.ndarray], float] | None = None,
+    max_extend: int = 3,
+) -> dict:
     """dattri TRAK over all checkpoints for every ``proj_dim -> [regularization, ...]`` of ``grid``,
     from ONE pass of dattri's per-example gradients.
 
@@ -249,6 +257,8 @@ def dattri_trak_sweep(p: Problem, grid: dict[int, list[float]], tracin_weights=N
     (``X_c``) and query (``Y_c``) features (dattri's TracIn projector kwargs are the same; equal to
     ``TracInAttributor`` up to the constant 1/P of dattri TRAK's gradient scaling).
     ``seconds`` of a setting = the shared pass minus the other projections' time + this solve + scoring.
+    With ``choose`` (scores -> choosing-half LDS), a proj_dim whose best positive regularization is at an
+    edge of its list gets one more decade beyond that edge, up to ``max_extend`` times.
     """
     import dattri.algorithm.trak as trak_mod
     from dattri.algorithm.trak import TRAKAttributor
@@ -317,7 +327,9 @@ def dattri_trak_sweep(p: Problem, grid: dict[int, list[float]], tracin_weights=N
             att = atts[d]
             att.full_train_dataloader = train_dl
             att.Q = atts[main].Q
-            for reg in grid[d]:
+            regs, extended, chosen = list(grid[d]), 0, {}
+            while regs:
+                reg = regs.pop(0)
                 t1 = time.perf_counter()
                 inv = []
                 for x in xs:
@@ -333,11 +345,20 @@ def dattri_trak_sweep(p: Problem, grid: dict[int, list[float]], tracin_weights=N
                 finally:
                     trak_mod.random_project = original
                 sec = pass_s + proj_s[d] + time.perf_counter() - t1
-                out[(d, reg)] = (
-                    _to_qn(scores, p, train_first=True),
-                    sec,
-                    dict(att.projector_kwargs),
-                )
+                qn = _to_qn(scores, p, train_first=True)
+                out[(d, reg)] = (qn, sec, dict(att.projector_kwargs), extended > 0)
+                if choose is None or reg <= 0:
+                    continue
+                chosen[reg] = choose(qn)
+                if not regs and extended < max_extend:
+                    pos = sorted(chosen)
+                    best = max(pos, key=lambda k: chosen[k])
+                    if len(pos) > 1 and best == pos[0]:
+                        regs.append(pos[0] / 10)
+                        extended += 1
+                    elif len(pos) > 1 and best == pos[-1]:
+                        regs.append(pos[-1] * 10)
+                        extended += 1
             if d == main and tracin_weights is not None:
                 ys = [torch.cat(test_feats[c]) for c in sorted(test_feats)]
                 tr = sum(
@@ -368,8 +389,12 @@ def run_dattri_trak(p: Problem, ctx) -> None:
     grid = {d: list(ctx.trak_regs) for d in ctx.trak_proj}
     grid[512] = [0.0, *grid.get(512, [])]  # the library default: proj 512, regularization 0
     weights = p.lr_weights if ctx.tracin_from_trak or ctx.tracin_check else None
+
+    def choose(scores: np.ndarray) -> float:
+        return ctx.bank.halves(torch.from_numpy(np.nan_to_num(scores)))["choose"]
+
     try:
-        res = dattri_trak_sweep(p, grid, tracin_weights=weights)
+        res = dattri_trak_sweep(p, grid, tracin_weights=weights, choose=choose)
     except Exception as exc:
         for d, regs in grid.items():
             for reg in regs:
@@ -381,22 +406,24 @@ def run_dattri_trak(p: Problem, ctx) -> None:
                     error=exc,
                 )
         return
-    ctx.trak_tracin = res.get("tracin")
-    for d, regs in grid.items():
-        for reg in regs:
-            scores, sec, used = res[(d, reg)]
-            settings = {
-                **base,
-                "proj_dim": used["proj_dim"],
-                "regularization": reg,
-                "projector_kwargs": used,
-            }
-            default = (d, reg) == (512, 0.0)
-            if default:
-                settings["note"] = (
-                    "library defaults (projector_kwargs=None -> proj_dim 512, regularization 0.0)"
-                )
-            ctx.add("dattri", "TRAK", settings, is_default=default, scores=scores, seconds=sec)
+    ctx.trak_tracin = res.pop("tracin", None)
+    for (d, reg), (scores, sec, used, extension) in res.items():
+        settings = {
+            **base,
+            "proj_dim": used["proj_dim"],
+            "regularization": reg,
+            "projector_kwargs": used,
+        }
+        default = (d, reg) == (512, 0.0)
+        if default:
+            settings["note"] = (
+                "library defaults (projector_kwargs=None -> proj_dim 512, regularization 0.0)"
+            )
+        if extension:
+            settings["grid_extension"] = (
+                "the grid's edge was best on the choosing half: one decade further"
+            )
+        ctx.add("dattri", "TRAK", settings, is_default=default, scores=scores, seconds=sec)
     for d in ctx.dropped_trak_proj:
         for reg in ctx.trak_regs:
             ctx.add(
