@@ -222,6 +222,26 @@ def pydoc_blocks(
     return data[perm[:num_train]], data[perm[num_train : num_train + num_queries]]
 
 
+def byte_gpt2(vocab: int = 256) -> torch.nn.Module:
+    """A config-built GPT-2 LM (2 layers, 4 heads, d=64, context ``BLOCK``, no dropout, eager attention)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=BLOCK,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    cfg._attn_implementation = "eager"
+    return GPT2LMHeadModel(cfg)
+
+
 class TinyByteGPT(pl.LightningModule):
     """Byte-level GPT-2 (2 layers, 4 heads, d=64, context 64) from a config; AdamW, lr decayed linearly to 0.
 
@@ -231,22 +251,7 @@ class TinyByteGPT(pl.LightningModule):
 
     def __init__(self, lr: float = 2e-3) -> None:
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            vocab_size=256,
-            n_positions=BLOCK,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        cfg._attn_implementation = "eager"
-        self.lm = GPT2LMHeadModel(cfg)
+        self.lm = byte_gpt2()
         self.lr = lr
 
     def per_example_loss(self, batch) -> torch.Tensor:

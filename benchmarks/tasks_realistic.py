@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from benchmarks.tasks import BLOCK, Task, classification_measure
+from benchmarks.tasks import BLOCK, Task, byte_gpt2, classification_measure
 from lightning_tda import IndexedDataset, causal_lm_loss
 from lightning_tda.capture.losses import classification_loss
 from lightning_tda.data.digits import load_digits_splits
@@ -109,25 +109,6 @@ def clf_adamw_task(num_subsets: int = 100, num_seeds: int = 4) -> Task:
 # -- (b, c) GPT pre-training ---------------------------------------------------------------------
 
 
-def _gpt2(vocab: int = 256) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=BLOCK,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    cfg._attn_implementation = "eager"
-    return GPT2LMHeadModel(cfg)
-
-
 class PretrainGPT(pl.LightningModule):
     """Byte-level GPT-2 (2 layers, 4 heads, d=64) trained from scratch; batches ``Indexed(ids, (x,))``.
 
@@ -140,7 +121,7 @@ class PretrainGPT(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.lm = _gpt2()
+        self.lm = byte_gpt2()
         self.kept: torch.Tensor | None = None
 
     def set_kept(self, mask: torch.Tensor) -> None:
@@ -331,7 +312,7 @@ class LoraFactGPT(pl.LightningModule):
         from peft import LoraConfig, get_peft_model
 
         self.save_hyperparameters()
-        base = _gpt2()
+        base = byte_gpt2()
         base.load_state_dict(pretrained_base_state())
         cfg = LoraConfig(
             r=8,
