@@ -131,8 +131,10 @@ NARRATIVE = [
     "",
     "Tried and not made default (choosing-half numbers in `results/explore*_<task>.json`): SOURCE's new "
     "per-coordinate Adam form (exact for a quadratic under a fixed diagonal preconditioner, tested) scored "
-    "0.05–0.2 below the influence ensemble on every AdamW bank, and below SOURCE's SGD form on the LMs; "
-    "TracIn-Adam beats TracIn by 0.03–0.06 everywhere but stays far below curvature methods; embedding and "
+    "0.05–0.2 below the influence ensemble on every AdamW bank; against SOURCE's SGD form it wins on the "
+    "classifier (0.465 vs 0.258) and the single-pass GPT (0.349 vs 0.326) and loses on the multi-epoch "
+    "GPT and LoRA; "
+    "TracIn-Adam beats TracIn by 0.05–0.08 everywhere but stays far below curvature methods; embedding and "
     "LM-head gradients (`dense_dim=512`) raised the multi-epoch GPT's raw influence from 0.243 to 0.253 "
     "(choosing half) at the price of a torch.func pass over the embeddings, too costly for large "
     "vocabularies to be a default; a damping rule scaling with k/N fit the classifier and the GPT but "
