@@ -258,8 +258,9 @@ def gpt_single_pass_task(num_subsets: int = 50, num_seeds: int = 3) -> Task:
         log_every_n_train_steps=78,  # checkpoints at steps 78, 156, 234, 312 of the 313-step pass
         describe="byte-level GPT-2 2x64 pre-trained in ONE pass over 10,000 64-byte blocks of pydoc topics + "
         "stdlib docstrings "
-        "(each seen once) / 200 held-out, batch 32, AdamW lr 3e-3 β2 0.95 wd 0.1, 5% warmup + cosine "
-        "to 0, grad clip 1.0; bank with shared seeds (same init and data order per seed)",
+        "(each seen once) / 200 held-out, batch 32, AdamW lr 1e-3 β2 0.95 wd 0.1, 5% warmup + cosine "
+        "to 0, grad clip 1.0; bank with shared seeds, in place (same init and data order per seed, "
+        "removed examples weighted 0 where they stand)",
     )
 
 
