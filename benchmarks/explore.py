@@ -96,6 +96,7 @@ def final_candidates(task: Task, capture: str) -> list[tuple[str, object]]:
         ("source (L=3, optimizer auto)", lambda s: "source"),
         ("source (L=3, SGD form)", lambda s: Source(optimizer="sgd")),
         ("datainf", lambda s: "datainf"),
+        ("lorif", lambda s: "lorif"),
     ]
     if task.measure is classification_measure:
         c.append(("influence (trak, all ckpts)", lambda s: Influence(mode="trak")))
