@@ -86,3 +86,25 @@ def test_damping_defaults_on_a_known_spectrum():
     assert Influence(mode="ekfac", damping_scale=2.0).damping_scale == 2.0
     with pytest.raises(ValueError, match="damping_scale"):
         Influence(damping_scale=0)
+
+
+def test_capture_presets(tmp_path):
+    """Sweep default "accurate" (rank 32, PCA, float32); in-flight default and "fast": rank 16, random,
+    float16; explicit arguments win; an unknown preset names the choices."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    def capture(logger):
+        p = logger.projection
+        return p.rank, p.basis, logger.writer.storage_dtype
+
+    assert capture(GradientLogger(tmp_path / "a.h5")) == (32, "pca", "float32")
+    assert capture(GradientLogger(tmp_path / "b.h5", preset="fast")) == (16, "random", "float16")
+    assert capture(GradientLogger(tmp_path / "c.h5", mode="in_flight")) == (16, "random", "float16")
+    assert capture(GradientLogger(tmp_path / "d.h5", rank=8, dtype="bfloat16")) == (
+        8,
+        "pca",
+        "bfloat16",
+    )
+    assert GradientLogger(tmp_path / "e.h5", projection="exact").projection.basis == "random"
+    with pytest.raises(MisconfigurationException, match="preset must be one of"):
+        GradientLogger(tmp_path / "f.h5", preset="fastest")

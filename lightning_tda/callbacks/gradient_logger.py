@@ -215,10 +215,9 @@ class GradientLogger(pl.Callback):
         self.preset = _resolve_preset(preset, mode)
         capture = PRESETS[self.preset]
         rank = capture["rank"] if rank is None else rank
-        basis = capture["basis"] if basis is None else basis
+        if basis is None:  # exact rows need no basis
+            basis = "random" if projection == "exact" else capture["basis"]
         dtype = capture["dtype"] if dtype is None else dtype
-        if projection == "exact" and basis == "pca" and preset is None:
-            basis = "random"  # exact rows need no basis
         self._recorder: InFlightRecorder | None = None
         self._pending: list[BatchStep] = []
         self._query_ids: Any = None
