@@ -270,13 +270,8 @@ def _init_worker() -> None:
 
 
 def _run_job(args: tuple) -> tuple[str, float]:
-    factory, train, queries, measure, indices, seed, recipe, out_file, shuffle, in_place = args
+    factory, train, queries, measure, indices, seed, recipe, out_file, shuffle, kept = args
     t0 = time.perf_counter()
-    kept = None
-    if in_place:  # the full order, the removed examples weighted 0 where they stand
-        kept = np.zeros(len(train), dtype=np.float32)
-        kept[np.asarray(indices)] = 1.0
-        indices = shared_order(np.arange(len(train)), len(train), seed)
     model = train_on_subset(factory, train, indices, seed, recipe, shuffle, kept)
     with torch.no_grad():
         values = {k: np.asarray(v, dtype=np.float32) for k, v in measure(model, queries).items()}
@@ -297,8 +292,8 @@ def run_jobs(
     progress: Callable[[int, int], None] | None = None,
     description: str = "retraining",
 ) -> None:
-    """Train and measure each ``(indices, seed, out_file[, shuffle[, in_place]])`` whose file does not
-    exist yet.
+    """Train and measure each ``(indices, seed, out_file[, shuffle[, kept]])`` whose file does not exist
+    yet (``shuffle`` defaults to ``True``, ``kept`` to ``None``; see :func:`train_on_subset`).
 
     A progress bar labelled ``description`` counts the runs (finished ones count as done).
     """
@@ -311,7 +306,7 @@ def run_jobs(
             *job[:2],
             recipe,
             str(job[2]),
-            *(*job[3:], True, False)[:2],
+            *(*job[3:], True, None)[:2],
         )
         for job in jobs
         if not Path(job[2]).exists()
@@ -363,6 +358,20 @@ class Bank:
     def measurement(self, name: str) -> str:
         """``"goodness"`` or ``"loss"``: how ``outputs[name]`` relates to the score sign."""
         return self.meta["measurements"][name]
+
+
+def _job_order(
+    subset: np.ndarray, num_train: int, seed: int, spec: BankSpec
+) -> tuple[np.ndarray, bool, np.ndarray | None]:
+    """``(indices, shuffle, kept)`` of one run: the subset shuffled per run (default), the subset in the
+    seed's shared permutation, or (in place) the whole permutation with the subset's 0/1 loss weights."""
+    if not spec.shared_seeds:
+        return subset, True, None
+    if not spec.in_place:
+        return shared_order(subset, num_train, seed), False, None
+    kept = np.zeros(num_train, dtype=np.float32)
+    kept[np.asarray(subset)] = 1.0
+    return shared_order(np.arange(num_train), num_train, seed), False, kept
 
 
 def build_bank(
@@ -423,16 +432,9 @@ def build_bank(
     for j in range(spec.num_subsets):
         for r in range(r_total):
             seed = spec.run_seed(j, r)
-            idx = shared_order(subsets[j], len(train), seed) if spec.shared_seeds else subsets[j]
-            jobs.append(
-                (
-                    idx,
-                    seed,
-                    p / "jobs" / f"{j:04d}_{r:02d}.npz",
-                    not spec.shared_seeds,
-                    spec.in_place,
-                )
-            )
+            out = p / "jobs" / f"{j:04d}_{r:02d}.npz"
+            idx, shuffle, kept = _job_order(subsets[j], len(train), seed, spec)
+            jobs.append((idx, seed, out, shuffle, kept))
     t0 = time.perf_counter()
     run_jobs(
         jobs,

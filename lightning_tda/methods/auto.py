@@ -34,10 +34,7 @@ def auto_method(store: StoreReader) -> tuple[AttributionMethod, str]:
     if any(c.in_flight for c in cks):
         return TracIn(), "in-flight rows: per-step TracIn"
     steps = [c.global_step for c in cks]
-    try:
-        for step in steps:
-            store.kfac_factors(step)
-    except KeyError:
+    if not all(c.has_kfac for c in cks):
         reason = (
             f"sweep rows at {len(steps)} checkpoint(s) without K-FAC factors: raw block influence "
             "averaged over all of them"

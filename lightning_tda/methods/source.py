@@ -30,7 +30,6 @@ out of that stage's curvature), but its earlier contribution is still propagated
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -48,6 +47,7 @@ from lightning_tda.methods.curvature import (
 )
 from lightning_tda.methods.preconditioner import (
     optimizer_kind,
+    optimizer_record,
     projected_adam_diagonal,
     weight_decay_columns,
 )
@@ -172,14 +172,14 @@ class Source(AttributionMethod):
             kind = logged if logged != "sgd" else "adamw"
         if kind != "sgd":
             return kind, [0.0]
-        groups = [g for o in json.loads(store.attrs.get("optimizers", "[]")) for g in o["groups"]]
+        groups = [g for o in optimizer_record(store) for g in o["groups"]]
         betas = [
             float(self.momentum if self.momentum is not None else g.get("momentum", 0.0) or 0.0)
             for g in groups
         ] or [float(self.momentum or 0.0)]
         return kind, betas
 
-    def build(self, store: StoreReader) -> tuple[str, list[Segment]]:
+    def build(self, store: StoreReader) -> list[Segment]:
         """Fit every segment (curvature, lr sums, weights); exposed for inspection and tests."""
         cks = self.used_checkpoints(store)
         groups = self._groups(cks)
@@ -188,7 +188,6 @@ class Source(AttributionMethod):
                 f"stage_members has {len(self.stage_members)} entries for {len(groups)} segments"
             )
         kind, betas = self._optimizer(store)
-        dataset = schema.TRAIN
         ngroups = len(cks[-1].lr_cumsum)
         if ngroups == 0:
             raise ValueError(
@@ -237,7 +236,7 @@ class Source(AttributionMethod):
                 l2 = wd if (kind == "adam" and wd is not None) else None
                 curv = preconditioned_curvature(curv, scale, l2)
             out.append(Segment(steps, weights, eta_cols, shift, curv, scale, mask, count))
-        return dataset, out
+        return out
 
     # -- evaluation ------------------------------------------------------------------------------
     def _walk(self, segs: list[Segment], u: torch.Tensor):
@@ -247,7 +246,7 @@ class Source(AttributionMethod):
 
             def funcs(b, s, seg=seg):
                 eta_k = float(seg.eta_k[b.cols.start])
-                return source_functions(s, eta_k, 1.0, self.damping + seg.shift[b.name])
+                return source_functions(s, eta_k, damping=self.damping + seg.shift[b.name])
 
             scale = None if seg.scale is None else seg.scale.to(u.device, u.dtype)
             w = u if scale is None else u * scale
@@ -257,21 +256,21 @@ class Source(AttributionMethod):
             u = w if scale is None else w / scale
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
-        dataset, segs = self.build(store)
+        segs = self.build(store)
         last = segs[-1].steps[-1]
         terms = []
         for seg, contrib in self._walk(segs, queries[last].float()):
             rw = _row_weight(seg, store.num_examples)
             for step, w in zip(seg.steps, seg.ck_weights, strict=True):
                 q = contrib * w.to(contrib.device)
-                terms.append(ScoreTerm(step, dataset, q, row_weight=rw))
+                terms.append(ScoreTerm(step, schema.TRAIN, q, row_weight=rw))
         return terms
 
     def query_steps(self, store: StoreReader) -> list[int]:
         return [self.used_checkpoints(store)[-1].global_step]
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        dataset, segs = self.build(store)
+        segs = self.build(store)
         last = segs[-1].steps[-1]
         terms = []
         for li, seg in enumerate(segs):
@@ -288,7 +287,7 @@ class Source(AttributionMethod):
                     SelfTerm(
                         last,
                         schema.TRAIN,
-                        dataset,
+                        schema.TRAIN,
                         torch.ones(store.width),
                         apply=contribution,
                         row_weight=rw,

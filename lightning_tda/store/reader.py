@@ -44,6 +44,7 @@ class CheckpointInfo:
     trigger: str
     datasets: tuple[str, ...]
     in_flight: bool = False  # a batch checkpoint: only the rows of one optimizer step's batch
+    has_kfac: bool = False  # projected K-FAC factors were logged (GradientLogger(curvature=True))
 
     @property
     def has_precond(self) -> bool:
@@ -162,6 +163,7 @@ class StoreReader:
                     trigger=str(g.attrs.get("trigger", "")),
                     datasets=tuple(k for k in g if isinstance(g[k], h5py.Dataset)),
                     in_flight=g.attrs.get(schema.ROWS_KIND) == schema.BATCH_ROWS,
+                    has_kfac=schema.KFAC in g,
                 )
             )
         self.checkpoints = sorted(ck, key=lambda c: c.global_step)
