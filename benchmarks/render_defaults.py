@@ -48,10 +48,11 @@ def bank_line(name: str) -> str:
         if spec.get("in_place")
         else ("shared seeds" if spec.get("shared_seeds") else "per-run seeds")
     )
+    note = f" Note: {bank.meta['note']}." if bank.meta.get("note") else ""
     return (
         f"Bank: M = {m} subsets × R = {r} seeds ({conv}), α = {spec['alpha']}, Q = {q} queries "
         f"({len(choose)} choosing / {len(report)} reporting), measurement `{task.primary}`; "
-        f"split-half reliability {rel:.3f}, noise ceiling {ceiling:.3f}."
+        f"split-half reliability {rel:.3f}, noise ceiling {ceiling:.3f}.{note}"
     )
 
 
@@ -182,7 +183,8 @@ def main() -> None:
     parts = [
         "## Defaults on realistically trained models (AdamW, warmup, decay, clipping)",
         "",
-        "Produced by `python -m benchmarks.defaults --tag final --task T` (ours) and "
+        "Produced by `python -m benchmarks.defaults --tag final --task T` (ours; the LoRIF rows by a "
+        "second run of it with `--captures default --methods '^lorif'`, merged into the same JSON) and "
         "`python -m benchmarks.peer_sweep --task T` (peers), rendered by "
         "`python -m benchmarks.render_defaults`. Each bank's queries are split at random (seed 12) "
         "into a choosing half and a reporting half; every default and every 'best' setting (ours and "

@@ -51,14 +51,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named capture settings; ``GradientLogger(preset=...)``."""
 
 
-def _resolve_preset(preset: str | None, mode: str) -> str:
+def _capture_settings(
+    preset: str | None,
+    mode: str,
+    projection: str,
+    rank: int | None,
+    basis: str | None,
+    dtype: str | None,
+) -> tuple[str, Any, Any, Any]:
+    """``(preset, rank, basis, dtype)``: the preset's values where an argument is ``None`` (the mode's
+    default preset when ``preset`` is ``None``; exact rows default to the random basis, they need none)."""
     if preset is None:
-        return "fast" if mode == "in_flight" else "accurate"
+        preset = "fast" if mode == "in_flight" else "accurate"
     if preset not in PRESETS:
         raise MisconfigurationException(
             f"preset must be one of {sorted(PRESETS)} (or None for the mode's default), got {preset!r}"
         )
-    return preset
+    p = PRESETS[preset]
+    if basis is None:
+        basis = "random" if projection == "exact" else p["basis"]
+    return (
+        preset,
+        p["rank"] if rank is None else rank,
+        basis,
+        p["dtype"] if dtype is None else dtype,
+    )
 
 
 MODES = ("sweep", "in_flight")
@@ -212,12 +229,9 @@ class GradientLogger(pl.Callback):
                 f"training batches themselves), got {mode!r}"
             )
         self.mode = mode
-        self.preset = _resolve_preset(preset, mode)
-        capture = PRESETS[self.preset]
-        rank = capture["rank"] if rank is None else rank
-        if basis is None:  # exact rows need no basis
-            basis = "random" if projection == "exact" else capture["basis"]
-        dtype = capture["dtype"] if dtype is None else dtype
+        self.preset, rank, basis, dtype = _capture_settings(
+            preset, mode, projection, rank, basis, dtype
+        )
         self._recorder: InFlightRecorder | None = None
         self._pending: list[BatchStep] = []
         self._query_ids: Any = None
