@@ -11,13 +11,10 @@ import torch
 from torch import nn
 
 from lightning_tda.capture.ensemble import dropout_member
-from lightning_tda.capture.layers import (
-    ProjectionMismatchError,
-    check_layers_match,
-    discover_layers,
-)
+from lightning_tda.capture.layers import check_layers_match, discover_layers
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
+from lightning_tda.errors import ProjectionMismatchError, StoreError
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method, method_settings
 from lightning_tda.methods.influence import QueryVectors
@@ -32,7 +29,6 @@ from lightning_tda.store.members import (
     write_checkpoint_rows,
 )
 from lightning_tda.store.reader import StoreReader
-from lightning_tda.store.writer import StoreError
 
 
 class AttributionStore(StoreReader):

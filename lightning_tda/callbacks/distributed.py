@@ -22,8 +22,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_tda.capture.hooks import ProjectedCovariance
+from lightning_tda.errors import StoreError
 from lightning_tda.store import schema
-from lightning_tda.store.writer import CheckpointWriter, ReadFile, StoreError
+from lightning_tda.store.writer import CheckpointWriter, ReadFile
 
 CHUNK = 4096  # rows copied per read from a shard
 

@@ -39,10 +39,11 @@ from lightning_tda.capture.layers import LayerSpec, discover_layers, row_width
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.errors import StoreError
 from lightning_tda.progress import progress_bar
 from lightning_tda.store import schema
 from lightning_tda.store.batches import BatchStep, rebuild_example_ids, write_batch_steps
-from lightning_tda.store.writer import StoreError, StoreWriter
+from lightning_tda.store.writer import StoreWriter
 
 PRESETS: dict[str, dict[str, Any]] = {
     "accurate": {"rank": 32, "basis": "pca", "dtype": "float32"},
@@ -543,7 +544,7 @@ class GradientLogger(pl.Callback):
         return DataLoader(data, **kwargs)
 
     def _run_metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        from lightning_tda import __version__
+        from lightning_tda._version import __version__
 
         groups = param_group_index(trainer.optimizers)
         named = dict(pl_module.named_parameters())

@@ -16,11 +16,12 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_tda.capture.checks import NonFiniteError, _check_finite
+from lightning_tda.capture.checks import _check_finite
 from lightning_tda.capture.in_flight import InFlightCapture, Reduction, reduction_factor
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.data.indexed import get_example_ids
+from lightning_tda.errors import NonFiniteError
 
 
 def loss_scale(trainer: Any) -> float:

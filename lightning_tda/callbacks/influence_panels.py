@@ -15,11 +15,11 @@ from torch import nn
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.callbacks.gradient_logger import GradientLogger
 from lightning_tda.capture.losses import LossFn
+from lightning_tda.errors import StoreError
 from lightning_tda.integrations.wandb_panels import Render, log_influence_panels, require_wandb
 from lightning_tda.methods import AttributionMethod, TracIn, get_method
 from lightning_tda.methods.base import lr_weights
 from lightning_tda.results import AttributionResult
-from lightning_tda.store.writer import StoreError
 
 
 def attribute_by_checkpoint(

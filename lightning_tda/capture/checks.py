@@ -6,9 +6,7 @@ from typing import Any
 
 import torch
 
-
-class NonFiniteError(FloatingPointError):
-    """A per-example loss or gradient is NaN or Inf."""
+from lightning_tda.errors import NonFiniteError  # noqa: F401 (re-exported)
 
 
 def _check_losses(losses: Any, ids: torch.Tensor | None) -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.errors import ProjectionMismatchError  # noqa: F401 (re-exported)
 
 LINEAR = "linear"  # y = x W^T + b, W: [O, I]
 CONV1D = "conv1d"  # transformers' GPT-2 Conv1D: y = x W + b, W: [I, O]
@@ -168,7 +169,3 @@ def check_layers_match(stored: Sequence[LayerSpec], found: Sequence[LayerSpec]) 
         + "Pass a model of the same architecture with the same trainable parameters "
         "(and the same modules=/exclude= selection) as the logged run."
     )
-
-
-class ProjectionMismatchError(ValueError):
-    """Query-side layers or projection differ from the store's."""

@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import Dataset
 
+from lightning_tda.errors import MissingExampleIdsError  # noqa: F401 (re-exported)
+
 EXAMPLE_ID_KEY = "example_id"
 
 
@@ -72,10 +74,6 @@ class IndexedDataset(Dataset):
                 )
             return {**item, EXAMPLE_ID_KEY: example_id}
         return Indexed(example_id, item)
-
-
-class MissingExampleIdsError(ValueError):
-    """A batch reached the logger without example ids."""
 
 
 def get_example_ids(batch: Any) -> torch.Tensor:

@@ -21,13 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_tda.data.indexed import (
-    EXAMPLE_ID_KEY,
-    Indexed,
-    MissingExampleIdsError,
-    get_example_ids,
-    strip_example_ids,
-)
+from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed, get_example_ids, strip_example_ids
+from lightning_tda.errors import MissingExampleIdsError
 from lightning_tda.results import AttributionResult
 
 Render = Callable[[Any], Any]

@@ -35,13 +35,10 @@ import torch
 from torch import nn
 
 from lightning_tda.attribution import AttributionStore
-from lightning_tda.capture.layers import (
-    ProjectionMismatchError,
-    check_layers_match,
-    discover_layers,
-)
+from lightning_tda.capture.layers import check_layers_match, discover_layers
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import featurize_data
+from lightning_tda.errors import ProjectionMismatchError
 from lightning_tda.integrations.transformers import is_peft_model
 from lightning_tda.methods.source import Source
 from lightning_tda.results import AttributionResult

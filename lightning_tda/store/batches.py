@@ -20,12 +20,12 @@ import h5py
 import numpy as np
 import torch
 
+from lightning_tda.errors import (
+    InFlightRowsError,  # noqa: F401 (re-exported)
+    StoreError,
+)
 from lightning_tda.store import schema
-from lightning_tda.store.writer import StoreError, _attr, _open
-
-
-class InFlightRowsError(StoreError):
-    """A method asked a batch (in-flight) checkpoint for rows it does not hold."""
+from lightning_tda.store.writer import _attr, _open
 
 
 @dataclass

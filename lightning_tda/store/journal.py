@@ -36,6 +36,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_tda.errors import LockTimeout  # noqa: F401 (re-exported)
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; the journal still makes commits atomic
@@ -50,10 +52,6 @@ LOCK_TIMEOUT = 10.0  # seconds a reader waits for a writer's commit, and a write
 _POLL = 0.005
 O_BINARY = getattr(os, "O_BINARY", 0)  # Windows opens in text mode otherwise
 _CONTENDED: set[str] = set()  # stores whose readers kept a writer waiting: do not wait again
-
-
-class LockTimeout(TimeoutError):
-    """The store stayed locked by another process for longer than the timeout."""
 
 
 def journal_path(path: str | os.PathLike) -> Path:

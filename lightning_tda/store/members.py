@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_tda.errors import StoreError
 from lightning_tda.store import schema
-from lightning_tda.store.writer import StoreError, _attr, _open
+from lightning_tda.store.writer import _attr, _open
 
 PARTIAL = "partial"
 

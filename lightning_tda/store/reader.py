@@ -16,20 +16,13 @@ import torch
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.errors import (
+    SchemaVersionError,  # noqa: F401 (re-exported)
+    StoreError,
+)
 from lightning_tda.store import schema
 from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
-from lightning_tda.store.writer import (
-    ReadFile,
-    StoreError,
-    check_dataset,
-    check_group,
-    check_root,
-    read_bases,
-)
-
-
-class SchemaVersionError(StoreError):
-    """The file was written with a schema this version cannot read."""
+from lightning_tda.store.writer import ReadFile, check_dataset, check_group, check_root, read_bases
 
 
 @dataclass(frozen=True)
@@ -428,7 +421,7 @@ class StoreReader:
 
 
 def _lib_version() -> str:
-    from lightning_tda import __version__
+    from lightning_tda._version import __version__
 
     return __version__
 

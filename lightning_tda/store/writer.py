@@ -30,11 +30,8 @@ import numpy as np
 import torch
 
 from lightning_tda.capture.lowrank import FactorLayout
+from lightning_tda.errors import StoreError  # noqa: F401 (re-exported)
 from lightning_tda.store import journal, schema
-
-
-class StoreError(RuntimeError):
-    """The store cannot be written or read as asked."""
 
 
 def _create_early(

@@ -15,7 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from lightning_tda.store.writer import StoreError, _open, open_for_reading
+from lightning_tda.errors import StoreError
+from lightning_tda.store.writer import _open, open_for_reading
 
 GROUP = "stride"
 DESIGN = "design"

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
+from lightning_tda.errors import StoreError
 from lightning_tda.store.reader import StoreReader
-from lightning_tda.store.writer import StoreError, _open, open_for_reading
+from lightning_tda.store.writer import _open, open_for_reading
 from lightning_tda.stride.design import GROUP, PARTIAL, SubsetDesign
 from lightning_tda.stride.operator import (
     IGNORE,

@@ -16,10 +16,10 @@ from torch import nn
 
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import as_loader, loaded_state
+from lightning_tda.errors import StoreError
 from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
-from lightning_tda.store.writer import StoreError
 from lightning_tda.stride.fit import fitted_steps, load
 from lightning_tda.stride.operator import TargetsFn, extract
 from lightning_tda.stride.recover import SparseOperator, recover
