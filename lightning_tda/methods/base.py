@@ -12,6 +12,7 @@ from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
 
 Interval = Literal["previous", "next"]
+MethodKind = Literal["rows", "model"]
 
 
 class AttributionMethod(ABC):
@@ -21,6 +22,11 @@ class AttributionMethod(ABC):
     """
 
     name: ClassVar[str]
+    kind: ClassVar[MethodKind] = "rows"
+    """``"rows"``: scores stored rows against projected query gradients (``score_terms``);
+    ``"model"``: measures queries with the model itself (e.g. STRIDE)."""
+    supports_self_influence: ClassVar[bool] = True
+    """Whether ``self_terms`` (``store.self_influence``) is defined for this method."""
 
     @abstractmethod
     def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
