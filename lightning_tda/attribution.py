@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,11 +13,13 @@ from torch import nn
 
 from lightning_tda.capture.ensemble import dropout_member
 from lightning_tda.capture.layers import check_layers_match, discover_layers
-from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.losses import LossFn
+from lightning_tda.capture.query_spec import QuerySpec
 from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
-from lightning_tda.errors import ProjectionMismatchError, StoreError
+from lightning_tda.errors import ConfigError, ProjectionMismatchError, StoreError
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method, method_settings
+from lightning_tda.methods.base import self_influence_refusal
 from lightning_tda.methods.influence import QueryVectors
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.progress import progress_bar
@@ -48,8 +51,9 @@ class AttributionStore(StoreReader):
         method: str | AttributionMethod = "auto",
         top_k: int | None = 10,
         *,
+        query_spec: QuerySpec | None = None,
         loss_fn: LossFn | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         collate_fn: Any = None,
         block_rows: int | None = None,
         **method_kwargs: Any,
@@ -67,8 +71,11 @@ class AttributionStore(StoreReader):
                 (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``, ``"influence"``, ``"source"``,
                 ...; see ``lightning_tda.methods.METHODS``) or a method instance.
             top_k: keep the ``k`` strongest proponents and opponents per query; ``None`` for dense ``[Q, N]``.
+            query_spec: how query data is batched and which per-example loss is differentiated
+                (:class:`~lightning_tda.capture.query_spec.QuerySpec`); the three keywords below are
+                shorthands that override its fields.
             loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default: ``model.per_example_loss``).
-            batch_size: batch size of the query sweep when ``queries`` is a Dataset.
+            batch_size: batch size of the query sweep when ``queries`` is a Dataset (default 64).
             collate_fn: collate function for a query Dataset.
             block_rows: rows read per block (default: about 256 MB of fp32 per block).
             **method_kwargs: hyper-parameters of the method (e.g. ``checkpoints=[...]``, ``interval="next"``).
@@ -85,23 +92,15 @@ class AttributionStore(StoreReader):
                 "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
                 "'logged', or {global_step: Tensor[Q, D]}"
             )
+        spec = QuerySpec.resolve(
+            query_spec, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+        )
         m, settings = _method(method, block_rows, method_kwargs, self)
         steps = [c.global_step for c in m.used_checkpoints(self)]
-        if getattr(
-            m, "measures_queries", False
-        ):  # e.g. STRIDE: scores queries with the model itself
-            dense, qids = m.scores(
-                self, queries, model, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
-            )
+        if m.kind == "model":  # e.g. STRIDE: measures the queries with the model itself
+            dense, qids = m.scores(self, queries, model, spec)
             return _result(m.name, dense, top_k, self.example_ids, qids, steps, settings)
-        qvecs, qids = self.query_vectors(
-            queries,
-            model,
-            m.query_steps(self),
-            loss_fn=loss_fn,
-            batch_size=batch_size,
-            collate_fn=collate_fn,
-        )
+        qvecs, qids = self.query_vectors(queries, model, m.query_steps(self), query_spec=spec)
         terms = m.score_terms(self, qvecs)
         out = stream_scores(self, terms, top_k, block_rows, description=f"scoring {m.name}")
         ids = self.example_ids
@@ -124,16 +123,22 @@ class AttributionStore(StoreReader):
         model: nn.Module | None = None,
         method: str | AttributionMethod = "tracin",
         *,
+        query_spec: QuerySpec | None = None,
         block_rows: int | None = None,
         **method_kwargs: Any,
     ) -> torch.Tensor:
         """``[N]`` self-influence of every training example (store row order; ids in ``example_ids``).
 
         High values flag examples the model finds hard or inconsistent, e.g. mislabelled ones. Only
-        stored rows are read, so ``model`` is not needed; it is accepted for symmetry with ``attribute``.
-        ``block_rows``: rows read per block (default: about 256 MB of fp32 per block).
+        stored rows are read, so neither ``model`` nor ``query_spec`` is needed; both are accepted for
+        symmetry with ``attribute``. ``block_rows``: rows read per block (default: about 256 MB of
+        fp32 per block). A method that declares ``supports_self_influence = False`` (``gradcos``,
+        ``stride``) is refused with a :class:`~lightning_tda.errors.ConfigError` naming alternatives.
         """
+        QuerySpec.resolve(query_spec)  # type check only
         m, _ = _method(method, block_rows, method_kwargs, self)
+        if not m.supports_self_influence or m.kind != "rows":
+            raise ConfigError(self_influence_refusal(m))
         return stream_self_influence(
             self, m.self_terms(self), block_rows, description=f"self-influence {m.name}"
         )
@@ -147,8 +152,9 @@ class AttributionStore(StoreReader):
         seed: int = 0,
         steps: list[int] | None = None,
         *,
+        query_spec: QuerySpec | None = None,
         loss_fn: LossFn | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         collate_fn: Any = None,
         overwrite: bool = False,
     ) -> None:
@@ -167,12 +173,14 @@ class AttributionStore(StoreReader):
             p: drop probability per input unit.
             seed: mask seed (recorded with the rows).
             steps: checkpoints to extend (default: the last one).
+            query_spec: batching and per-example loss of the sweep (``loss_fn``, ``batch_size``,
+                ``collate_fn``: shorthands overriding its fields, as for :meth:`attribute`).
         """
         if not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be a positive int, got {members!r}")
         if not 0.0 < p < 1.0:
             raise ValueError(f"p must be in (0, 1), got {p!r}")
-        fn = resolve_loss_fn(model, loss_fn)
+        spec = _bound_spec(model, query_spec, loss_fn, batch_size, collate_fn)
         self._check_model(model)
         steps = [self.checkpoint(None).global_step] if steps is None else [int(s) for s in steps]
         jobs = [(step, m) for step in steps for m in range(members)]
@@ -183,30 +191,18 @@ class AttributionStore(StoreReader):
                     dropout_member(model, self.layers, p, seed, m),
                 ):
                     rows, ids, losses = self._featurize(
-                        model,
-                        data,
-                        fn,
-                        batch_size,
-                        collate_fn,
-                        f"member {m + 1}/{members} @ step {step}",
+                        model, data, spec, f"member {m + 1}/{members} @ step {step}"
                     )
                 attrs = {"dropout_p": p, "dropout_seed": seed, "member": m}
-                write_checkpoint_rows(
-                    self.path,
-                    step,
-                    member_dataset(m),
-                    order_rows(rows, ids, self.example_ids),
-                    attrs,
-                    overwrite,
-                )
-                write_checkpoint_rows(
-                    self.path,
-                    step,
-                    member_loss_dataset(m),
-                    order_rows(losses, ids, self.example_ids),
-                    attrs,
-                    overwrite,
-                )
+                for name, values in ((member_dataset(m), rows), (member_loss_dataset(m), losses)):
+                    write_checkpoint_rows(
+                        self.path,
+                        step,
+                        name,
+                        order_rows(values, ids, self.example_ids),
+                        attrs,
+                        overwrite,
+                    )
                 bar.advance()
         with self._h5() as f:
             self._read_meta(f)
@@ -221,21 +217,17 @@ class AttributionStore(StoreReader):
         self,
         model: nn.Module,
         data: Any,
-        fn: LossFn,
-        batch_size: int,
-        collate_fn: Any,
+        spec: QuerySpec,
         description: str = "query gradients",
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(rows [Q, D], ids, losses [Q])`` of ``data`` at the model's current weights."""
         return featurize_data(
             model,
             data,
             self.layers,
             self.projection,
-            fn,
-            batch_size,
-            collate_fn,
-            self.bases,
+            bases=self.bases,
+            query_spec=spec,
             description=description,
         )
 
@@ -252,69 +244,89 @@ class AttributionStore(StoreReader):
         model: nn.Module | None,
         steps: list[int],
         *,
+        query_spec: QuerySpec | None = None,
         loss_fn: LossFn | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         collate_fn: Any = None,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids.
 
+        ``queries`` as for :meth:`attribute`: query data (featurised with ``query_spec``; ``loss_fn``,
+        ``batch_size``, ``collate_fn`` are shorthands overriding its fields), ``"logged"``, or
+        precomputed ``{step: Tensor[Q, D]}`` (checked and passed through). A ``(step, member)`` entry
+        of ``steps`` asks for a dropout-ensemble member's gradients.
+
         Returns a :class:`~lightning_tda.methods.influence.QueryVectors` (a dict that also carries the
         query losses per step when they are known)."""
         if isinstance(queries, str):
-            if queries != "logged":
-                raise ValueError(
-                    f"queries must be data, a dict of vectors or 'logged', got {queries!r}"
-                )
-            if any(isinstance(s, tuple) for s in steps):
-                raise ValueError(
-                    "dropout-ensemble members need their own query gradients; pass the queries as data"
-                )
-            missing = [s for s in steps if not self.checkpoint(s).has_queries]
-            if missing:
-                raise ValueError(
-                    f"checkpoints {missing} logged no queries; pass query_data= to GradientLogger"
-                )
-            return QueryVectors(
-                {s: self.read(s, schema.QUERY) for s in steps},
-                {s: self.read(s, schema.QUERY_LOSS) for s in steps},
-            ), self.query_ids
-        if (
-            isinstance(queries, dict)
-            and queries
-            and all(isinstance(k, (int, tuple)) for k in queries)
-            and all(isinstance(v, torch.Tensor) for v in queries.values())
-        ):  # precomputed {step: [Q, D]}; a collated batch (str keys) is query data
-            out = {}
-            for s in steps:
-                if s not in queries:
-                    raise KeyError(
-                        f"precomputed query vectors lack checkpoint {s}; give one [Q, D] tensor per step"
-                    )
-                v = queries[s].float()
-                if v.dim() != 2 or v.shape[1] != self.width:
-                    raise ProjectionMismatchError(
-                        f"query vectors for step {s} have shape {tuple(v.shape)} but the store's rows have D={self.width}; "
-                        "compute them with the store's projection (AttributionStore.query_vectors)."
-                    )
-                if not torch.isfinite(v).all():
-                    raise ValueError(
-                        f"precomputed query vectors for step {s} are not all finite (NaN or Inf); "
-                        "check the query gradients"
-                    )
-                first = next(iter(out.items()), None)
-                if first is not None and v.shape[0] != first[1].shape[0]:
-                    raise ValueError(
-                        f"precomputed query vectors must hold the same queries at every checkpoint: "
-                        f"{first[1].shape[0]} rows at step {first[0]} but {v.shape[0]} at step {s}"
-                    )
-                out[s] = v
-            return out, None
+            return self._logged_query_vectors(queries, steps)
+        if _is_precomputed(queries):
+            return self._precomputed_query_vectors(queries, steps), None
         if model is None:
             raise ValueError(
                 "pass model= (the trained model class) so query gradients can be recomputed"
             )
         self._check_model(model)
-        fn = resolve_loss_fn(model, loss_fn)
+        spec = _bound_spec(model, query_spec, loss_fn, batch_size, collate_fn)
+        return self._recomputed_query_vectors(queries, model, steps, spec)
+
+    def _logged_query_vectors(
+        self, queries: str, steps: list[int]
+    ) -> tuple[QueryVectors, torch.Tensor | None]:
+        """The query rows (and losses) logged during training at ``steps``."""
+        if queries != "logged":
+            raise ValueError(
+                f"queries must be data, a dict of vectors or 'logged', got {queries!r}"
+            )
+        if any(isinstance(s, tuple) for s in steps):
+            raise ValueError(
+                "dropout-ensemble members need their own query gradients; pass the queries as data"
+            )
+        missing = [s for s in steps if not self.checkpoint(s).has_queries]
+        if missing:
+            raise ValueError(
+                f"checkpoints {missing} logged no queries; pass query_data= to GradientLogger"
+            )
+        return QueryVectors(
+            {s: self.read(s, schema.QUERY) for s in steps},
+            {s: self.read(s, schema.QUERY_LOSS) for s in steps},
+        ), self.query_ids
+
+    def _precomputed_query_vectors(
+        self, queries: dict, steps: list[int]
+    ) -> dict[int, torch.Tensor]:
+        """``queries[step]`` for every step, checked against the store's width and each other."""
+        out: dict[int, torch.Tensor] = {}
+        for s in steps:
+            if s not in queries:
+                raise KeyError(
+                    f"precomputed query vectors lack checkpoint {s}; give one [Q, D] tensor per step"
+                )
+            v = queries[s].float()
+            if v.dim() != 2 or v.shape[1] != self.width:
+                raise ProjectionMismatchError(
+                    f"query vectors for step {s} have shape {tuple(v.shape)} but the store's rows have D={self.width}; "
+                    "compute them with the store's projection (AttributionStore.query_vectors)."
+                )
+            if not torch.isfinite(v).all():
+                raise ValueError(
+                    f"precomputed query vectors for step {s} are not all finite (NaN or Inf); "
+                    "check the query gradients"
+                )
+            first = next(iter(out.items()), None)
+            if first is not None and v.shape[0] != first[1].shape[0]:
+                raise ValueError(
+                    f"precomputed query vectors must hold the same queries at every checkpoint: "
+                    f"{first[1].shape[0]} rows at step {first[0]} but {v.shape[0]} at step {s}"
+                )
+            out[s] = v
+        return out
+
+    def _recomputed_query_vectors(
+        self, queries: Any, model: nn.Module, steps: list, spec: QuerySpec
+    ) -> tuple[QueryVectors, torch.Tensor | None]:
+        """Query gradients of query data at each step's saved state (a member's sub-network for a
+        ``(step, member)`` entry)."""
         if self.projection.basis == "pca" and self.bases is None:
             raise StoreError(
                 f"{self.path} uses a PCA projection basis but stores none; the file is incomplete"
@@ -333,12 +345,7 @@ class AttributionStore(StoreReader):
                 )
             with loaded_state(model, self.state(step)), sub:
                 rows, ids, losses[s] = self._featurize(
-                    model,
-                    queries,
-                    fn,
-                    batch_size,
-                    collate_fn,
-                    f"query gradients: checkpoint {i + 1}/{len(steps)}",
+                    model, queries, spec, f"query gradients: checkpoint {i + 1}/{len(steps)}"
                 )
             out[s] = rows.to(device)
         return QueryVectors(out, losses), ids
@@ -437,6 +444,29 @@ def _method(
         return m, {**method_settings(m), "chosen_by": AUTO, "reason": reason}
     m = get_method(method, **kwargs)
     return m, method_settings(m)
+
+
+def _is_precomputed(queries: Any) -> bool:
+    """``{step: Tensor[Q, D]}`` (int or ``(step, member)`` keys); a collated batch has str keys."""
+    return (
+        isinstance(queries, dict)
+        and bool(queries)
+        and all(isinstance(k, (int, tuple)) for k in queries)
+        and all(isinstance(v, torch.Tensor) for v in queries.values())
+    )
+
+
+def _bound_spec(
+    model: nn.Module,
+    spec: QuerySpec | None,
+    loss_fn: LossFn | None,
+    batch_size: int | None,
+    collate_fn: Any,
+) -> QuerySpec:
+    """``spec`` with the shorthands applied and its loss resolved for ``model`` (fails early when the
+    model has no ``per_example_loss`` and no ``loss_fn`` is given)."""
+    spec = QuerySpec.resolve(spec, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn)
+    return replace(spec, loss_fn=spec.loss_for(model))
 
 
 def _result(name, dense, top_k, ids, qids, steps, settings=None) -> AttributionResult:

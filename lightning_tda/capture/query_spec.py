@@ -1,7 +1,9 @@
 """``QuerySpec``: how examples are batched and which per-example loss is differentiated.
 
 One object instead of the ``loss_fn, batch_size, collate_fn`` triple that every featurising entry
-point (``attribute``, ``self_influence``, staged SOURCE, STRIDE, the report, the W&B panels) takes.
+point (``attribute``, ``query_vectors``, staged SOURCE, STRIDE, the report, the W&B panels) takes.
+Public entry points accept ``query_spec=`` and keep ``loss_fn=``, ``batch_size=``, ``collate_fn=`` as
+keyword shorthands (:meth:`QuerySpec.resolve`); internally one ``QuerySpec`` travels.
 
 >>> spec = QuerySpec.resolve(None, batch_size=8)
 >>> spec.batch_size, spec.loss_fn is None
@@ -14,15 +16,15 @@ lightning_tda.errors.ConfigError: QuerySpec.batch_size must be a positive int, g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
-from lightning_tda.capture.replay import as_loader
 from lightning_tda.errors import ConfigError
 
 
@@ -85,3 +87,30 @@ class QuerySpec:
     def loader(self, data: Any) -> DataLoader | list:
         """A DataLoader over a Dataset (in order), a DataLoader as is, or ``[batch]`` for a batch."""
         return as_loader(data, self.batch_size, self.collate_fn)
+
+
+def as_loader(data: Any, batch_size: int, collate_fn: Any = None) -> DataLoader | list:
+    """A DataLoader for a dataset, the loader itself, or ``[batch]`` for an already collated batch."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__") and not _is_batch(data)
+    ):
+        kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
+        return DataLoader(data, batch_size=batch_size, shuffle=False, **kwargs)
+    return [data]
+
+
+def _is_batch(data: Any) -> bool:
+    if isinstance(data, Mapping):
+        return True
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return True  # Indexed batch
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) > 0
+        and all(isinstance(t, torch.Tensor) for t in data)
+    )
+
+
+__all__ = ["QuerySpec", "as_loader"]

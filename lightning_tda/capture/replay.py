@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_tda.capture.basis import Bases
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.capture.query_spec import QuerySpec, as_loader
 from lightning_tda.progress import progress_bar
 
 
@@ -53,53 +54,38 @@ def loaded_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterato
                 tensors[k].copy_(v)
 
 
-def as_loader(data: Any, batch_size: int, collate_fn: Any = None) -> DataLoader | list:
-    """A DataLoader for a dataset, the loader itself, or ``[batch]`` for an already collated batch."""
-    if isinstance(data, DataLoader):
-        return data
-    if isinstance(data, Dataset) or (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__") and not _is_batch(data)
-    ):
-        kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
-        return DataLoader(data, batch_size=batch_size, shuffle=False, **kwargs)
-    return [data]
-
-
-def _is_batch(data: Any) -> bool:
-    if isinstance(data, Mapping):
-        return True
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return True  # Indexed batch
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) > 0
-        and all(isinstance(t, torch.Tensor) for t in data)
-    )
-
-
 def featurize_data(
     model: nn.Module,
     data: Any,
     layers: list[LayerSpec],
     config: ProjectionConfig,
-    loss_fn: LossFn,
-    batch_size: int = 64,
+    loss_fn: LossFn | None = None,
+    batch_size: int | None = None,
     collate_fn: Any = None,
     bases: Bases | None = None,
     *,
+    query_spec: QuerySpec | None = None,
     description: str = "query gradients",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Projected gradients of every example in ``data`` at the model's current weights.
 
+    ``query_spec`` says how ``data`` is batched and which per-example loss is differentiated;
+    ``loss_fn``, ``batch_size`` and ``collate_fn`` are shorthands that override its fields
+    (:meth:`QuerySpec.resolve`; defaults: ``model.per_example_loss``, 64, the default collate).
     A transient progress bar labelled ``description`` counts batches (none for a single batch).
 
     Returns:
         ``(rows [Q, D] fp32 on the model's device, ids [Q] or None, losses [Q])``.
     """
+    spec = QuerySpec.resolve(
+        query_spec, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+    )
     device = model_device(model)
-    feat = Featurizer(model, layers, config, loss_fn, device, require_ids=False, bases=bases)
+    feat = Featurizer(
+        model, layers, config, spec.loss_for(model), device, require_ids=False, bases=bases
+    )
     rows, ids, losses = [], [], []
-    batches = as_loader(data, batch_size, collate_fn)
+    batches = spec.loader(data)
     total = _num_batches(batches)
     show = total is None or total > 1
     with (
@@ -124,3 +110,6 @@ def _num_batches(batches: DataLoader | list) -> int | None:
         return len(batches)
     except TypeError:
         return None
+
+
+__all__ = ["as_loader", "featurize_data", "loaded_state", "model_device"]

@@ -1,13 +1,45 @@
-"""Common interface of attribution methods over a store."""
+"""The method protocol: what an attribution method over a store implements, per kind.
+
+Every method is a dataclass of its hyper-parameters deriving from one of two kinds; the
+:class:`~lightning_tda.AttributionStore` dispatches on the declared ``kind`` and capabilities,
+never on ``getattr`` probes or exceptions.
+
+**Row methods** (:class:`RowMethod`, ``kind = "rows"``: TracIn, influence, SOURCE, LoRIF, ...) score
+the stored rows against projected query gradients. The store computes (or reads) the query
+gradients at ``query_steps(store)`` and streams the stored rows once through the terms the method
+returns. A row method implements:
+
+- ``used_checkpoints(store) -> list[CheckpointInfo]``: the checkpoints it reads (recorded in results);
+- ``query_steps(store) -> list[int | tuple]``: where query gradients are needed (default: every
+  used checkpoint; a ``(step, member)`` tuple asks for a dropout-ensemble member's gradients);
+- ``score_terms(store, queries) -> list[ScoreTerm]``: ``queries[step]`` is ``[Q, D]``; the score is
+  the sum of the terms' ``<query, row>`` products over the stored rows;
+- ``self_terms(store) -> list[SelfTerm]``: each training example's self-influence as a sum of terms,
+  required when ``supports_self_influence`` is ``True`` (the default); a method that defines none
+  declares ``supports_self_influence = False`` and a ``self_influence_note`` naming alternatives.
+
+**Model methods** (:class:`ModelMethod`, ``kind = "model"``: STRIDE) measure the queries with the
+model itself instead of reading projected query gradients. A model method implements
+``used_checkpoints(store)`` and ``scores(store, queries, model, spec) -> ([Q, N] scores in store row
+order, query ids or None)``, ``spec`` being the :class:`~lightning_tda.capture.query_spec.QuerySpec`
+the queries are batched and differentiated with. Model methods define no self-influence.
+
+Both kinds follow the library sign: score > 0 means including the training example lowers the
+query's loss. To make a new method selectable by name, register it with
+:func:`lightning_tda.methods.register_method` (``"name"``, ``"package.module:Class"``).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
+from lightning_tda.capture.query_spec import QuerySpec
+from lightning_tda.errors import ConfigError
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
 
@@ -16,21 +48,45 @@ MethodKind = Literal["rows", "model"]
 
 
 class AttributionMethod(ABC):
-    """A method turns per-checkpoint query vectors into score terms over stored rows.
+    """Common base of both method kinds (see the module docstring for the protocol).
 
-    Subclasses are dataclasses holding the method's hyper-parameters; they never touch the model.
+    Subclass :class:`RowMethod` or :class:`ModelMethod`, not this class. Subclasses are dataclasses
+    holding the method's hyper-parameters.
     """
 
     name: ClassVar[str]
     kind: ClassVar[MethodKind] = "rows"
     """``"rows"``: scores stored rows against projected query gradients (``score_terms``);
-    ``"model"``: measures queries with the model itself (e.g. STRIDE)."""
+    ``"model"``: measures queries with the model itself (``scores``, e.g. STRIDE)."""
     supports_self_influence: ClassVar[bool] = True
-    """Whether ``self_terms`` (``store.self_influence``) is defined for this method."""
+    """Whether ``store.self_influence`` is defined for this method (``self_terms``)."""
+    self_influence_note: ClassVar[str] = ""
+    """Why a method without self-influence has none, and what to use instead."""
 
     @abstractmethod
     def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
-        """The checkpoints whose query gradients this method needs."""
+        """The checkpoints this method reads."""
+
+
+def self_influence_refusal(method: AttributionMethod) -> str:
+    """The error message for ``store.self_influence`` with a method that defines none."""
+    return method.self_influence_note or (
+        f"{method.name} defines no self-influence; use method='tracin' or 'influence'"
+    )
+
+
+class RowMethod(AttributionMethod):
+    """A method that scores stored rows against projected query gradients (``kind = "rows"``)."""
+
+    kind: ClassVar[MethodKind] = "rows"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.supports_self_influence and cls.self_terms is RowMethod.self_terms:
+            raise TypeError(
+                f"{cls.__name__} declares supports_self_influence = True but implements no "
+                "self_terms; implement it or declare supports_self_influence = False"
+            )
 
     def query_steps(self, store: StoreReader) -> list[int]:
         """The checkpoints at which query gradients are needed (default: every used checkpoint)."""
@@ -40,12 +96,35 @@ class AttributionMethod(ABC):
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         """``queries[step]``: ``[Q, D]`` projected query gradients at that checkpoint."""
 
-    @abstractmethod
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        """Terms of each training example's self-influence."""
+        """Terms of each training example's self-influence (methods with ``supports_self_influence``).
+
+        The default is for methods that declare ``supports_self_influence = False``: it refuses,
+        naming the alternatives (``store.self_influence`` checks the flag before calling this)."""
+        raise ConfigError(self_influence_refusal(self))
+
+
+class ModelMethod(AttributionMethod):
+    """A method that measures the queries with the model itself (``kind = "model"``)."""
+
+    kind: ClassVar[MethodKind] = "model"
+    supports_self_influence: ClassVar[bool] = False
+
+    @abstractmethod
+    def scores(
+        self,
+        store: StoreReader,
+        queries: Any,
+        model: nn.Module | None,
+        spec: QuerySpec | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([Q, N] scores in store row order, query ids [Q] or None)`` for query data ``queries``.
+
+        ``spec`` batches the queries and names the per-example loss (``None``: ``QuerySpec()``)."""
 
 
 def select_checkpoints(store: StoreReader, steps: Sequence[int] | None) -> list[CheckpointInfo]:
+    """The checkpoints at ``steps`` (``None``: every complete checkpoint); never empty."""
     out = list(store.checkpoints) if steps is None else [store.checkpoint(s) for s in steps]
     if not out:
         store.checkpoint(None)  # raises the informative "no complete checkpoint" error
@@ -76,3 +155,15 @@ def lr_weights(store: StoreReader, ck: CheckpointInfo, interval: Interval) -> to
             "(use method='graddot' or re-log with GradientLogger during training)"
         )
     return store.column_weights(ck.global_step, sums)
+
+
+__all__ = [
+    "AttributionMethod",
+    "Interval",
+    "MethodKind",
+    "ModelMethod",
+    "RowMethod",
+    "lr_weights",
+    "select_checkpoints",
+    "self_influence_refusal",
+]

@@ -14,14 +14,14 @@ from typing import ClassVar
 
 import torch
 
-from lightning_tda.methods.base import AttributionMethod
+from lightning_tda.methods.base import RowMethod
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm, default_block_rows
 from lightning_tda.store import schema
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
 
 
 @dataclass
-class DataInf(AttributionMethod):
+class DataInf(RowMethod):
     """DataInf influence on the stored rows of one checkpoint (Kwon et al., ICLR 2024, arXiv 2310.00902).
 
     For every layer block ``l`` of the stored row (columns ``spec.offset : spec.offset + spec.size``

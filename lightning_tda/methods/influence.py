@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lightning_tda.methods.base import AttributionMethod, select_checkpoints
+from lightning_tda.methods.base import RowMethod, select_checkpoints
 from lightning_tda.methods.curvature import (
     DEFAULT_DAMPING_SCALE,
     damped_inverse,
@@ -37,7 +37,7 @@ class QueryVectors(dict):
 
 
 @dataclass
-class Influence(AttributionMethod):
+class Influence(RowMethod):
     """Damped block-diagonal influence function on the stored projected gradients.
 
     Modes:

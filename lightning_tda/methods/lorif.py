@@ -35,7 +35,7 @@ from typing import ClassVar, Literal
 import torch
 
 from lightning_tda.capture.lowrank import FactorBlock, FactorLayout
-from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights, select_checkpoints
+from lightning_tda.methods.base import Interval, RowMethod, lr_weights, select_checkpoints
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm, default_block_rows
 from lightning_tda.store import schema
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
@@ -119,58 +119,82 @@ def fit_lorif_curvature(
         block_rows: rows read per block.
     """
     name, layout = store.stored_rows(step, dataset)
-    n = store.num_examples
-    if n == 0:
+    if store.num_examples == 0:
         raise ValueError(f"lorif: {store.path} holds no training rows")
     blocks = layout.blocks
     rows = block_rows or default_block_rows(store.width, 3)
-    dims = [b.dense_size for b in blocks]
-    sketch = [min(rank + oversample, d) for d in dims]
-    exact = [s == d for s, d in zip(sketch, dims, strict=True)]
+    qs = _initial_sketches(blocks, rank + oversample, seed)
+    sketched = [j for j, q in enumerate(qs) if q is not None]
+    for _ in range(power_iters + 1 if sketched else 0):
+        ys, _ = _fisher_pass(store, (step, name), blocks, qs, sketched, rows)
+        for j in sketched:
+            qs[j] = torch.linalg.qr(ys[j]).Q
+    fq, traces = _fisher_pass(store, (step, name), blocks, qs, list(range(len(blocks))), rows)
+    return [
+        _top_eigenpairs(b, qs[j], fq[j], float(traces[j]), rank, damping, damping_scale)
+        for j, b in enumerate(blocks)
+    ]
+
+
+def _initial_sketches(blocks: list[FactorBlock], size: int, seed: int) -> list[torch.Tensor | None]:
+    """Per layer an orthonormal ``[D_l, size]`` Gaussian sketch seeded from ``(seed, layer name)``;
+    ``None`` for a layer with ``D_l <= size`` (its Fisher is formed exactly)."""
     qs: list[torch.Tensor | None] = []
-    for b, d, s, ex in zip(blocks, dims, sketch, exact, strict=True):
-        if ex:
+    for b in blocks:
+        d = b.dense_size
+        if size >= d:
             qs.append(None)
             continue
         g = torch.Generator().manual_seed(_seed(seed, b.name))
-        qs.append(torch.linalg.qr(torch.randn(d, s, generator=g, dtype=torch.float64)).Q)
+        qs.append(torch.linalg.qr(torch.randn(d, size, generator=g, dtype=torch.float64)).Q)
+    return qs
 
-    def fisher_pass(active: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """``{layer: F Q}`` (``F`` itself for exact layers) and ``[L]`` traces, over all rows."""
-        acc = {j: None for j in active}
-        tr = torch.zeros(len(blocks), dtype=torch.float64)
-        for _, _, (x,) in store.iter_blocks([(step, name)], rows):
-            x = x.double()
-            for j in active:
-                b = blocks[j]
-                g = b.dense(x)  # [B, D_l], this block's rows only
-                t = g.T @ g if qs[j] is None else g.T @ (g @ qs[j])
-                acc[j] = t if acc[j] is None else acc[j] + t
-                tr[j] += b.sqnorm(x).sum()
-        return {j: a / n for j, a in acc.items()}, tr / n
 
-    sketched = [j for j, ex in enumerate(exact) if not ex]
-    for _ in range(power_iters + 1 if sketched else 0):
-        ys, _ = fisher_pass(sketched)
-        for j in sketched:
-            qs[j] = torch.linalg.qr(ys[j]).Q
-    fq, traces = fisher_pass(list(range(len(blocks))))
+def _fisher_pass(
+    store: StoreReader,
+    source: tuple[int, str],
+    blocks: list[FactorBlock],
+    qs: list[torch.Tensor | None],
+    active: list[int],
+    block_rows: int,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One pass over the rows of ``source`` (``(step, dataset)``): ``{layer: F Q}`` for the
+    ``active`` layers (``F`` itself where ``qs[layer]`` is ``None``) and ``[L]`` traces of ``F``."""
+    n = store.num_examples
+    acc: dict[int, torch.Tensor | None] = {j: None for j in active}
+    tr = torch.zeros(len(blocks), dtype=torch.float64)
+    for _, _, (x,) in store.iter_blocks([source], block_rows):
+        x = x.double()
+        for j in active:
+            b = blocks[j]
+            g = b.dense(x)  # [B, D_l], this block's rows only
+            t = g.T @ g if qs[j] is None else g.T @ (g @ qs[j])
+            acc[j] = t if acc[j] is None else acc[j] + t
+            tr[j] += b.sqnorm(x).sum()
+    return {j: a / n for j, a in acc.items()}, tr / n
 
-    out = []
-    for j, b in enumerate(blocks):
-        q = qs[j]
-        small = fq[j] if q is None else q.T @ fq[j]  # Rayleigh–Ritz
-        mu, vecs = torch.linalg.eigh((small + small.T) / 2)
-        r = min(rank, mu.shape[0])
-        mu, vecs = mu.flip(0)[:r].clamp_min(0), vecs.flip(1)[:, :r]
-        basis = vecs if q is None else q @ vecs
-        tr = float(traces[j])
-        if damping is not None:
-            lam = float(damping)
-        else:
-            lam = damping_scale * tr / dims[j] if tr > 0 else 0.0
-        out.append(LoRIFBlock(b, lam, mu, basis, tr))
-    return out
+
+def _top_eigenpairs(
+    b: FactorBlock,
+    q: torch.Tensor | None,
+    fq: torch.Tensor,
+    trace: float,
+    rank: int,
+    damping: float | None,
+    damping_scale: float,
+) -> LoRIFBlock:
+    """Rayleigh–Ritz on ``q^T F q`` (``F`` itself when ``q`` is ``None``), the top ``rank`` pairs
+    kept, with the layer's damping."""
+    small = fq if q is None else q.T @ fq
+    mu, vecs = torch.linalg.eigh((small + small.T) / 2)
+    r = min(rank, mu.shape[0])
+    mu, vecs = mu.flip(0)[:r].clamp_min(0), vecs.flip(1)[:, :r]
+    basis = vecs if q is None else q @ vecs
+    if damping is not None:
+        lam = float(damping)
+    else:
+        lam = damping_scale * trace / b.dense_size if trace > 0 else 0.0
+    return LoRIFBlock(b, lam, mu, basis, trace)
 
 
 def _seed(seed: int, name: str) -> int:
@@ -179,7 +203,7 @@ def _seed(seed: int, name: str) -> int:
 
 
 @dataclass
-class LoRIF(AttributionMethod):
+class LoRIF(RowMethod):
     """LoRIF influence (methods.md §5): low-rank Woodbury inverse Fisher on (factored) stored rows.
 
     Runs on ``GradientLogger(storage="lorif")`` stores without expanding the stored factors to the

@@ -37,7 +37,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from lightning_tda.methods.base import AttributionMethod, select_checkpoints
+from lightning_tda.methods.base import RowMethod, select_checkpoints
 from lightning_tda.methods.curvature import (
     BlockEigen,
     Curvature,
@@ -91,7 +91,7 @@ class Segment:
 
 
 @dataclass
-class Source(AttributionMethod):
+class Source(RowMethod):
     """SOURCE influence over ``L`` segments of the logged trajectory.
 
     Args:

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights, select_checkpoints
+from lightning_tda.methods.base import Interval, RowMethod, lr_weights, select_checkpoints
 from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
 from lightning_tda.store import schema
 from lightning_tda.store.batches import batch_pairs, batch_scores, in_flight_refusal
@@ -56,7 +56,7 @@ def batch_steps_term(steps: list[int], dataset: str, queries: torch.Tensor) -> S
 
 
 @dataclass
-class GradDot(AttributionMethod):
+class GradDot(RowMethod):
     """``<g_q, g_i>`` at one checkpoint.
 
     Args:
@@ -87,20 +87,20 @@ class GradCos(GradDot):
     """
 
     name: ClassVar[str] = "gradcos"
+    supports_self_influence: ClassVar[bool] = False
+    self_influence_note: ClassVar[str] = (
+        "gradcos self-influence is 1 for every example; use method='tracin' or 'graddot'"
+    )
+    self_terms = RowMethod.self_terms  # not GradDot's: declared unsupported, so it refuses
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         (ck,) = self.used_checkpoints(store)
         q = queries[ck.global_step]
         return [score_term(ck, schema.TRAIN, _unit(q), normalize=True)]
 
-    def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        raise ValueError(
-            "gradcos self-influence is 1 for every example; use method='tracin' or 'graddot'"
-        )
-
 
 @dataclass
-class TracIn(AttributionMethod):
+class TracIn(RowMethod):
     """TracIn-CP: ``Σ_c η̄_c <g_q(θ_c), g_i(θ_c)>`` (methods.md §2.1).
 
     ``η̄_c`` is the learning-rate sum of the interval checkpoint ``c`` stands for, logged per parameter

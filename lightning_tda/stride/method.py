@@ -1,9 +1,10 @@
 """``Stride``: attribution by steering-operator measurements and sparse recovery.
 
-Unlike the gradient methods it measures queries with the model itself: ``AttributionStore.attribute``
-sees ``measures_queries = True`` and calls :meth:`Stride.scores` instead of computing projected query
-gradients. Checkpoint-aware: with several fitted checkpoints the recovered influences are combined with
-weights proportional to each checkpoint's learning-rate sum (``lr_weights``, averaged over groups).
+Unlike the gradient methods it measures queries with the model itself: it is a
+:class:`~lightning_tda.methods.base.ModelMethod` (``kind = "model"``), so ``AttributionStore.attribute``
+calls :meth:`Stride.scores` instead of computing projected query gradients. Checkpoint-aware: with
+several fitted checkpoints the recovered influences are combined with weights proportional to each
+checkpoint's learning-rate sum (``lr_weights``, averaged over groups).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_tda.capture.losses import LossFn, resolve_loss_fn
-from lightning_tda.capture.replay import as_loader, loaded_state
+from lightning_tda.capture.query_spec import QuerySpec
+from lightning_tda.capture.replay import loaded_state
 from lightning_tda.errors import StoreError
-from lightning_tda.methods.base import AttributionMethod, Interval, lr_weights
-from lightning_tda.methods.scoring import ScoreTerm, SelfTerm
+from lightning_tda.methods.base import Interval, ModelMethod, lr_weights
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
 from lightning_tda.stride.fit import fitted_steps, load
 from lightning_tda.stride.operator import TargetsFn, extract
@@ -26,7 +26,7 @@ from lightning_tda.stride.recover import SparseOperator, recover
 
 
 @dataclass
-class Stride(AttributionMethod):
+class Stride(ModelMethod):
     """STRIDE (methods.md §12).
 
     Args:
@@ -46,7 +46,11 @@ class Stride(AttributionMethod):
     targets_fn: TargetsFn | None = None
 
     name: ClassVar[str] = "stride"
-    measures_queries: ClassVar[bool] = True
+    supports_self_influence: ClassVar[bool] = False
+    self_influence_note: ClassVar[str] = (
+        "STRIDE recovers influence on queries measured through its operators and defines no "
+        "self-influence; use store.self_influence(method='influence') or 'tracin'"
+    )
 
     def fitted(self, store: StoreReader) -> list[int]:
         have = fitted_steps(store.path)
@@ -70,15 +74,6 @@ class Stride(AttributionMethod):
     def used_checkpoints(self, store: StoreReader) -> list[CheckpointInfo]:
         return [store.checkpoint(s) for s in self.fitted(store)]
 
-    def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
-        raise TypeError("STRIDE measures queries with the model; use Stride.scores")
-
-    def self_terms(self, store: StoreReader) -> list[SelfTerm]:
-        raise ValueError(
-            "STRIDE recovers influence on queries measured through its operators and defines no "
-            "self-influence; use store.self_influence(method='influence') or 'tracin'"
-        )
-
     def weights(self, store: StoreReader, steps: list[int]) -> list[float]:
         if len(steps) == 1:
             return [1.0]
@@ -94,17 +89,15 @@ class Stride(AttributionMethod):
         queries: Any,
         model: nn.Module,
         step: int,
-        *,
-        loss_fn: LossFn | None = None,
-        batch_size: int = 64,
-        collate_fn: Any = None,
+        spec: QuerySpec | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(y [Q, K], query ids)`` at one fitted checkpoint."""
+        """``(y [Q, K], query ids)`` at one fitted checkpoint (``spec``: batching and loss)."""
+        spec = QuerySpec() if spec is None else spec
         res = load(store.path, step)
-        fn = resolve_loss_fn(model, loss_fn)
+        fn = spec.loss_for(model)
         ys, ids = [], []
         with loaded_state(model, store.state(step)):
-            for batch in as_loader(queries, batch_size, collate_fn):
+            for batch in spec.loader(queries):
                 f = extract(model, batch, res.layer, res.output_module, fn, self.targets_fn)
                 ys.append(res.operators.measure(f))
                 ids.append(f.ids)
@@ -118,10 +111,7 @@ class Stride(AttributionMethod):
         store: StoreReader,
         queries: Any,
         model: nn.Module | None,
-        *,
-        loss_fn: LossFn | None = None,
-        batch_size: int = 64,
-        collate_fn: Any = None,
+        spec: QuerySpec | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``([Q, N] scores in store row order, query ids)``; score > 0: the example lowers the loss."""
         if model is None:
@@ -131,21 +121,14 @@ class Stride(AttributionMethod):
         )
         if isinstance(queries, str) or precomputed:
             raise ValueError("STRIDE needs the queries as data (a Dataset, DataLoader or batch)")
+        spec = QuerySpec() if spec is None else spec
         steps = self.fitted(store)
         out, qids = None, None
         for step, w in zip(steps, self.weights(store, steps), strict=True):
             res = load(store.path, step)
             if not torch.equal(torch.from_numpy(res.design.ids), store.example_ids):
                 raise StoreError("the STRIDE design does not match the store's example ids")
-            y, qids = self.measurements(
-                store,
-                queries,
-                model,
-                step,
-                loss_fn=loss_fn,
-                batch_size=batch_size,
-                collate_fn=collate_fn,
-            )
+            y, qids = self.measurements(store, queries, model, step, spec)
             alpha = res.alpha if self.alpha is None else float(self.alpha)
             positive = res.config.positive if self.positive is None else bool(self.positive)
             op = SparseOperator(res.design.matrix)
