@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
 from lightning_tda.errors import StoreError
+from lightning_tda.store.extension import ExtensionGroup
 from lightning_tda.store.reader import StoreReader
-from lightning_tda.store.writer import _open, open_for_reading
-from lightning_tda.stride.design import GROUP, PARTIAL, SubsetDesign
+from lightning_tda.store.writer import open_for_reading
+from lightning_tda.stride.design import GROUP, SubsetDesign
 from lightning_tda.stride.operator import (
     IGNORE,
     Features,
@@ -542,16 +543,12 @@ def fitted_steps(path: str | os.PathLike) -> list[int]:
 def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) -> None:
     """Write operators + config under ``stride/<step>``, visible only once complete."""
     name = step_group(res.step)
-    with _open(os.fspath(path), "a") as f:
-        g = f.require_group(GROUP)
-        if name in g:
+    with ExtensionGroup(path, GROUP) as ext:
+        if name in ext.group:
             if not overwrite:
                 raise StoreError(f"{path} already holds STRIDE operators for step {res.step}")
-            del g[name]
-        part = g.require_group(PARTIAL)
-        if name in part:
-            del part[name]
-        sg = part.create_group(name)
+            del ext.group[name]
+        sg = ext.partial(name).create_group(name)
         og = sg.create_group("operator")
         for k, v in res.operators.state_dict().items():
             og.create_dataset(k, data=v.detach().cpu().float().numpy(), track_times=False)
@@ -564,9 +561,7 @@ def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) ->
         sg.attrs["num_outputs"] = res.operators.num_outputs
         sg.attrs["design_seed"] = res.design.seed
         sg.attrs["fit_seconds"] = res.fit_seconds
-        f.flush()
-        f.move(f"{GROUP}/{PARTIAL}/{name}", f"{GROUP}/{name}")
-        f.flush()
+        ext.publish(name)
 
 
 def load(path: str | os.PathLike, step: int) -> StrideResult:
