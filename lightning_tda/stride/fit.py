@@ -359,6 +359,40 @@ def step_group(step: int) -> str:
     return f"{int(step):010d}"
 
 
+def _resolve_steps(
+    reader: StoreReader, checkpoint: int | None, checkpoints: list[int] | None
+) -> list[int]:
+    """The global steps to fit at (``checkpoints``, else ``checkpoint``, else the last); raises for
+    unknown steps."""
+    if checkpoints is not None and checkpoint is not None:
+        raise ValueError("pass checkpoint= or checkpoints=, not both")
+    steps = (
+        [int(s) for s in checkpoints]
+        if checkpoints is not None
+        else [reader.checkpoint(checkpoint).global_step]
+    )
+    for s in steps:
+        reader.checkpoint(s)  # raises for unknown steps
+    return steps
+
+
+def _ensure_design(reader: StoreReader, config: StrideConfig) -> SubsetDesign:
+    """The store's subset design, (re)drawn and saved when ``config`` asks for another one."""
+    design = SubsetDesign.load(reader.path)
+    if design is None or (design.num_subsets, design.degree, design.seed) != (
+        config.num_subsets,
+        config.degree,
+        config.seed,
+    ):
+        design = SubsetDesign.draw(
+            reader.example_ids, config.num_subsets, config.degree, config.seed
+        )
+        design.save(reader.path, overwrite=True)
+    elif not np.array_equal(design.ids, reader.example_ids.numpy()):
+        raise StoreError("the stored STRIDE design does not cover the store's example ids")
+    return design
+
+
 def fit(
     store: Any,
     model: nn.Module,
@@ -402,27 +436,8 @@ def fit(
         )
     n = reader.num_examples
     config.validate(n)
-    if checkpoints is not None and checkpoint is not None:
-        raise ValueError("pass checkpoint= or checkpoints=, not both")
-    steps = (
-        [int(s) for s in checkpoints]
-        if checkpoints is not None
-        else [reader.checkpoint(checkpoint).global_step]
-    )
-    for s in steps:
-        reader.checkpoint(s)  # raises for unknown steps
-    design = SubsetDesign.load(reader.path)
-    if design is None or (design.num_subsets, design.degree, design.seed) != (
-        config.num_subsets,
-        config.degree,
-        config.seed,
-    ):
-        design = SubsetDesign.draw(
-            reader.example_ids, config.num_subsets, config.degree, config.seed
-        )
-        design.save(reader.path, overwrite=True)
-    elif not np.array_equal(design.ids, reader.example_ids.numpy()):
-        raise StoreError("the stored STRIDE design does not cover the store's example ids")
+    steps = _resolve_steps(reader, checkpoint, checkpoints)
+    design = _ensure_design(reader, config)
     fn = resolve_loss_fn(model, loss_fn)
     output = config.output_module or output_module_name(model)
     layer = config.layer or default_layer(model, output)
