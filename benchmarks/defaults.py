@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.banks_build import TASKS, bank_path
-from benchmarks.run import fit_logged, logging_seconds, stored_bytes_per_example
+from benchmarks.common import fit_logged, logging_seconds, stored_bytes_per_example
 from benchmarks.tasks import Task
 from lightning_tda.eval.metrics import bootstrap_ci, linear_datamodeling_score
 from lightning_tda.eval.retrain import Bank

@@ -67,6 +67,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.banks_build import TASKS, bank_path
+from benchmarks.common import GPTLogits, fit_logged
 from benchmarks.defaults import BankView
 from benchmarks.peers import (
     ClassificationTask,
@@ -85,7 +86,6 @@ from benchmarks.peers_lm import (
     _lm_loss_fn,
     _seq_prob_fn,
 )
-from benchmarks.run import GPTLogits, fit_logged
 
 RESULTS = Path(__file__).parent / "results"
 LOG = logging.getLogger("peer_sweep")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from benchmarks.run import RESULTS, fit_logged, update_benchmarks_md
+from benchmarks.common import RESULTS, fit_logged, update_benchmarks_md
 from benchmarks.tasks import Task, digits_task, tinygpt_task
 from lightning_tda import AttributionStore, GradientLogger, IndexedDataset
 from lightning_tda.store import schema
@@ -194,8 +194,8 @@ def peer_featurization(
     n = len(task.train) if num_train is None else min(num_train, len(task.train))
     step = store.steps[-1]
     if task.name == "tinygpt":
+        from benchmarks.common import GPTLogits
         from benchmarks.peers_lm import LMTask, run_peers_lm
-        from benchmarks.run import GPTLogits
 
         model = GPTLogits(task)
         model.load_state_dict(store.state(step), strict=False)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from benchmarks.banks_build import TASKS, bank_path
+from benchmarks.common import update_benchmarks_md
 from benchmarks.defaults import RESULTS, query_halves
-from benchmarks.run import update_benchmarks_md
 from lightning_tda.eval.metrics import split_half_reliability
 from lightning_tda.eval.retrain import Bank
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from scipy.stats import spearmanr
@@ -29,8 +28,17 @@ from torch.utils.data import Subset
 
 from benchmarks.banks_build import bank_path
 from benchmarks.banks_build import build as build_bank
+from benchmarks.common import (  # noqa: F401 (re-exported: the helpers shared with benchmarks.perf)
+    RESULTS,
+    ROOT,
+    GPTLogits,
+    fit_logged,
+    logging_seconds,
+    stored_bytes_per_example,
+    update_benchmarks_md,
+)
 from benchmarks.tasks import TASKS, Task, classification_measure
-from lightning_tda import AttributionStore, GradientLogger
+from lightning_tda import AttributionStore
 from lightning_tda.eval.metrics import lds_report, mislabel_detection_auc
 from lightning_tda.eval.removal import topk_removal_test
 from lightning_tda.eval.retrain import Bank
@@ -38,9 +46,6 @@ from lightning_tda.methods import AttributionMethod, DataInf, Influence, Source,
 from lightning_tda.stride import Stride, StrideConfig
 from lightning_tda.stride import fit as stride_fit
 from lightning_tda.stride import load as stride_load
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -55,62 +60,6 @@ class Row:
     auc: float | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def fit_logged(
-    task: Task, path: Path, seed: int = 0, **logger_kwargs
-) -> tuple[pl.LightningModule, AttributionStore, float]:
-    """Train the task's model on its full training set with a GradientLogger; returns model, store, fit seconds."""
-    pl.seed_everything(seed, verbose=False)
-    model = task.factory()
-    logger = GradientLogger(
-        path,
-        attribution_data=task.train,
-        overwrite=True,
-        verbose=False,
-        batch_size=250,
-        **task.logger_schedule(),
-        **logger_kwargs,
-    )
-    trainer_kwargs, fit_kwargs = task.fit_setup(seed)
-    trainer = pl.Trainer(
-        callbacks=[logger],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        **trainer_kwargs,
-    )
-    t0 = time.perf_counter()
-    trainer.fit(model, **fit_kwargs)
-    seconds = time.perf_counter() - t0
-    store = AttributionStore(path)
-    assert torch.equal(store.example_ids, torch.as_tensor(task.train.ids)), (
-        "store rows must follow the dataset order"
-    )
-    return model, store, seconds
-
-
-def stored_bytes_per_example(store: AttributionStore) -> float:
-    """On-disk bytes of the per-example row datasets of one checkpoint, divided by N."""
-    import h5py
-
-    from lightning_tda.store import schema
-
-    with h5py.File(store.path, "r") as f:
-        g = f[schema.checkpoint_name(store.steps[-1])]
-        total = sum(
-            g[k].id.get_storage_size()
-            for k in g
-            if isinstance(g[k], h5py.Dataset) and k.startswith("train") and "dropout" not in k
-        )
-    return total / max(1, store.num_examples)
-
-
-def logging_seconds(store: AttributionStore) -> float:
-    return float(sum(store.checkpoint_attrs(s)["seconds"] for s in store.steps))
 
 
 MethodFactory = Callable[[AttributionStore, Task], "str | AttributionMethod"]
@@ -497,17 +446,6 @@ def run_peer_rows(task: Task, model_store, bank, exact_scores, info, names=None)
     return peer_rows(task, run_peers(ctask, names), bank, exact_scores, info)
 
 
-class GPTLogits(torch.nn.Module):
-    """The task model's GPT-2 as ``input_ids -> logits`` (what the LM peer adapters take)."""
-
-    def __init__(self, task: Task) -> None:
-        super().__init__()
-        self.lm = task.factory().lm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids).logits
-
-
 def run_lm_peer_rows(task: Task, store: AttributionStore, bank, info, names=None) -> list[Row]:
     from benchmarks.peers_lm import LMTask, run_peers_lm
 
@@ -687,18 +625,6 @@ def write_stride_markdown(rows: list[Row], infos: dict, command: str) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def update_benchmarks_md(section: str, marker: str = "quality") -> None:
-    path = ROOT / "BENCHMARKS.md"
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 SUITES = {

@@ -60,27 +60,8 @@ def _digit_ascii(img: np.ndarray) -> list[str]:
     return ["".join(shades[min(5, int(v) * 6 // 17)] for v in row) for row in img]
 
 
-def run_demo(
-    out: str | os.PathLike | None = None,
-    epochs: int = 12,
-    n_train: int = 1000,
-    n_queries: int = 3,
-    top_k: int = 3,
-    seed: int = 0,
-) -> Path:
-    """Train the digits MLP with a :class:`GradientLogger`, attribute a few test digits, print them.
-
-    Returns the path of the store.
-    """
-    t0 = time.perf_counter()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    out = (
-        Path(out)
-        if out is not None
-        else Path(tempfile.mkdtemp(prefix="lightning_tda_demo_")) / "tda.h5"
-    )
-    pl.seed_everything(seed, verbose=False)
-    data = load_digits_splits(n_train=n_train, n_test=200, seed=seed)
+def _train(out: Path, data, epochs: int, n_train: int) -> DigitsMLP:
+    """Fit the MLP with a :class:`GradientLogger` writing ``out``; prints the test accuracy."""
     model = DigitsMLP()
     logger = GradientLogger(
         out,
@@ -110,7 +91,56 @@ def run_demo(
     acc = trainer.callback_metrics.get("val_acc")
     if acc is not None:
         print(f"test accuracy after training: {float(acc):.3f}")
+    return model
 
+
+def _print_query(data, res, qi: int, ti: int, label: int, pred: int, loss: float) -> None:
+    """Query ``qi`` (test row ``ti``) next to its proponents and opponents, as ASCII digits."""
+    qid = int(data.test.ids[ti])
+    print(f"query: test digit id {qid}, label {label}, predicted {pred}, loss {loss:.2f}")
+    cols = [("query", qid, None)]
+    cols += [
+        ("proponent", int(i), float(s))
+        for i, s in zip(res.indices[qi], res.scores[qi], strict=True)
+    ]
+    cols += [
+        ("opponent", int(i), float(s))
+        for i, s in zip(res.opponents[qi], res.opponent_scores[qi], strict=True)
+    ]
+    heads = [f"{kind[:5]} #{i}".ljust(13) for kind, i, _ in cols]
+    subs = [
+        (f"y={data.labels[i]}" + ("" if s is None else f" {s:+.3f}")).ljust(13) for _, i, s in cols
+    ]
+    print("  " + " ".join(heads))
+    print("  " + " ".join(subs))
+    arts = [_digit_ascii(data.images[i]) for _, i, _ in cols]
+    for r in range(8):
+        print("  " + " ".join(a[r].ljust(13) for a in arts))
+    print()
+
+
+def run_demo(
+    out: str | os.PathLike | None = None,
+    epochs: int = 12,
+    n_train: int = 1000,
+    n_queries: int = 3,
+    top_k: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Train the digits MLP with a :class:`GradientLogger`, attribute a few test digits, print them.
+
+    Returns the path of the store.
+    """
+    t0 = time.perf_counter()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    out = (
+        Path(out)
+        if out is not None
+        else Path(tempfile.mkdtemp(prefix="lightning_tda_demo_")) / "tda.h5"
+    )
+    pl.seed_everything(seed, verbose=False)
+    data = load_digits_splits(n_train=n_train, n_test=200, seed=seed)
+    model = _train(out, data, epochs, n_train)
     store = AttributionStore(out)
     # the test digits the trained model finds hardest: the interesting ones to explain
     x = torch.stack([data.test[i].data[0] for i in range(len(data.test))])
@@ -126,30 +156,7 @@ def run_demo(
         "score > 0: including the example lowers the query's loss.\n"
     )
     for qi, ti in enumerate(order):
-        qid = int(data.test.ids[ti])
-        print(
-            f"query: test digit id {qid}, label {int(y[ti])}, predicted {int(preds[ti])}, loss {losses[ti]:.2f}"
-        )
-        cols = [("query", qid, None)]
-        cols += [
-            ("proponent", int(i), float(s))
-            for i, s in zip(res.indices[qi], res.scores[qi], strict=True)
-        ]
-        cols += [
-            ("opponent", int(i), float(s))
-            for i, s in zip(res.opponents[qi], res.opponent_scores[qi], strict=True)
-        ]
-        heads = [f"{kind[:5]} #{i}".ljust(13) for kind, i, _ in cols]
-        subs = [
-            (f"y={data.labels[i]}" + ("" if s is None else f" {s:+.3f}")).ljust(13)
-            for _, i, s in cols
-        ]
-        print("  " + " ".join(heads))
-        print("  " + " ".join(subs))
-        arts = [_digit_ascii(data.images[i]) for _, i, _ in cols]
-        for r in range(8):
-            print("  " + " ".join(a[r].ljust(13) for a in arts))
-        print()
+        _print_query(data, res, qi, ti, int(y[ti]), int(preds[ti]), float(losses[ti]))
     self_inf = store.self_influence(method="tracin")
     top = torch.argsort(self_inf, descending=True)[:5]
     ids = store.example_ids[top].tolist()

@@ -20,7 +20,7 @@ from lightning_tda.integrations.transformers import (
     train_bpe_tokenizer,
 )
 from lightning_tda.methods import Source
-from lightning_tda.methods.stages import merge_lora, source_pretrain_then_lora
+from lightning_tda.staged import merge_lora, source_pretrain_then_lora
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

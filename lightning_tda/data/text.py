@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_tda.data.collate import PromptCompletionCollator, TextClassificationCollator
 from lightning_tda.data.indexed import IndexedDataset
+from lightning_tda.data.tokenizer import train_bpe_tokenizer
 
 # Topic families for the classification task (every other topic is left out).
 PYDOC_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -143,8 +145,6 @@ def qa_pairs(source: str = "facts", n: int | None = None) -> list[tuple[str, str
 
 def pydoc_bpe_tokenizer(vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer trained on the topics text (offline, ~0.2 s); ids 0/1 = eos/pad."""
-    from lightning_tda.integrations.transformers import train_bpe_tokenizer
-
     return train_bpe_tokenizer(pydoc_topics().values(), vocab_size=vocab_size)
 
 
@@ -227,7 +227,7 @@ class PydocBlocksDataModule(pl.LightningDataModule):
 
 class PromptCompletionDataModule(_TokenizedDataModule):
     """``(prompt, completion)`` pairs (see :func:`qa_pairs`) collated by
-    :class:`~lightning_tda.integrations.transformers.PromptCompletionCollator` (prompt tokens masked).
+    :class:`~lightning_tda.data.collate.PromptCompletionCollator` (prompt tokens masked).
 
     Items are ``{"prompt", "completion", "example_id"}``; ids are ``0..n_train-1`` in ``pairs`` order.
 
@@ -255,8 +255,6 @@ class PromptCompletionDataModule(_TokenizedDataModule):
         self.train = IndexedDataset([{"prompt": p, "completion": c} for p, c in self.pairs])
 
     def _collator(self, tokenizer: Any) -> Any:
-        from lightning_tda.integrations.transformers import PromptCompletionCollator
-
         return PromptCompletionCollator(tokenizer, max_length=self.max_length, add_eos=self.add_eos)
 
 
@@ -265,7 +263,7 @@ class MislabeledTextDataModule(_TokenizedDataModule):
 
     ``noise * n_train`` training rows (rounded), chosen by ``default_rng(seed)``, get a label drawn
     uniformly from the other classes. Items are ``{"text", "label", "example_id"}`` collated by
-    :class:`~lightning_tda.integrations.transformers.TextClassificationCollator`; ids are paragraph
+    :class:`~lightning_tda.data.collate.TextClassificationCollator`; ids are paragraph
     numbers in :func:`pydoc_paragraphs` order. Validation labels are clean.
 
     Attributes:
@@ -328,8 +326,6 @@ class MislabeledTextDataModule(_TokenizedDataModule):
         return torch.isin(torch.as_tensor(example_ids), torch.as_tensor(self.flipped_ids))
 
     def _collator(self, tokenizer: Any) -> Any:
-        from lightning_tda.integrations.transformers import TextClassificationCollator
-
         return TextClassificationCollator(tokenizer, max_length=self.max_length)
 
 

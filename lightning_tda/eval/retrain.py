@@ -374,6 +374,56 @@ def _job_order(
     return shared_order(np.arange(num_train), num_train, seed), False, kept
 
 
+def _start_bank(
+    p: Path,
+    train: Dataset,
+    queries: Dataset,
+    measurements: dict[str, str],
+    spec: BankSpec,
+    recipe: RetrainRecipe,
+) -> dict:
+    """Create ``p/jobs`` and write ``p/meta.json``; raises if ``p`` holds a bank of other settings."""
+    (p / "jobs").mkdir(parents=True, exist_ok=True)
+    fingerprint = {"train": dataset_fingerprint(train), "queries": dataset_fingerprint(queries)}
+    meta = {
+        "spec": spec.to_meta(),
+        "recipe": recipe.to_meta(),
+        "fingerprint": fingerprint,
+        "measurements": measurements,
+        "num_train": len(train),
+        "num_queries": len(queries),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    old = p / "meta.json"
+    if old.exists():
+        prev = json.loads(old.read_text())
+        if any(prev.get(k) != meta[k] for k in ("spec", "recipe", "fingerprint", "measurements")):
+            raise ValueError(
+                f"{p} holds a bank of other data or settings; use another directory or delete it"
+            )
+    (p / "meta.json").write_text(
+        json.dumps(meta, indent=2, sort_keys=True)
+    )  # jobs/ belong to this meta
+    return meta
+
+
+def _collect_outputs(
+    p: Path, spec: BankSpec, measurements: dict[str, str], num_queries: int
+) -> dict[str, np.ndarray]:
+    """``{name: [M, R, Q]}`` float32 measurements read back from the finished job files."""
+    outputs = {
+        n: np.zeros((spec.num_subsets, spec.num_seeds, num_queries), dtype=np.float32)
+        for n in measurements
+    }
+    for j in range(spec.num_subsets):
+        for r in range(spec.num_seeds):
+            with np.load(p / "jobs" / f"{j:04d}_{r:02d}.npz") as f:
+                for n in measurements:
+                    outputs[n][j, r] = f[n]
+    return outputs
+
+
 def build_bank(
     path: str | os.PathLike,
     factory: ModelFactory,
@@ -404,28 +454,7 @@ def build_bank(
     """
     recipe = recipe or RetrainRecipe()
     p = Path(path)
-    (p / "jobs").mkdir(parents=True, exist_ok=True)
-    fingerprint = {"train": dataset_fingerprint(train), "queries": dataset_fingerprint(queries)}
-    meta = {
-        "spec": spec.to_meta(),
-        "recipe": recipe.to_meta(),
-        "fingerprint": fingerprint,
-        "measurements": measurements,
-        "num_train": len(train),
-        "num_queries": len(queries),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    old = p / "meta.json"
-    if old.exists():
-        prev = json.loads(old.read_text())
-        if any(prev.get(k) != meta[k] for k in ("spec", "recipe", "fingerprint", "measurements")):
-            raise ValueError(
-                f"{p} holds a bank of other data or settings; use another directory or delete it"
-            )
-    (p / "meta.json").write_text(
-        json.dumps(meta, indent=2, sort_keys=True)
-    )  # jobs/ belong to this meta
+    meta = _start_bank(p, train, queries, measurements, spec, recipe)
     subsets = draw_subsets(len(train), spec)
     r_total = spec.num_seeds
     jobs = []
@@ -447,15 +476,7 @@ def build_bank(
         progress,
         f"retraining bank: {spec.num_subsets} subsets x {r_total} seeds",
     )
-    outputs = {
-        n: np.zeros((spec.num_subsets, r_total, len(queries)), dtype=np.float32)
-        for n in measurements
-    }
-    for j in range(spec.num_subsets):
-        for r in range(r_total):
-            with np.load(p / "jobs" / f"{j:04d}_{r:02d}.npz") as f:
-                for n in measurements:
-                    outputs[n][j, r] = f[n]
+    outputs = _collect_outputs(p, spec, measurements, len(queries))
     np.save(p / "subsets.npy", subsets)
     for n, arr in outputs.items():
         np.save(p / f"outputs_{n}.npy", arr)

@@ -25,7 +25,7 @@ from lightning_tda.errors import (
     StoreError,
 )
 from lightning_tda.store import schema
-from lightning_tda.store.writer import _attr, _open
+from lightning_tda.store.writer import _attr, open_for_update
 
 
 @dataclass
@@ -82,7 +82,7 @@ def write_batch_steps(
     """
     if not steps:
         return
-    with _open(Path(path), "a") as f:
+    with open_for_update(path) as f:
         made = []
         for s in steps:
             ids = s.ids.detach().cpu().numpy().astype(np.int64)
@@ -144,7 +144,7 @@ def rebuild_example_ids(path: str | Path) -> int:
     Returns:
         The number of examples.
     """
-    with _open(Path(path), "a") as f:
+    with open_for_update(path) as f:
         parts = [np.empty(0, np.int64)]
         for g in f.get(schema.CHECKPOINTS, {}).values():
             if g.attrs.get("complete", False) and schema.ROW_IDS in g:

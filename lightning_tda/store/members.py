@@ -15,9 +15,8 @@ import torch
 
 from lightning_tda.errors import StoreError
 from lightning_tda.store import schema
-from lightning_tda.store.writer import _attr, _open
-
-PARTIAL = "partial"
+from lightning_tda.store.extension import PARTIAL, ExtensionGroup  # noqa: F401 (PARTIAL re-exported)
+from lightning_tda.store.writer import _attr
 
 
 def member_dataset(member: int) -> str:
@@ -39,11 +38,11 @@ def write_checkpoint_rows(
     overwrite: bool = False,
 ) -> None:
     """Store ``rows`` (``[N, D]`` fp32 rows or ``[N]`` values, store row order) as dataset ``name``."""
-    with _open(os.fspath(path), "a") as f:
-        gname = schema.checkpoint_name(step)
-        if gname not in f or not f[gname].attrs.get("complete", False):
+    gname = schema.checkpoint_name(step)
+    with ExtensionGroup(path, gname, create=False) as ext:
+        g = ext.group
+        if g is None or not g.attrs.get("complete", False):
             raise StoreError(f"checkpoint {step} is not a complete checkpoint of {path}")
-        g = f[gname]
         n, d = g[schema.TRAIN].shape if schema.TRAIN in g else (None, None)
         if n is not None and rows.dim() == 2 and tuple(rows.shape) != (n, d):
             raise StoreError(
@@ -55,10 +54,8 @@ def write_checkpoint_rows(
                     f"checkpoint {step} already has {name!r}; pass overwrite=True to replace it"
                 )
             del g[name]
-        part = g.require_group(PARTIAL)
-        if name in part:
-            del part[name]
-        storage = str(f.attrs["storage_dtype"]) if rows.dim() == 2 else "float32"
+        part = ext.partial(name)
+        storage = str(ext.file.attrs["storage_dtype"]) if rows.dim() == 2 else "float32"
         data = schema.encode_rows(rows, storage)
         if storage == "float16" and rows.numel() and float(rows.abs().max()) > schema.FP16_MAX:
             raise StoreError(
@@ -68,9 +65,7 @@ def write_checkpoint_rows(
         ds.attrs["encoding"] = storage
         for k, v in (attrs or {}).items():
             ds.attrs[k] = _attr(v)
-        f.flush()
-        f.move(f"{gname}/{PARTIAL}/{name}", f"{gname}/{name}")
-        f.flush()
+        ext.publish(name)
 
 
 def order_rows(

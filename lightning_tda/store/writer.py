@@ -322,6 +322,20 @@ def open_for_reading(path: str | os.PathLike) -> ReadFile:
     return ReadFile(path)
 
 
+def open_for_update(path: str | os.PathLike) -> StoreFile:
+    """Open a store for writing (created if missing), the public entry point for code that adds to a
+    store after training (see :class:`~lightning_tda.store.extension.ExtensionGroup`).
+
+    The returned :class:`StoreFile` holds the exclusive lock and the rollback journal: every
+    ``flush()`` is one atomic commit, and a crash or an exception inside ``with`` rolls the file back
+    to the last one. One writer per store per process.
+
+    Raises:
+        StoreError: another process (or this one) is writing the store, or it cannot be opened.
+    """
+    return _open(Path(path), "a")
+
+
 def _open(path: Path, mode: str) -> h5py.File:
     """Open the store: ``"r"`` through :class:`ReadFile`, ``"a"`` (created if missing) through
     :class:`StoreFile`."""

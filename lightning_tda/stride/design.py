@@ -16,11 +16,11 @@ import scipy.sparse as sp
 import torch
 
 from lightning_tda.errors import StoreError
-from lightning_tda.store.writer import _open, open_for_reading
+from lightning_tda.store.extension import PARTIAL, ExtensionGroup  # noqa: F401 (PARTIAL re-exported)
+from lightning_tda.store.writer import open_for_reading
 
 GROUP = "stride"
 DESIGN = "design"
-PARTIAL = "partial"
 
 
 @dataclass
@@ -91,8 +91,8 @@ class SubsetDesign:
     # -- storage ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write to ``stride/design`` of the store at ``path``; visible only once complete."""
-        with _open(os.fspath(path), "a") as f:
-            g = f.require_group(GROUP)
+        with ExtensionGroup(path, GROUP) as ext:
+            g = ext.group
             if DESIGN in g:
                 if not overwrite:
                     existing = _read(g[DESIGN])
@@ -104,18 +104,13 @@ class SubsetDesign:
                         "(operators fitted on the old design are then invalid)"
                     )
                 del g[DESIGN]
-            part = g.require_group(PARTIAL)
-            if DESIGN in part:
-                del part[DESIGN]
-            dg = part.create_group(DESIGN)
+            dg = ext.partial(DESIGN).create_group(DESIGN)
             dg.create_dataset("ids", data=self.ids, track_times=False)
             dg.create_dataset("table", data=self.table.astype(np.int32), track_times=False)
             dg.attrs["num_subsets"] = self.num_subsets
             dg.attrs["degree"] = self.degree
             dg.attrs["seed"] = self.seed
-            f.flush()
-            f.move(f"{GROUP}/{PARTIAL}/{DESIGN}", f"{GROUP}/{DESIGN}")
-            f.flush()
+            ext.publish(DESIGN)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SubsetDesign | None:

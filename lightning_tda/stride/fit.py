@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from lightning_tda.capture.losses import LossFn, resolve_loss_fn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
 from lightning_tda.errors import StoreError
+from lightning_tda.store.extension import ExtensionGroup
 from lightning_tda.store.reader import StoreReader
-from lightning_tda.store.writer import _open, open_for_reading
-from lightning_tda.stride.design import GROUP, PARTIAL, SubsetDesign
+from lightning_tda.store.writer import open_for_reading
+from lightning_tda.stride.design import GROUP, SubsetDesign
 from lightning_tda.stride.operator import (
     IGNORE,
     Features,
@@ -358,6 +359,40 @@ def step_group(step: int) -> str:
     return f"{int(step):010d}"
 
 
+def _resolve_steps(
+    reader: StoreReader, checkpoint: int | None, checkpoints: list[int] | None
+) -> list[int]:
+    """The global steps to fit at (``checkpoints``, else ``checkpoint``, else the last); raises for
+    unknown steps."""
+    if checkpoints is not None and checkpoint is not None:
+        raise ValueError("pass checkpoint= or checkpoints=, not both")
+    steps = (
+        [int(s) for s in checkpoints]
+        if checkpoints is not None
+        else [reader.checkpoint(checkpoint).global_step]
+    )
+    for s in steps:
+        reader.checkpoint(s)  # raises for unknown steps
+    return steps
+
+
+def _ensure_design(reader: StoreReader, config: StrideConfig) -> SubsetDesign:
+    """The store's subset design, (re)drawn and saved when ``config`` asks for another one."""
+    design = SubsetDesign.load(reader.path)
+    if design is None or (design.num_subsets, design.degree, design.seed) != (
+        config.num_subsets,
+        config.degree,
+        config.seed,
+    ):
+        design = SubsetDesign.draw(
+            reader.example_ids, config.num_subsets, config.degree, config.seed
+        )
+        design.save(reader.path, overwrite=True)
+    elif not np.array_equal(design.ids, reader.example_ids.numpy()):
+        raise StoreError("the stored STRIDE design does not cover the store's example ids")
+    return design
+
+
 def fit(
     store: Any,
     model: nn.Module,
@@ -401,27 +436,8 @@ def fit(
         )
     n = reader.num_examples
     config.validate(n)
-    if checkpoints is not None and checkpoint is not None:
-        raise ValueError("pass checkpoint= or checkpoints=, not both")
-    steps = (
-        [int(s) for s in checkpoints]
-        if checkpoints is not None
-        else [reader.checkpoint(checkpoint).global_step]
-    )
-    for s in steps:
-        reader.checkpoint(s)  # raises for unknown steps
-    design = SubsetDesign.load(reader.path)
-    if design is None or (design.num_subsets, design.degree, design.seed) != (
-        config.num_subsets,
-        config.degree,
-        config.seed,
-    ):
-        design = SubsetDesign.draw(
-            reader.example_ids, config.num_subsets, config.degree, config.seed
-        )
-        design.save(reader.path, overwrite=True)
-    elif not np.array_equal(design.ids, reader.example_ids.numpy()):
-        raise StoreError("the stored STRIDE design does not cover the store's example ids")
+    steps = _resolve_steps(reader, checkpoint, checkpoints)
+    design = _ensure_design(reader, config)
     fn = resolve_loss_fn(model, loss_fn)
     output = config.output_module or output_module_name(model)
     layer = config.layer or default_layer(model, output)
@@ -542,16 +558,12 @@ def fitted_steps(path: str | os.PathLike) -> list[int]:
 def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) -> None:
     """Write operators + config under ``stride/<step>``, visible only once complete."""
     name = step_group(res.step)
-    with _open(os.fspath(path), "a") as f:
-        g = f.require_group(GROUP)
-        if name in g:
+    with ExtensionGroup(path, GROUP) as ext:
+        if name in ext.group:
             if not overwrite:
                 raise StoreError(f"{path} already holds STRIDE operators for step {res.step}")
-            del g[name]
-        part = g.require_group(PARTIAL)
-        if name in part:
-            del part[name]
-        sg = part.create_group(name)
+            del ext.group[name]
+        sg = ext.partial(name).create_group(name)
         og = sg.create_group("operator")
         for k, v in res.operators.state_dict().items():
             og.create_dataset(k, data=v.detach().cpu().float().numpy(), track_times=False)
@@ -564,9 +576,7 @@ def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) ->
         sg.attrs["num_outputs"] = res.operators.num_outputs
         sg.attrs["design_seed"] = res.design.seed
         sg.attrs["fit_seconds"] = res.fit_seconds
-        f.flush()
-        f.move(f"{GROUP}/{PARTIAL}/{name}", f"{GROUP}/{name}")
-        f.flush()
+        ext.publish(name)
 
 
 def load(path: str | os.PathLike, step: int) -> StrideResult:

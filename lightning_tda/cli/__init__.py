@@ -1,4 +1,9 @@
-"""Command line: ``lightning-tda demo | fit | inspect | stride fit | report``."""
+"""Command line: ``lightning-tda demo | fit | inspect | stride fit | report``.
+
+The top layer of the package: :mod:`~lightning_tda.cli.recipe_config` rebuilds a logged run from its
+LightningCLI config, :mod:`~lightning_tda.cli.stride` and :mod:`~lightning_tda.cli.report` register the
+post-fit subcommands. ``python -m lightning_tda.cli`` runs :func:`main`.
+"""
 
 from __future__ import annotations
 
@@ -62,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "stride", help="STRIDE post-fit stage: lightning-tda stride fit --config X.yaml"
     )
-    from lightning_tda.stride.cli import add_fit_parser
+    from lightning_tda.cli.stride import add_fit_parser
 
     add_fit_parser(s.add_subparsers(dest="stride_command", required=True))
-    from lightning_tda.report import add_report_parser
+    from lightning_tda.cli.report import add_report_parser
 
     add_report_parser(sub)
     return p
@@ -84,7 +89,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lightning-tda {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -53,7 +53,7 @@ def add_fit_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from lightning_tda.recipe_config import load_logged_run
+    from lightning_tda.cli.recipe_config import load_logged_run
     from lightning_tda.store.reader import StoreReader
     from lightning_tda.stride.fit import fit, fitted_steps
 
