@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification, trainer
+from helpers import TinyMLP, loader, make_classification, trainer
 from scipy.stats import pearsonr, spearmanr
 
 from lightning_tda import AttributionStore, GradientLogger

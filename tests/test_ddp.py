@@ -26,7 +26,7 @@ from lightning_tda.store.writer import StoreError
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import ddp_script  # noqa: E402
-from conftest import TinyMLP  # noqa: E402
+from helpers import TinyMLP  # noqa: E402
 
 STEPS = {"plain": [0, 2, 4], "accum": [0, 1, 2, 3, 4], "pca": [0, 2], "resume": [0, 2, 4]}
 EPOCHS = {"plain": 2, "accum": 2, "pca": 1}

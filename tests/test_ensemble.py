@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FastLogger, TinyMLP, loader, make_classification, trainer
+from helpers import FastLogger, TinyMLP, loader, make_classification, trainer
 from oracles import reference_rows
 from torch.utils.data import DataLoader
 

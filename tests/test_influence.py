@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, loader, make_classification, trainer
+from helpers import TinyMLP, loader, make_classification, trainer
 from oracles import reference_rows
 from scipy.stats import pearsonr, spearmanr
 from torch import nn

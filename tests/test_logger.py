@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
+from helpers import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
 from oracles import per_example_grads, rel_err
 from torch.utils.data import DataLoader
 

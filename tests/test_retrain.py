@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, make_classification
+from helpers import TinyMLP, make_classification
 
 from lightning_tda.eval.retrain import (
     Bank,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
+from helpers import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
 
 from lightning_tda import AttributionStore, GradientLogger, IndexedDataset, StoreError
 from lightning_tda.stride import (

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import FastLogger, TinyMLP, loader, make_classification, trainer
+from helpers import FastLogger, TinyMLP, loader, make_classification, trainer
 from oracles import per_example_grads
 from scipy.stats import pearsonr, spearmanr
 from torch.utils.data import DataLoader, Subset
