@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from functools import cached_property  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -168,15 +169,18 @@ def FastLogger(*args, **kwargs):  # noqa: N802 (stands in for the class)
 # -- logged fits ----------------------------------------------------------------------------------
 @dataclass
 class LoggedRun:
-    """One logged fit: the store (re-opened after the fit) and what produced it."""
+    """One logged fit: the store's path and what produced it; ``store`` opens it on first use."""
 
     path: Path
-    store: AttributionStore
     model: pl.LightningModule
     data: Dataset
     queries: Dataset | None
     logger: GradientLogger
     trainer: pl.Trainer
+
+    @cached_property
+    def store(self) -> AttributionStore:
+        return AttributionStore(self.path)
 
 
 def fit_logged(
@@ -203,7 +207,7 @@ def fit_logged(
     grads = logger_cls(path, attribution_data=data, **logger_kwargs)
     tr = trainer(tmp, [grads, *callbacks], max_epochs=epochs)
     tr.fit(model, train_loader(data, batch_size=train_batch_size))
-    return LoggedRun(path, AttributionStore(path), model, data, queries, grads, tr)
+    return LoggedRun(path, model, data, queries, grads, tr)
 
 
 def fit_logged_mlp(
