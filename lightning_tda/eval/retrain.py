@@ -57,12 +57,6 @@ class BankSpec:
             and a removed example only gets loss weight 0 where it stands (the single-model protocol of
             metagradient LDS): the model must define ``set_kept(mask: Tensor[N])`` and weight its
             training loss by ``mask[example id position]``.
-
-    Example:
-        >>> BankSpec(num_subsets=3, num_seeds=2).run_seed(2, 1)  # base_seed + j * R + r
-        5
-        >>> BankSpec(num_subsets=3, num_seeds=2, shared_seeds=True).run_seed(2, 1)  # base_seed + r
-        1
     """
 
     num_subsets: int = 64
@@ -154,14 +148,7 @@ class RetrainRecipe:
 
 
 def draw_subsets(num_train: int, spec: BankSpec) -> np.ndarray:
-    """``[M, S]`` sorted kept indices, subset ``j`` from ``default_rng(base_seed + j)``.
-
-    Example:
-        >>> draw_subsets(8, BankSpec(num_subsets=3, alpha=0.5))  # M = 3 subsets of S = 4 rows
-        array([[2, 3, 4, 6],
-               [2, 3, 5, 7],
-               [0, 1, 2, 4]], dtype=int32)
-    """
+    """``[M, S]`` sorted kept indices, subset ``j`` from ``default_rng(base_seed + j)``."""
     size = int(round(spec.alpha * num_train))
     return np.stack(
         [
