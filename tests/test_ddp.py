@@ -200,6 +200,7 @@ def test_unsupported_multi_process_setups_name_the_fix():
         logger.setup(ddp, TinyMLP(), "fit")
 
 
+@pytest.mark.slow
 def test_ddp_rank_killed_mid_sweep_then_resumed(ddp_out, tmp_path):
     """Rank 1 SIGKILLed mid-sweep of the step-4 checkpoint; the fit resumed from the last Lightning
     checkpoint (step 2) finishes the store exactly as the uninterrupted DDP fit wrote it."""

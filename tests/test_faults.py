@@ -204,6 +204,7 @@ def _check_killed(store: Path, phase: str, step: int | None, ref: dict) -> Attri
     return s
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_corrupts_and_resume_completes(server, reference, tmp_path):
     trials = _trials(reference["trace"])
     assert len(trials) >= 20
