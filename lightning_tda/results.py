@@ -26,6 +26,21 @@ class AttributionResult:
         checkpoints: the global steps that contributed.
         settings: the method's hyper-parameters as used; with ``method="auto"`` also
             ``"chosen_by": "auto"`` and the ``"reason"`` for the choice.
+
+    Example:
+        >>> result = AttributionResult(
+        ...     method="tracin",
+        ...     scores=torch.tensor([[0.9, 0.4]]),
+        ...     indices=torch.tensor([[12, 7]]),
+        ...     opponent_scores=torch.tensor([[-0.3, -0.1]]),
+        ...     opponents=torch.tensor([[3, 5]]),
+        ...     example_ids=torch.arange(20),
+        ...     checkpoints=[100, 200],
+        ... )
+        >>> result
+        AttributionResult(method='tracin', queries=1, top-2, train_examples=20, checkpoints=[100, 200])
+        >>> result.dense, result.indices[0].tolist()  # the top proponent of query 0 is example 12
+        (False, [12, 7])
     """
 
     method: str

@@ -1,147 +1,16 @@
-"""Shared tiny models and data. Everything is offline and CPU-sized."""
+"""Fixtures and hooks only; the models, data and fits they use live in ``helpers.py``."""
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-
-import lightning.pytorch as pl  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from lightning_tda import IndexedDataset, causal_lm_loss, classification_loss  # noqa: E402
-
-torch.set_num_threads(1)
+import pytest
+from helpers import LoggedRun, fit_logged_gpt, fit_logged_mlp, make_classification
 
 
-class TinyMLP(pl.LightningModule):
-    """8 -> 16 -> 3 MLP (optionally with dropout), batches ``Indexed(ids, (x, y))``."""
-
-    def __init__(
-        self, optimizer: str = "sgd", lr: float = 0.1, dropout: float = 0.0, hidden: int = 16
-    ) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(8, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 3)
-        )
-        self.optimizer, self.lr = optimizer, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def per_example_loss(self, batch):
-        _, (x, y) = batch
-        return classification_loss(self(x), y)
-
-    def training_step(self, batch, batch_idx):
-        _, (x, y) = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        if self.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        if self.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
-        if self.optimizer == "sgd_sched":
-            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)]
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def make_classification(n: int = 64, seed: int = 0) -> IndexedDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    w = torch.randn(8, 3, generator=g)
-    y = (x @ w + 0.5 * torch.randn(n, 3, generator=g)).argmax(1)
-    return IndexedDataset(TensorDataset(x, y), ids=[1000 + i for i in range(n)])
-
-
-def trainer(tmp_path, callbacks=(), max_epochs: int = 3, **kw) -> pl.Trainer:
-    args = dict(
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
-    args.update(kw)
-    return pl.Trainer(**args)
-
-
-def loader(ds, batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> DataLoader:
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)
-    )
-
-
-class TinyGPT(pl.LightningModule):
-    """Config-built GPT-2 (Conv1D layers) on right-padded token sequences with -100 labels."""
-
-    def __init__(
-        self, vocab: int = 50, n_embd: int = 16, lr: float = 0.05, attn: str = "eager"
-    ) -> None:
-        super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            vocab_size=vocab,
-            n_positions=16,
-            n_embd=n_embd,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        cfg._attn_implementation = attn
-        self.lm = GPT2LMHeadModel(cfg)
-        self.lr = lr
-
-    def per_example_loss(self, batch):
-        logits = self.lm(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        return causal_lm_loss(logits, batch["labels"])
-
-    def training_step(self, batch, batch_idx):
-        return self.per_example_loss(batch).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Variable-length random token sequences, right-padded to 12 with pad id 1 and labels -100."""
-
-    def __init__(self, n: int = 24, vocab: int = 50, seed: int = 0, max_len: int = 12) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.items = []
-        for _ in range(n):
-            length = int(torch.randint(3, max_len + 1, (1,), generator=g))
-            ids = torch.full((max_len,), 1, dtype=torch.long)
-            ids[:length] = torch.randint(2, vocab, (length,), generator=g)
-            mask = torch.zeros(max_len, dtype=torch.long)
-            mask[:length] = 1
-            labels = ids.clone()
-            labels[length:] = -100
-            self.items.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+def _tmp(factory: pytest.TempPathFactory, tmp: str | Path) -> Path:
+    """``tmp`` itself if it is a path (a test's ``tmp_path``), else ``factory.mktemp(tmp)``."""
+    return tmp if isinstance(tmp, Path) else factory.mktemp(tmp)
 
 
 @pytest.fixture
@@ -149,10 +18,27 @@ def cls_data():
     return make_classification()
 
 
-def FastLogger(*args, **kwargs):  # noqa: N802 (stands in for the class)
-    """``GradientLogger(..., preset="fast")`` (rank 16, random basis, float16 rows): the capture the
-    mechanics tests (byte counts, sweep-batch counts, random-matrix oracles) were written against."""
-    from lightning_tda import GradientLogger
+@pytest.fixture(scope="session")
+def logged_mlp_store(tmp_path_factory):
+    """Factory ``(tmp, name="s.h5", **kw) -> LoggedRun``: a TinyMLP fitted with the logger.
 
-    kwargs.setdefault("preset", "fast")
-    return GradientLogger(*args, **kwargs)
+    ``tmp`` is a directory name for ``tmp_path_factory.mktemp`` (module fixtures) or a test's
+    ``tmp_path``; ``kw`` goes to :func:`helpers.fit_logged_mlp` (``n``, ``n_queries``, ``mlp``,
+    ``log_queries``, ``logger_cls``, ``epochs``, ``train_batch_size``, ``callbacks``, logger kwargs).
+    """
+
+    def make(tmp: str | Path, name: str = "s.h5", **kw) -> LoggedRun:
+        return fit_logged_mlp(_tmp(tmp_path_factory, tmp), name, **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def logged_gpt_store(tmp_path_factory):
+    """Factory ``(tmp, name="s.h5", **kw) -> LoggedRun``: a TinyGPT fitted with the logger
+    (``kw`` goes to :func:`helpers.fit_logged_gpt`: ``n``, ``gpt``, then as for the MLP)."""
+
+    def make(tmp: str | Path, name: str = "s.h5", **kw) -> LoggedRun:
+        return fit_logged_gpt(_tmp(tmp_path_factory, tmp), name, **kw)
+
+    return make

@@ -36,7 +36,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from conftest import FastLogger, TinyMLP, loader, make_classification
+from helpers import FastLogger, TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tda.store import journal

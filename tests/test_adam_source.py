@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification, trainer
 
-from lightning_tda import AttributionStore, GradientLogger
 from lightning_tda.methods import Source
 from lightning_tda.methods.curvature import BlockEigen
 from lightning_tda.methods.preconditioner import (
@@ -92,23 +90,20 @@ def test_adam_walk_equals_unrolled_preconditioned_descent():
 
 
 @pytest.fixture(scope="module")
-def adamw_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adamw")
-    torch.manual_seed(0)
-    data = make_classification(64)
-    queries = make_classification(6, seed=1)
-    model = TinyMLP(optimizer="adamw", lr=0.02)
-    logger = GradientLogger(
-        tmp / "s.h5",
-        attribution_data=data,
+def adamw_run(logged_mlp_store):
+    run = logged_mlp_store(
+        "adamw",
+        n=64,
+        n_queries=6,
+        mlp=dict(optimizer="adamw", lr=0.02),
+        epochs=6,
         every_n_epochs=2,
         rank=4,
         dtype="float32",
         verbose=False,
     )
-    trainer(tmp, [logger], max_epochs=6).fit(model, loader(data))
-    store = AttributionStore(tmp / "s.h5")
-    qv, _ = store.query_vectors(queries, model, [store.steps[-1]])
+    store = run.store
+    qv, _ = store.query_vectors(run.queries, run.model, [store.steps[-1]])
     return store, qv
 
 

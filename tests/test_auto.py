@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification, trainer
+from helpers import TinyMLP, loader, make_classification, trainer
 
 from lightning_tda import AttributionStore, GradientLogger
 from lightning_tda.methods import Influence, TracIn

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, loader, make_classification, trainer
+from helpers import TinyMLP, loader, make_classification, trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -42,14 +42,12 @@ def _logger(path, data, **kw) -> GradientLogger:
 
 
 @pytest.fixture(scope="module")
-def good_store(tmp_path_factory):
+def good_store(logged_mlp_store):
     """A healthy store: TinyMLP(hidden=16), SGD, 64 examples, one epoch (one checkpoint at step 4)."""
-    tmp = tmp_path_factory.mktemp("bad_input")
-    torch.manual_seed(0)
-    data = make_classification(N)
-    model = TinyMLP(hidden=16)
-    _fit(tmp, model, data, _logger(tmp / "good.h5", data))
-    store = AttributionStore(tmp / "good.h5")
+    run = logged_mlp_store(
+        "bad_input", "good.h5", n=N, mlp=dict(hidden=16), epochs=1, every_n_epochs=1, verbose=False
+    )
+    model, store = run.model, run.store
     assert store.steps == [4]
     return model, store
 

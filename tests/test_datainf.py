@@ -5,34 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification, trainer
 from scipy.stats import pearsonr, spearmanr
 
-from lightning_tda import AttributionStore, GradientLogger
 from lightning_tda.methods import datainf as datainf_module
 from lightning_tda.methods.datainf import DataInf
 from lightning_tda.store import schema
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(logged_mlp_store):
     """TinyMLP (blocks 16x9 and 3x17), 256 examples, exact fp32 rows at two checkpoints."""
-    tmp = tmp_path_factory.mktemp("datainf")
-    torch.manual_seed(0)
-    data = make_classification(256)
-    queries = make_classification(12, seed=1)
-    model = TinyMLP(lr=0.2)
-    logger = GradientLogger(
-        tmp / "s.h5",
-        attribution_data=data,
-        query_data=queries,
+    store = logged_mlp_store(
+        "datainf",
+        n=256,
+        n_queries=12,
+        mlp=dict(lr=0.2),
+        log_queries=True,
+        epochs=2,
+        train_batch_size=32,
         every_n_epochs=1,
         projection="exact",
         dtype="float32",
         verbose=False,
-    )
-    trainer(tmp, [logger], max_epochs=2).fit(model, loader(data, batch_size=32))
-    store = AttributionStore(tmp / "s.h5")
+    ).store
     assert [s.size for s in store.layers] == [16 * 9, 3 * 17]
     assert len(store.steps) == 2
     return store

@@ -26,7 +26,7 @@ from lightning_tda.store.writer import StoreError
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import ddp_script  # noqa: E402
-from conftest import TinyMLP  # noqa: E402
+from helpers import TinyMLP  # noqa: E402
 
 STEPS = {"plain": [0, 2, 4], "accum": [0, 1, 2, 3, 4], "pca": [0, 2], "resume": [0, 2, 4]}
 EPOCHS = {"plain": 2, "accum": 2, "pca": 1}
@@ -200,6 +200,7 @@ def test_unsupported_multi_process_setups_name_the_fix():
         logger.setup(ddp, TinyMLP(), "fit")
 
 
+@pytest.mark.slow
 def test_ddp_rank_killed_mid_sweep_then_resumed(ddp_out, tmp_path):
     """Rank 1 SIGKILLed mid-sweep of the step-4 checkpoint; the fit resumed from the last Lightning
     checkpoint (step 2) finishes the store exactly as the uninterrupted DDP fit wrote it."""

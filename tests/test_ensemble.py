@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FastLogger, TinyMLP, loader, make_classification, trainer
+from helpers import FastLogger, make_classification
 from oracles import reference_rows
 from torch.utils.data import DataLoader
 
-from lightning_tda import AttributionStore
 from lightning_tda.capture.ensemble import member_mask
 from lightning_tda.methods import Influence
 from lightning_tda.store.members import member_dataset
@@ -17,22 +16,21 @@ from lightning_tda.store.writer import StoreError
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ens")
-    torch.manual_seed(0)
-    data = make_classification(80)
-    queries = make_classification(6, seed=1)
-    model = TinyMLP(lr=0.2)
-    logger = FastLogger(
-        tmp / "e.h5",
-        attribution_data=data,
+def run(logged_mlp_store):
+    fit = logged_mlp_store(
+        "ens",
+        "e.h5",
+        n=80,
+        n_queries=6,
+        mlp=dict(lr=0.2),
+        logger_cls=FastLogger,
+        epochs=3,
         every_n_epochs=3,
         rank=4,
         dtype="float32",
         verbose=False,
     )
-    trainer(tmp, [logger], max_epochs=3).fit(model, loader(data))
-    store = AttributionStore(tmp / "e.h5")
+    model, data, queries, store = fit.model, fit.data, fit.queries, fit.store
     store.add_dropout_ensemble(model, data, members=2, p=0.25, seed=3)
     return model, data, queries, store
 

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import FastLogger, TinyMLP, loader, make_classification
+from helpers import FastLogger, TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_tda import AttributionStore, StoreError
@@ -204,6 +204,7 @@ def _check_killed(store: Path, phase: str, step: int | None, ref: dict) -> Attri
     return s
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_corrupts_and_resume_completes(server, reference, tmp_path):
     trials = _trials(reference["trace"])
     assert len(trials) >= 20

@@ -17,7 +17,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, loader, make_classification, trainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -57,21 +56,20 @@ class Good:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(logged_mlp_store):
     """A healthy store (2 checkpoints, logged queries, Adam rows) and what reading it gives."""
-    d = tmp_path_factory.mktemp("fuzz")
-    torch.manual_seed(0)
-    data = make_classification(N)
-    logger = GradientLogger(
-        d / "good.h5",
-        attribution_data=data,
-        query_data=make_classification(Q, seed=1),
+    path = logged_mlp_store(
+        "fuzz",
+        "good.h5",
+        n=N,
+        n_queries=Q,
+        mlp=dict(optimizer="adam", lr=0.01),
+        log_queries=True,
+        epochs=2,
         every_n_epochs=1,
         rank=4,
         verbose=False,
-    )
-    trainer(d, [logger], max_epochs=2).fit(TinyMLP(optimizer="adam", lr=0.01), loader(data))
-    path = d / "good.h5"
+    ).path
     return Good(path, _exercise(path))
 
 

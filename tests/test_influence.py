@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, loader, make_classification, trainer
+from helpers import TinyMLP, fit_logged_mlp, loader, make_classification, trainer
 from oracles import reference_rows
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
@@ -254,24 +254,22 @@ def _tiny_loss(model, batch):
 
 def _tiny_curvature_run(tmp_path, optimizer: str, lr: float):
     """A run whose loss is scaled by 1e-4, so ``η̄K H`` → 0; returns the store and query vectors at θ_T."""
-    torch.manual_seed(0)
-    data = make_classification(64)
-    queries = make_classification(8, seed=1)
-    model = TinyMLP(optimizer=optimizer, lr=lr)
-    logger = GradientLogger(
-        tmp_path / "s.h5",
-        attribution_data=data,
+    run = fit_logged_mlp(
+        tmp_path,
+        n=64,
+        n_queries=8,
+        mlp=dict(optimizer=optimizer, lr=lr),
+        epochs=6,
         every_n_epochs=2,
         rank=4,
         loss_fn=_tiny_loss,
         dtype="float32",
         verbose=False,
     )
-    trainer(tmp_path, [logger], max_epochs=6).fit(model, loader(data))
-    store = AttributionStore(tmp_path / "s.h5")
+    store = run.store
     last = store.steps[-1]
-    qv, _ = store.query_vectors(queries, model, [last], loss_fn=_tiny_loss)
-    return store, {s: qv[last] for s in store.steps}, len(data)
+    qv, _ = store.query_vectors(run.queries, run.model, [last], loss_fn=_tiny_loss)
+    return store, {s: qv[last] for s in store.steps}, len(run.data)
 
 
 def test_source_without_curvature_is_lr_weighted_tracin(tmp_path):

@@ -148,6 +148,7 @@ def _reference(path: Path, queries: dict[int, torch.Tensor], block: int = 16384)
     return top.values, top.indices, low.values, low.indices, self_inf
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset"
 )

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
+from helpers import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
 from oracles import per_example_grads, rel_err
 from torch.utils.data import DataLoader
 
@@ -142,16 +142,18 @@ def test_dense_fallback_matches_torch_func():
     assert rel_err(got, ref) < 1e-4
 
 
-def test_dense_block_with_adam_is_logged_during_fit(tmp_path):
+def test_dense_block_with_adam_is_logged_during_fit(tmp_path, logged_gpt_store):
     """Regression: the dense block's rows must leave the functorch graph before they are stored."""
-    torch.manual_seed(0)
-    data = IndexedDataset(TokenDataset(12))
-    model = TinyGPT()  # AdamW: the Adam-scaled dense rows are logged too
-    logger = GradientLogger(
-        tmp_path / "d.h5", attribution_data=data, dense_dim=16, log_at_fit_end=True, verbose=False
-    )
-    trainer(tmp_path, [logger], max_epochs=1).fit(model, loader(data, batch_size=4))
-    store = AttributionStore(tmp_path / "d.h5")
+    store = logged_gpt_store(  # TinyGPT uses AdamW: the Adam-scaled dense rows are logged too
+        tmp_path,
+        "d.h5",
+        n=12,
+        epochs=1,
+        train_batch_size=4,
+        dense_dim=16,
+        log_at_fit_end=True,
+        verbose=False,
+    ).store
     dense = store.layers[-1]
     block = store.read(store.steps[-1])[:, dense.offset : dense.offset + dense.size]
     assert dense.kind == "dense" and block.shape == (12, 16) and float(block.abs().sum()) > 0

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import trainer
+from helpers import trainer
 from torch.func import functional_call, grad
 from torch.utils.data import DataLoader
 

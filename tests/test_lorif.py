@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     FastLogger,
     TinyGPT,
     TinyMLP,

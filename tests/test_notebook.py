@@ -9,6 +9,7 @@ from pathlib import Path
 import ipykernel.kernelspec
 import nbformat
 import numpy as np
+import pytest
 import torch
 from nbclient import NotebookClient
 from scipy.stats import spearmanr
@@ -48,6 +49,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_attribution_notebook_runs_and_prints_a_finite_lds(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(

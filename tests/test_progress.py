@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, loader, make_classification, trainer
+from helpers import TinyMLP, loader, make_classification, trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from rich.console import Console
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     FastLogger,
     TinyGPT,
     TinyMLP,
     TokenDataset,
-    loader,
     make_classification,
-    trainer,
 )
 from oracles import augmented_gradient, per_example_grads, reference_rows, rel_err
 from torch.utils.data import DataLoader
 
-from lightning_tda import AttributionStore, IndexedDataset
 from lightning_tda.capture.featurize import Featurizer
 from lightning_tda.capture.layers import CONV1D, discover_layers
 from lightning_tda.capture.losses import resolve_loss_fn
@@ -89,22 +86,20 @@ def test_padding_does_not_change_an_example_gradient():
     assert rel_err(a, b) < 1e-5
 
 
-def test_logged_rows_match_oracle_end_to_end(tmp_path):
-    torch.manual_seed(0)
-    data = make_classification(48)
-    model = TinyMLP()
-    config = ProjectionConfig("kronecker", rank=4, seed=7)
-    logger = FastLogger(
-        tmp_path / "s.h5",
-        attribution_data=data,
+def test_logged_rows_match_oracle_end_to_end(tmp_path, logged_mlp_store):
+    run = logged_mlp_store(
+        tmp_path,
+        n=48,
+        logger_cls=FastLogger,
+        epochs=2,
         every_n_epochs=1,
         rank=4,
         seed=7,
         dtype="float32",
         batch_size=13,
     )
-    trainer(tmp_path, [logger], max_epochs=2).fit(model, loader(data))
-    store = AttributionStore(tmp_path / "s.h5")
+    model, data, store = run.model, run.data, run.store
+    config = ProjectionConfig("kronecker", rank=4, seed=7)
     last = store.steps[-1]
     stored = store.read(last)
     batch = next(iter(DataLoader(data, batch_size=len(data))))
@@ -113,22 +108,23 @@ def test_logged_rows_match_oracle_end_to_end(tmp_path):
     assert rel_err(stored, ref) < 1e-4
 
 
-def test_pca_basis_rows_match_oracle_end_to_end(tmp_path):
+def test_pca_basis_rows_match_oracle_end_to_end(tmp_path, logged_gpt_store):
     """PCA bases are stored, orthonormal, and the logged rows are U^T G V of the exact gradients."""
-    torch.manual_seed(0)
-    data = IndexedDataset(TokenDataset(10))
-    model = TinyGPT()
-    logger = FastLogger(
-        tmp_path / "p.h5",
-        attribution_data=data,
+    run = logged_gpt_store(
+        tmp_path,
+        "p.h5",
+        n=10,
+        logger_cls=FastLogger,
+        epochs=2,
+        train_loader=DataLoader,  # unshuffled
+        train_batch_size=5,
         every_n_epochs=1,
         rank=6,
         basis="pca",
         dtype="float32",
         batch_size=4,
     )
-    trainer(tmp_path, [logger], max_epochs=2).fit(model, DataLoader(data, batch_size=5))
-    store = AttributionStore(tmp_path / "p.h5")
+    model, data, store = run.model, run.data, run.store
     assert store.bases is not None and set(store.bases) == {s.name for s in store.layers}
     for p_out, p_in in store.bases.values():
         for p in (p_out, p_in):
@@ -153,20 +149,21 @@ def test_pca_basis_rows_match_oracle_end_to_end(tmp_path):
     )
 
 
-def test_gpt2_logged_rows_match_oracle_end_to_end(tmp_path):
-    torch.manual_seed(0)
-    data = IndexedDataset(TokenDataset(10))
-    model = TinyGPT()
-    logger = FastLogger(
-        tmp_path / "g.h5",
-        attribution_data=data,
+def test_gpt2_logged_rows_match_oracle_end_to_end(tmp_path, logged_gpt_store):
+    run = logged_gpt_store(
+        tmp_path,
+        "g.h5",
+        n=10,
+        logger_cls=FastLogger,
+        epochs=1,
+        train_loader=DataLoader,  # unshuffled
+        train_batch_size=5,
         every_n_epochs=1,
         rank=6,
         dtype="float32",
         batch_size=4,
     )
-    trainer(tmp_path, [logger], max_epochs=1).fit(model, DataLoader(data, batch_size=5))
-    store = AttributionStore(tmp_path / "g.h5")
+    model, data, store = run.model, run.data, run.store
     batch = next(iter(DataLoader(data, batch_size=10)))
     ref = reference_rows(
         model, resolve_loss_fn(model, None), batch, store.layers, store.projection, use_vmap=False

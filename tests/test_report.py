@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import trainer
+from helpers import trainer
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 

@@ -32,6 +32,7 @@ def run(store: Path, ckpt: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_at", [6, 7, 9]
 )  # 4 sweep batches per checkpoint: mid-sweep of the 2nd/3rd

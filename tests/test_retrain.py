@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, make_classification
+from helpers import TinyMLP, make_classification
 
 from lightning_tda.eval.retrain import (
     Bank,
@@ -111,6 +111,7 @@ def test_bank_build_resume_and_reload(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_parallel_workers_give_the_same_bank(tmp_path):
     train, queries = make_classification(24), make_classification(4, seed=1)
     spec = BankSpec(num_subsets=2, alpha=0.5, num_seeds=2)

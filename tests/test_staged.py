@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, make_classification, trainer
+from helpers import TinyMLP, make_classification, trainer
 
 from lightning_tda.data import StagedDataModule, get_example_ids
 from lightning_tda.eval.retrain import Bank, BankSpec, RetrainRecipe, build_bank, train_on_subset

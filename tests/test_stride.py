@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TinyGPT, TinyMLP, TokenDataset, loader, make_classification, trainer
+from helpers import (
+    TinyGPT,
+    TinyMLP,
+    TokenDataset,
+    fit_logged_mlp,
+    loader,
+    make_classification,
+    trainer,
+)
 
 from lightning_tda import AttributionStore, GradientLogger, IndexedDataset, StoreError
 from lightning_tda.stride import (
@@ -124,14 +132,12 @@ def test_steered_model_equals_base_at_init_classifier_and_gpt():
 
 # -- fitting ----------------------------------------------------------------------------------
 def _mlp_store(tmp_path, n=64, epochs=3, every=None):
-    torch.manual_seed(0)
-    data = make_classification(n)
-    model = TinyMLP(lr=0.2)
     kw = {"every_n_epochs": every} if every else {}
-    logger = GradientLogger(tmp_path / "tda.h5", attribution_data=data, projection="exact", **kw)
-    trainer(tmp_path, [logger], max_epochs=epochs).fit(model, loader(data))
-    store = AttributionStore(tmp_path / "tda.h5")
-    store.model, store.data = model, data
+    run = fit_logged_mlp(
+        tmp_path, "tda.h5", n=n, mlp=dict(lr=0.2), epochs=epochs, projection="exact", **kw
+    )
+    store = run.store
+    store.model, store.data = run.model, run.data
     return store
 
 
@@ -165,12 +171,9 @@ def test_fit_lowers_member_loss_more_than_non_member_loss(tmp_path):
     assert again.config == cfg and again.alpha == res.alpha
 
 
-def test_fit_gpt_runs_and_module_is_resumable(tmp_path):
-    torch.manual_seed(0)
-    data = IndexedDataset(TokenDataset(24))
-    model = TinyGPT()
-    logger = GradientLogger(tmp_path / "lm.h5", attribution_data=data, rank=4)
-    trainer(tmp_path, [logger], max_epochs=1).fit(model, loader(data, batch_size=8))
+def test_fit_gpt_runs_and_module_is_resumable(tmp_path, logged_gpt_store):
+    run = logged_gpt_store(tmp_path, "lm.h5", n=24, epochs=1, train_batch_size=8, rank=4)
+    model, data = run.model, run.data
     cfg = StrideConfig(
         num_subsets=8,
         degree=2,

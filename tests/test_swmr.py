@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import FastLogger, TinyMLP, loader, make_classification
+from helpers import FastLogger, TinyMLP, loader, make_classification
 from lightning.pytorch.callbacks import Callback
 
 from lightning_tda import AttributionStore, GradientLogger

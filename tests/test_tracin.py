@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import FastLogger, TinyMLP, loader, make_classification, trainer
+from helpers import FastLogger, TinyMLP, loader, make_classification, trainer
 from oracles import per_example_grads
 from scipy.stats import pearsonr, spearmanr
 from torch.utils.data import DataLoader, Subset
@@ -46,23 +46,23 @@ def _batch(ds):
 
 
 @pytest.fixture(scope="module")
-def sched_run(tmp_path_factory):
+def sched_run(logged_mlp_store):
     """SGD + momentum + StepLR(3, 0.5) per epoch; 64 examples, batch 16 -> 4 steps/epoch; 6 epochs."""
-    tmp = tmp_path_factory.mktemp("tracin")
-    torch.manual_seed(0)
-    data = make_classification(64)
-    queries = make_classification(10, seed=1)
-    model = TinyMLP(optimizer="sgd_sched", lr=0.2)
     snap = Snapshots(every=2)
-    logger = FastLogger(
-        tmp / "exact.h5",
-        attribution_data=data,
-        query_data=queries,
+    run = logged_mlp_store(
+        "tracin",
+        "exact.h5",
+        n=64,
+        n_queries=10,
+        mlp=dict(optimizer="sgd_sched", lr=0.2),
+        log_queries=True,
+        logger_cls=FastLogger,
+        epochs=6,
+        callbacks=[snap],
         every_n_epochs=2,
         projection="exact",
     )
-    trainer(tmp, [logger, snap], max_epochs=6).fit(model, loader(data))
-    return model, data, queries, snap, AttributionStore(tmp / "exact.h5")
+    return run.model, run.data, run.queries, snap, run.store
 
 
 def brute_tracin(model, data, queries, snap, weights):

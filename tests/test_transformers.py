@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import trainer
+from helpers import trainer
 from torch.func import functional_call, grad
 from torch.utils.data import DataLoader
 

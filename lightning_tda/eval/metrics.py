@@ -109,6 +109,12 @@ def split_half_reliability(
 
     Args:
         outputs: ``[M, R, Q]`` per-seed measurements, ``R >= 2``.
+
+    Example:
+        >>> seeds = torch.tensor([[0.1, 0.2], [0.4, 0.5], [0.3, 0.1], [0.6, 0.7]])  # [M=4, R=2]
+        >>> rho, reliability = split_half_reliability(seeds.unsqueeze(-1))  # one query
+        >>> round(rho, 4), round(reliability, 4)
+        (0.8, 0.8889)
     """
     if outputs.dim() != 3 or outputs.shape[1] < 2:
         raise ValueError("split-half reliability needs per-seed outputs [M, R, Q] with R >= 2")
@@ -123,7 +129,12 @@ def split_half_reliability(
 def bootstrap_ci(
     per_query: torch.Tensor, num_resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the NaN-mean over queries (queries resampled with replacement)."""
+    """Percentile bootstrap CI of the NaN-mean over queries (queries resampled with replacement).
+
+    Example:
+        >>> bootstrap_ci(torch.tensor([0.5, 0.7, float("nan"), 0.9], dtype=torch.float64))
+        (0.5, 0.9)
+    """
     x = per_query.double().numpy()
     x = x[~np.isnan(x)]
     if x.size == 0:
@@ -161,7 +172,18 @@ def lds_report(
     num_resamples: int = 2000,
     seed: int = 0,
 ) -> LDSReport:
-    """:func:`linear_datamodeling_score` with its bootstrap CI and the bank's ceiling."""
+    """:func:`linear_datamodeling_score` with its bootstrap CI and the bank's ceiling.
+
+    Example:
+        >>> scores = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.3, 0.4]])  # [Q=2, N=4]
+        >>> subsets = torch.tensor([[0, 1], [0, 2], [1, 2], [2, 3]])  # [M=4, S=2]
+        >>> outputs = torch.tensor(  # [M=4, R=2 seeds, Q=2]
+        ...     [[[0.1, 0.2], [0.2, 0.1]], [[0.4, 0.5], [0.5, 0.3]],
+        ...      [[0.3, 0.3], [0.2, 0.4]], [[0.6, 0.1], [0.7, 0.2]]]
+        ... )
+        >>> print(lds_report(scores, subsets, outputs, num_resamples=200))
+        LDS 0.453 [0.105, 0.800] over 2 queries, ceiling 0.934
+    """
     per_query = linear_datamodeling_score(scores, subsets, outputs, measurement)
     lo, hi = bootstrap_ci(per_query, num_resamples, seed=seed)
     reliability = (
@@ -227,4 +249,12 @@ def mislabel_detection_auc(
 
 
 class MislabelDetectionAUC(BinaryAUROC):
-    """:class:`torchmetrics.classification.BinaryAUROC` over ``(self_influence, is_mislabeled)`` pairs."""
+    """:class:`torchmetrics.classification.BinaryAUROC` over ``(self_influence, is_mislabeled)`` pairs.
+
+    Example (the batches of :func:`mislabel_detection_auc`'s example, one update each):
+        >>> metric = MislabelDetectionAUC()
+        >>> metric.update(torch.tensor([0.9, 0.1]), torch.tensor([1, 0]))
+        >>> metric.update(torch.tensor([0.8, 0.2]), torch.tensor([0, 1]))
+        >>> metric.compute()
+        tensor(0.7500)
+    """
