@@ -87,6 +87,7 @@ class GradCos(GradDot):
     """
 
     name: ClassVar[str] = "gradcos"
+    supports_self_influence: ClassVar[bool] = False
 
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         (ck,) = self.used_checkpoints(store)

@@ -46,6 +46,7 @@ class Stride(AttributionMethod):
     targets_fn: TargetsFn | None = None
 
     name: ClassVar[str] = "stride"
+    supports_self_influence: ClassVar[bool] = False
     measures_queries: ClassVar[bool] = True
 
     def fitted(self, store: StoreReader) -> list[int]:
