@@ -47,9 +47,11 @@ class ExampleLookup:
         data: an ``IndexedDataset``, any map-style dataset whose items carry ids, a DataLoader over
             one (its ``dataset``), or a collated batch (``Indexed`` with ``[B]`` ids, or a dict).
         what: the argument's name in the ``TypeError`` raised for data that cannot be indexed.
+        strict: :meth:`find` raises ``KeyError`` (as :meth:`by_id`) for an id the data lacks,
+            instead of returning ``None``.
     """
 
-    def __init__(self, data: Any, what: str = "data") -> None:
+    def __init__(self, data: Any, what: str = "data", *, strict: bool = False) -> None:
         if isinstance(data, DataLoader):
             data = data.dataset
         self.batch = _is_batch(data)
@@ -61,6 +63,7 @@ class ExampleLookup:
                 f"be shown; got {type(data).__name__}"
             )
         self.data = data
+        self.strict = strict
         self._ids: list[int] | None = None
         self._pos: dict[int, int] | None = None
         self._scanned = False
@@ -94,12 +97,16 @@ class ExampleLookup:
         return strip_example_ids(self.item(position))
 
     def find(self, example_id: int) -> Any:
-        """The item (id included) of ``example_id``, or ``None`` when the data does not hold it."""
-        p = None if self.pos is None else self.pos.get(int(example_id))
+        """The item (id included) of ``example_id``; ``None`` when the data does not hold it
+        (``KeyError`` when ``strict``)."""
+        p = self._position(example_id) if self.strict else (self.pos or {}).get(int(example_id))
         return None if p is None else self.item(p)
 
     def by_id(self, example_id: int) -> Any:
         """The item (without its id) of ``example_id``; ``KeyError`` when the data lacks it."""
+        return self.at(self._position(example_id))
+
+    def _position(self, example_id: int) -> int:
         if self.pos is None:
             raise KeyError(
                 "the data carries no example ids; wrap it in lightning_tda.IndexedDataset"
@@ -110,7 +117,7 @@ class ExampleLookup:
                 f"example id {int(example_id)} is not in the data given for rendering; pass the "
                 "IndexedDataset that was logged (same ids)"
             )
-        return self.at(p)
+        return p
 
 
 def _data_ids(data: Any, batch: bool) -> list[int] | None:
