@@ -291,7 +291,8 @@ def explain(
         result: top-k (``indices [Q, k]``: its rankings are used as they are, the first ``top_k``
             of them) or dense (``scores [Q, N]``: the ``top_k`` largest and smallest are taken here).
         top_k: rows per ranking (``None``: all of a top-k result's, 10 of a dense one's).
-        train: the training examples, looked up by id (missing ids give ``example=None``).
+        train: the training examples, looked up by id (an id it lacks gives ``example=None``, or
+            a ``KeyError`` from a ``strict`` lookup).
         queries: the query examples, looked up by ``result.query_ids`` when it holds them all,
             else by position (then it must hold exactly ``Q`` items).
         self_influence: ``[N]`` self-influence in the row order of ``self_influence_ids``.

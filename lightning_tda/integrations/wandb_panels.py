@@ -9,6 +9,10 @@ Example::
     res = store.attribute(queries, model=model, method="tracin", top_k=10)
     log_influence_panels(wandb_logger, res, train, queries,
                          self_influence=store.self_influence(method="tracin"))
+
+The panels render one :class:`~lightning_tda.explain.Explanation` (the same model the HTML report
+renders): :func:`log_influence_panels` builds it with :func:`~lightning_tda.explain.explain`,
+:func:`log_explanation` logs one built elsewhere.
 """
 
 from __future__ import annotations
