@@ -2,7 +2,7 @@
 
 from lightning_tda._version import __version__
 from lightning_tda.attribution import AttributionStore
-from lightning_tda.callbacks import GradientLogger, InfluencePanels
+from lightning_tda.callbacks import GradientLogger
 from lightning_tda.capture.losses import causal_lm_loss, classification_loss
 from lightning_tda.data import Indexed, IndexedDataset
 from lightning_tda.errors import (
@@ -12,6 +12,7 @@ from lightning_tda.errors import (
     SchemaVersionError,
     StoreError,
 )
+from lightning_tda.integrations.influence_panels import InfluencePanels
 from lightning_tda.results import AttributionResult
 
 __all__ = [

@@ -29,6 +29,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed
+from lightning_tda.explain import (
+    ExampleLookup,
+    Explanation,
+    QueryExplanation,
+    RankedExample,
+    SelfInfluenceOutliers,
+    explain,
+    store_self_influence,
+)
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method
 
@@ -220,51 +229,7 @@ def _as_dataset(data: Any, what: str) -> tuple[Dataset, Any]:
     )
 
 
-def _item_id(item: Any) -> int | None:
-    if isinstance(item, Indexed):
-        return int(item.example_id)
-    if isinstance(item, Mapping) and EXAMPLE_ID_KEY in item:
-        return int(item[EXAMPLE_ID_KEY])
-    return None
-
-
-class _ExampleLookup:
-    """Find training items by example id (``IndexedDataset.ids`` when present, else a scan)."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = None if data is None else _as_dataset(data, "train_data")[0]
-        ids = getattr(self.data, "ids", None)
-        self.pos: dict[int, int] | None = (
-            {int(i): p for p, i in enumerate(ids)}
-            if ids is not None and len(ids) == len(self.data)
-            else None
-        )
-
-    def get(self, example_id: int) -> Any:
-        if self.data is None:
-            return None
-        if self.pos is None:  # no id list: scan the items once
-            self.pos = {}
-            for p in range(len(self.data)):
-                i = _item_id(self.data[p])
-                if i is not None:
-                    self.pos[i] = p
-        p = self.pos.get(int(example_id))
-        return None if p is None else self.data[p]
-
-
 # -- the report --------------------------------------------------------------------------------
-
-
-def _rows_html(kind: str, ids: list[int], scores: list[float], cell: Callable[[int], str]) -> str:
-    cls = "pos" if kind == "proponents" else "neg"
-    rows = [
-        f'<tr data-example-id="{i}" data-score="{s!r}"><td>{r + 1}</td><td>#{i}</td>'
-        f'<td class="{cls}">{s:+.4g}</td><td>{cell(i)}</td></tr>'
-        for r, (i, s) in enumerate(zip(ids, scores, strict=True))
-    ]
-    head = "<tr><th>rank</th><th>example</th><th>score</th><th></th></tr>"
-    return f'<table class="{kind}"><caption>{kind}</caption>{head}{"".join(rows)}</table>'
 
 
 def write_report(
@@ -321,113 +286,127 @@ def write_report(
         if isinstance(store_or_path, AttributionStore)
         else AttributionStore(store_or_path)
     )
-    render = render or default_render
     qdata, collate_fn = _as_dataset(queries, "queries")
     if len(qdata) == 0:
         raise ValueError("queries is empty; pass at least one query example")
     qdata = Subset(qdata, range(min(len(qdata), max_queries)))
-    lookup = _ExampleLookup(train_data)
+    train = None if train_data is None else ExampleLookup(train_data, "train_data")
     m = auto_method(store)[0] if method == AUTO else get_method(method)
     res = store.attribute(qdata, model=model, method=m, top_k=None, collate_fn=collate_fn)
-    dense = res.scores.float()  # [Q, N] in store row order
-    k = min(top_k, dense.shape[1])
-    hi, lo = dense.topk(k, dim=1), dense.topk(k, dim=1, largest=False)
-    ids = res.example_ids
+    si, si_name, note = (
+        store_self_influence(store, m, self_influence, model) if self_influence else (None, "", "")
+    )
+    ex = explain(
+        res, top_k=top_k, train=train, queries=ExampleLookup(qdata, "queries"),
+        self_influence=si, self_influence_ids=store.example_ids, self_influence_method=si_name,
+        self_influence_note=note, num_outliers=num_outliers,
+    )  # fmt: skip
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = report_html(ex, store.summary(), render or default_render, title, queries_note)
+    out.write_text(page, encoding="utf-8")
+    return out
 
+
+def report_html(
+    ex: Explanation,
+    summary: str,
+    render: Renderer = default_render,
+    title: str | None = None,
+    queries_note: str = "",
+) -> str:
+    """The report page of an explanation of a dense result (``ex.scores [Q, N]``) as one string;
+    ``summary`` is the store's :meth:`~AttributionStore.summary`."""
     cache: dict[int, str] = {}
 
-    def cell(example_id: int) -> str:
-        if example_id not in cache:
-            item = lookup.get(example_id)
-            cache[example_id] = (
-                "" if item is None else _render_html(render(item), f"example {example_id}")
+    def cell(row: RankedExample) -> str:
+        if row.example_id not in cache:
+            cache[row.example_id] = (
+                ""
+                if row.example is None
+                else _render_html(render(row.example), f"example {row.example_id}")
             )
-        return cache[example_id]
+        return cache[row.example_id]
 
-    name = html.escape(res.method)
+    name = html.escape(ex.method)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title or f'lightning-tda report: {res.method}')}</title>",
+        f"<title>{html.escape(title or f'lightning-tda report: {ex.method}')}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title or 'Training-data attribution report')}</h1>",
-        f'<p>method <strong class="method">{name}</strong> over checkpoints {html.escape(str(res.checkpoints))};'
-        f" {len(qdata)} queries, top {k} of {dense.shape[1]} training examples each. "
+        f'<p>method <strong class="method">{name}</strong> over checkpoints {html.escape(str(ex.checkpoints))};'
+        f" {len(ex.queries)} queries, top {ex.top_k} of {ex.num_examples} training examples each. "
         "Score &gt; 0: training on the example lowered the query's loss (proponent); "
         "&lt; 0: raised it (opponent).</p>",
     ]
     if queries_note:
         parts.append(f'<p class="note">{html.escape(queries_note)}</p>')
-    parts.append(f'<h2>Run</h2><pre class="summary">{html.escape(store.summary())}</pre>')
+    parts.append(f'<h2>Run</h2><pre class="summary">{html.escape(summary)}</pre>')
     parts.append("<h2>Queries</h2>")
-    for q in range(len(qdata)):
-        qid = None if res.query_ids is None else int(res.query_ids[q])
-        label = f"query {q + 1}" + ("" if qid is None else f" (example #{qid})")
-        row = dense[q].numpy()
-        hist = _histogram_png(
-            row,
-            [(float(hi.values[q, -1]), "#1a7f37"), (float(lo.values[q, -1]), "#c0392b")],
-            f"{res.method} scores of all {row.size} training examples",
-            "score (dashed: top-k cut-offs)",
-        )
-        pro_ids = ids[hi.indices[q]].tolist()
-        opp_ids = ids[lo.indices[q]].tolist()
-        parts += [
-            f'<section class="query" data-query-index="{q}" data-query-id="{"" if qid is None else qid}">',
-            f"<h3>{html.escape(label)}</h3>",
-            '<div class="tables"><div>',
-            _render_html(render(qdata[q]), label),
-            f'<div><img class="hist" src="{_png_uri(hist)}" alt="score histogram"></div></div>',
-            _rows_html("proponents", pro_ids, hi.values[q].tolist(), cell),
-            _rows_html("opponents", opp_ids, lo.values[q].tolist(), cell),
-            "</div></section>",
-        ]
-    if self_influence:
-        parts.append(_self_influence_html(store, model, m, self_influence, num_outliers, cell))
+    for qe in ex.queries:
+        parts += _query_html(ex, qe, render, cell)
+    if ex.self_influence is not None:
+        parts.append(_self_influence_html(ex.self_influence, cell))
     parts.append("</body></html>")
-    out = Path(out_html)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
-    return out
+    return "\n".join(parts)
 
 
-def _self_influence_html(
-    store: AttributionStore,
-    model: torch.nn.Module,
-    method: AttributionMethod,
-    which: bool | str,
-    num_outliers: int,
-    cell: Callable[[int], str],
-) -> str:
-    note = ""
-    chosen: str | AttributionMethod = method if which is True else str(which)
-    try:
-        si = store.self_influence(model=model, method=chosen)
-    except ValueError as e:
-        if which is not True:
-            raise
-        note = f"{method.name} defines no self-influence ({e}); showing TracIn's."
-        chosen = "tracin"
-        si = store.self_influence(model=model, method=chosen)
-    chosen_name = chosen if isinstance(chosen, str) else chosen.name
-    n = min(num_outliers, si.numel())
-    top = torch.topk(si, n)
-    out_ids = store.example_ids[top.indices].tolist()
+def _query_html(
+    ex: Explanation,
+    qe: QueryExplanation,
+    render: Renderer,
+    cell: Callable[[RankedExample], str],
+) -> list[str]:
+    """One query's section: the query, its score histogram, its proponents and opponents."""
+    qid = qe.query_id
+    label = f"query {qe.position + 1}" + ("" if qid is None else f" (example #{qid})")
+    row = ex.scores[qe.position].numpy()
     hist = _histogram_png(
-        si.double().numpy(),
-        [(float(top.values[-1]), "#c0392b")],
-        f"{chosen_name} self-influence of {si.numel()} training examples",
+        row,
+        [(qe.proponents[-1].score, "#1a7f37"), (qe.opponents[-1].score, "#c0392b")],
+        f"{ex.method} scores of all {row.size} training examples",
+        "score (dashed: top-k cut-offs)",
+    )
+    return [
+        f'<section class="query" data-query-index="{qe.position}" data-query-id="{"" if qid is None else qid}">',
+        f"<h3>{html.escape(label)}</h3>",
+        '<div class="tables"><div>',
+        _render_html(render(qe.query), label),
+        f'<div><img class="hist" src="{_png_uri(hist)}" alt="score histogram"></div></div>',
+        _rows_html("proponents", qe.proponents, cell),
+        _rows_html("opponents", qe.opponents, cell),
+        "</div></section>",
+    ]
+
+
+def _rows_html(kind: str, rows: list[RankedExample], cell: Callable[[RankedExample], str]) -> str:
+    cls = "pos" if kind == "proponents" else "neg"
+    trs = [
+        f'<tr data-example-id="{r.example_id}" data-score="{r.score!r}"><td>{r.rank}</td>'
+        f'<td>#{r.example_id}</td><td class="{cls}">{r.score:+.4g}</td><td>{cell(r)}</td></tr>'
+        for r in rows
+    ]
+    head = "<tr><th>rank</th><th>example</th><th>score</th><th></th></tr>"
+    return f'<table class="{kind}"><caption>{kind}</caption>{head}{"".join(trs)}</table>'
+
+
+def _self_influence_html(si: SelfInfluenceOutliers, cell: Callable[[RankedExample], str]) -> str:
+    hist = _histogram_png(
+        si.scores.double().numpy(),
+        [(si.outliers[-1].score, "#c0392b")],
+        f"{si.method} self-influence of {si.scores.numel()} training examples",
         "self-influence (dashed: outlier cut-off)",
     )
     rows = [
-        f'<tr data-example-id="{i}" data-score="{s!r}"><td>{r + 1}</td><td>#{i}</td>'
-        f"<td>{s:.4g}</td><td>{cell(i)}</td></tr>"
-        for r, (i, s) in enumerate(zip(out_ids, top.values.tolist(), strict=True))
+        f'<tr data-example-id="{r.example_id}" data-score="{r.score!r}"><td>{r.rank}</td>'
+        f"<td>#{r.example_id}</td><td>{r.score:.4g}</td><td>{cell(r)}</td></tr>"
+        for r in si.outliers
     ]
     return (
         '<section class="self-influence-section"><h2>Self-influence outliers</h2>'
-        f"<p>Training examples with the highest {html.escape(chosen_name)} self-influence: the ones "
+        f"<p>Training examples with the highest {html.escape(si.method)} self-influence: the ones "
         "the model finds hardest or most inconsistent with the rest, e.g. mislabel candidates.</p>"
-        + (f'<p class="note">{html.escape(note)}</p>' if note else "")
+        + (f'<p class="note">{html.escape(si.note)}</p>' if si.note else "")
         + f'<div class="tables"><img class="hist" src="{_png_uri(hist)}" alt="self-influence histogram">'
         '<table class="self-influence"><tr><th>rank</th><th>example</th><th>self-influence</th>'
         f"<th></th></tr>{''.join(rows)}</table></div></section>"

@@ -9,6 +9,10 @@ Example::
     res = store.attribute(queries, model=model, method="tracin", top_k=10)
     log_influence_panels(wandb_logger, res, train, queries,
                          self_influence=store.self_influence(method="tracin"))
+
+The panels render one :class:`~lightning_tda.explain.Explanation` (the same model the HTML report
+renders): :func:`log_influence_panels` builds it with :func:`~lightning_tda.explain.explain`,
+:func:`log_explanation` logs one built elsewhere.
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed, get_example_ids, strip_example_ids
-from lightning_tda.errors import MissingExampleIdsError
+from lightning_tda.data.indexed import strip_example_ids
+from lightning_tda.explain import (
+    CheckpointShares,
+    ExampleLookup,
+    Explanation,
+    checkpoint_shares,
+    explain,
+)
 from lightning_tda.results import AttributionResult
 
 Render = Callable[[Any], Any]
@@ -86,94 +95,7 @@ def _is_wandb_logger(obj: Any) -> bool:
     return any(c.__name__ == "WandbLogger" for c in type(obj).__mro__)
 
 
-# -- example lookup and rendering --------------------------------------------------------------
-class ExampleLookup:
-    """Items of an indexed dataset by example id (or by position when ids are unknown).
-
-    Args:
-        data: an :class:`~lightning_tda.IndexedDataset`, any map-style dataset whose items carry ids,
-            a DataLoader over one (its ``dataset``), or a collated batch (``Indexed`` or a dict).
-    """
-
-    def __init__(self, data: Any) -> None:
-        if isinstance(data, DataLoader):
-            data = data.dataset
-        self.batch = _is_batch(data)
-        self.data = data
-        if self.batch:
-            self.ids = get_example_ids(data).tolist() if _has_ids(data) else None
-        elif hasattr(data, "ids"):
-            self.ids = [int(i) for i in data.ids]
-        else:
-            try:
-                self.ids = [int(get_example_ids(_batched_id(data[i]))) for i in range(len(data))]
-            except (MissingExampleIdsError, TypeError, ValueError):  # no ids: lookup by position
-                self.ids = None
-        self.pos = {i: p for p, i in enumerate(self.ids)} if self.ids is not None else None
-
-    def __len__(self) -> int:
-        if self.batch:
-            return len(self.ids) if self.ids is not None else _batch_len(self.data)
-        return len(self.data)
-
-    def by_id(self, example_id: int) -> Any:
-        """The item (without its id) of ``example_id``."""
-        if self.pos is None:
-            raise KeyError(
-                "the data carries no example ids; wrap it in lightning_tda.IndexedDataset"
-            )
-        p = self.pos.get(int(example_id))
-        if p is None:
-            raise KeyError(
-                f"example id {int(example_id)} is not in the data given for rendering; pass the "
-                "IndexedDataset that was logged (same ids)"
-            )
-        return self.at(p)
-
-    def at(self, position: int) -> Any:
-        """The item (without its id) at ``position``."""
-        item = _index_batch(self.data, position) if self.batch else self.data[position]
-        return strip_example_ids(item)
-
-
-def _is_batch(data: Any) -> bool:
-    if isinstance(data, Indexed):
-        return torch.is_tensor(data.example_id) and data.example_id.dim() == 1
-    return isinstance(data, Mapping)
-
-
-def _has_ids(batch: Any) -> bool:
-    return isinstance(batch, Indexed) or (isinstance(batch, Mapping) and EXAMPLE_ID_KEY in batch)
-
-
-def _batched_id(item: Any) -> Any:
-    """A single item as a one-element 'batch' so :func:`get_example_ids` can read its id."""
-    if isinstance(item, Indexed):
-        return Indexed(torch.tensor([int(item.example_id)]), item.data)
-    if isinstance(item, Mapping) and EXAMPLE_ID_KEY in item:
-        return {EXAMPLE_ID_KEY: torch.tensor([int(item[EXAMPLE_ID_KEY])])}
-    return item
-
-
-def _batch_len(batch: Any) -> int:
-    for v in batch.values() if isinstance(batch, Mapping) else [batch]:
-        if torch.is_tensor(v):
-            return len(v)
-    raise TypeError("cannot tell the size of this batch; pass a Dataset instead")
-
-
-def _index_batch(batch: Any, i: int) -> Any:
-    if torch.is_tensor(batch) or isinstance(batch, np.ndarray):
-        return batch[i]
-    if isinstance(batch, Indexed):
-        return Indexed(int(batch.example_id[i]), _index_batch(batch.data, i))
-    if isinstance(batch, Mapping):
-        return {k: _index_batch(v, i) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_index_batch(v, i) for v in batch)
-    return batch
-
-
+# -- rendering ---------------------------------------------------------------------------------
 def split_example(example: Any) -> tuple[Any, Any]:
     """``(content, label)`` of an item without its id: ``(x, y)`` tuples, dicts or plain values."""
     if isinstance(example, Mapping):
@@ -336,21 +258,13 @@ def log_influence_panels(
     max_query_histograms: int = 16,
     prefix: str = "tda",
 ) -> dict[str, int]:
-    """Log influence panels of an attribution result to Weights & Biases.
+    """Log influence panels of an attribution result to Weights & Biases, in one ``run.log`` call.
 
-    Logged in one ``run.log`` call (keys under ``prefix``):
-
-    - ``{prefix}/influence``: a table of the top-k proponents and opponents of every query (columns
-      ``query_id, query, query_label, kind, rank, example_id, score, example, label``; filter it by
-      ``query_id`` in the UI); ``example``/``query`` are text or images (see ``render``).
-    - ``{prefix}/scores``: a histogram of every score in the table (dense results: of all ``[Q, N]``
-      scores), and ``{prefix}/scores_q<query_id>`` per query for dense results (the first
-      ``max_query_histograms`` queries).
-    - ``{prefix}/self_influence``: the ``self_influence_top`` examples with the largest self-influence
-      (mislabel candidates) with their example and label, and ``{prefix}/self_influence_hist``.
-    - ``{prefix}/checkpoints``: per query and checkpoint the total |score| (``abs_total``), its
-      ``share`` of the sum over checkpoints and the signed ``total``; ``{prefix}/checkpoint_share``
-      is a bar chart of the mean share per checkpoint.
+    The panels (keys under ``prefix``; see :func:`log_explanation`): ``influence`` (the top-k
+    proponents and opponents of every query, with the examples), ``scores`` (and ``scores_q<id>``
+    per query of dense results), ``self_influence`` and ``self_influence_hist``, ``checkpoints``
+    and the ``checkpoint_share`` bar chart. They render the :func:`~lightning_tda.explain.explain`
+    of ``result``.
 
     Args:
         run_or_logger: a Lightning ``WandbLogger`` (its ``experiment`` is used), a wandb run, or ``None``
@@ -380,127 +294,124 @@ def log_influence_panels(
     Returns:
         ``{key: rows}`` of what was logged (histograms: number of values).
     """
-    wandb = require_wandb()
+    require_wandb()
     run = resolve_run(run_or_logger)
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if not callable(render) and render not in (None, "auto", "image", "text"):
-        raise ValueError(f"render must be 'auto', 'image', 'text' or a callable, got {render!r}")
-    train = ExampleLookup(train_data) if train_data is not None else None
-    queries = ExampleLookup(query_data) if query_data is not None else None
-    cache: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def show(lookup: ExampleLookup | None, kind: str, key: int, by_id: bool) -> tuple[Any, Any]:
-        if lookup is None:
-            return None, None
-        if (kind, key) not in cache:
-            item = lookup.by_id(key) if by_id else lookup.at(key)
-            cache[kind, key] = render_example(item, render, tokenizer)
-        return cache[kind, key]
-
-    q = result.scores.shape[0]
-    qids = _query_ids(result, queries)
-    by_qid = (
-        queries is not None
-        and result.query_ids is not None
-        and queries.pos is not None
-        and all(int(i) in queries.pos for i in qids)
+    _check_render(render)
+    ex = explain(
+        result,
+        top_k=top_k,
+        train=None if train_data is None else ExampleLookup(train_data, "train_data", strict=True),
+        queries=None if query_data is None else ExampleLookup(query_data, "query_data"),
+        self_influence=None if self_influence is None else _self_influence(self_influence, store),
+        self_influence_ids=None if store is None else store.example_ids,
+        num_outliers=self_influence_top,
+        checkpoint_scores=checkpoint_scores,
     )
-    if queries is not None and not by_qid and len(queries) != q:
-        raise ValueError(
-            f"query_data has {len(queries)} items but the result has {q} queries; pass the queries "
-            "that were attributed, in the same order"
-        )
+    return log_explanation(
+        run, ex, render=render, tokenizer=tokenizer, bins=bins,
+        max_query_histograms=max_query_histograms, prefix=prefix,
+    )  # fmt: skip
+
+
+def log_explanation(
+    run_or_logger: Any,
+    explanation: Explanation,
+    *,
+    render: str | Render | None = None,
+    tokenizer: Any = None,
+    bins: int = 64,
+    max_query_histograms: int = 16,
+    prefix: str = "tda",
+) -> dict[str, int]:
+    """Log an :class:`~lightning_tda.explain.Explanation` as W&B panels, in one ``run.log`` call.
+
+    - ``{prefix}/influence``: a table of the top-k proponents and opponents of every query (columns
+      ``query_id, query, query_label, kind, rank, example_id, score, example, label``; filter it by
+      ``query_id`` in the UI); ``example``/``query`` are text or images (see ``render``).
+    - ``{prefix}/scores``: a histogram of every score in the table (dense results: of all ``[Q, N]``
+      scores), and ``{prefix}/scores_q<query_id>`` per query for dense results (the first
+      ``max_query_histograms`` queries).
+    - ``{prefix}/self_influence``: the self-influence outliers (mislabel candidates) with their
+      example and label, and ``{prefix}/self_influence_hist``.
+    - ``{prefix}/checkpoints``: per query and checkpoint the total |score| (``abs_total``), its
+      ``share`` of the sum over checkpoints and the signed ``total``; ``{prefix}/checkpoint_share``
+      is a bar chart of the mean share per checkpoint.
+
+    ``render``, ``tokenizer``: as for :func:`render_example`. Returns ``{key: rows}`` of what was
+    logged (histograms: number of values).
+    """
+    wandb = require_wandb()
+    run = resolve_run(run_or_logger)
+    _check_render(render)
+    ex, cell = explanation, _cell_cache(render, tokenizer)
+    qids = [qe.position if qe.query_id is None else qe.query_id for qe in ex.queries]
     payload: dict[str, Any] = {}
     counts: dict[str, int] = {}
 
-    hi_ids, hi_scores, lo_ids, lo_scores = _top_rows(result, top_k)
-    rows = []
-    for r in range(q):
-        qcell, qlabel = show(queries, "q", qids[r] if by_qid else r, by_qid)
-        for kind, ids, scores in (
-            ("proponent", hi_ids[r], hi_scores[r]),
-            ("opponent", lo_ids[r], lo_scores[r]),
-        ):
-            for rank, (eid, s) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True), 1):
-                cell, label = show(train, "t", eid, True)
-                rows.append([qids[r], qcell, qlabel, kind, rank, eid, s, cell, label])
-    key = f"{prefix}/influence"
-    payload[key] = wandb.Table(columns=INFLUENCE_COLUMNS, data=rows, allow_mixed_types=True)
-    counts[key] = len(rows)
+    def table(key: str, columns: list[str], rows: list[list[Any]], **kw: Any) -> None:
+        payload[f"{prefix}/{key}"] = wandb.Table(columns=columns, data=rows, **kw)
+        counts[f"{prefix}/{key}"] = len(rows)
 
-    values = result.scores if result.dense else torch.cat([hi_scores, lo_scores], dim=1)
-    _histogram(wandb, payload, counts, f"{prefix}/scores", values, bins)
-    if result.dense:
-        for r in range(min(q, max_query_histograms)):
-            _histogram(wandb, payload, counts, f"{prefix}/scores_q{qids[r]}", values[r], bins)
+    def hist(key: str, values: torch.Tensor) -> None:
+        _histogram(wandb, payload, counts, f"{prefix}/{key}", values, bins)
 
-    if self_influence is not None:
-        si = _self_influence(self_influence, store)
-        ids = store.example_ids if store is not None else result.example_ids
-        if si.dim() != 1 or len(si) != len(ids):
-            raise ValueError(
-                f"self_influence has shape {tuple(si.shape)} but the store has {len(ids)} examples; "
-                "pass the [N] tensor of store.self_influence(...) (store row order)"
-            )
-        top = torch.topk(si.float(), min(self_influence_top, len(si)))
-        si_rows = []
-        for rank, (row, v) in enumerate(
-            zip(top.indices.tolist(), top.values.tolist(), strict=True), 1
-        ):
-            eid = int(ids[row])
-            cell, label = show(train, "t", eid, True)
-            si_rows.append([rank, eid, v, cell, label])
-        key = f"{prefix}/self_influence"
-        payload[key] = wandb.Table(
-            columns=SELF_INFLUENCE_COLUMNS, data=si_rows, allow_mixed_types=True
-        )
-        counts[key] = len(si_rows)
-        _histogram(wandb, payload, counts, f"{prefix}/self_influence_hist", si, bins)
-
-    if checkpoint_scores:
-        ck_rows, bar_rows = checkpoint_table(checkpoint_scores, qids)
-        key = f"{prefix}/checkpoints"
-        payload[key] = wandb.Table(columns=CHECKPOINT_COLUMNS, data=ck_rows)
-        counts[key] = len(ck_rows)
+    table("influence", INFLUENCE_COLUMNS, _influence_rows(ex, qids, cell), allow_mixed_types=True)
+    hist("scores", ex.scores)
+    if ex.dense:
+        for r in range(min(len(ex.queries), max_query_histograms)):
+            hist(f"scores_q{qids[r]}", ex.scores[r])
+    si = ex.self_influence
+    if si is not None:
+        rows = [
+            [o.rank, o.example_id, o.score, *cell("t", o.example_id, o.example)]
+            for o in si.outliers
+        ]
+        table("self_influence", SELF_INFLUENCE_COLUMNS, rows, allow_mixed_types=True)
+        hist("self_influence_hist", si.scores)
+    if ex.checkpoint_shares is not None:
+        ck_rows, bar_rows = _checkpoint_rows(ex.checkpoint_shares, qids)
+        table("checkpoints", CHECKPOINT_COLUMNS, ck_rows)
         bar = wandb.Table(columns=["checkpoint", "mean_share"], data=bar_rows)
-        key = f"{prefix}/checkpoint_share"
-        payload[key] = wandb.plot.bar(
+        payload[f"{prefix}/checkpoint_share"] = wandb.plot.bar(
             bar, "checkpoint", "mean_share", title="share of |score| per checkpoint"
         )
-        counts[key] = len(bar_rows)
+        counts[f"{prefix}/checkpoint_share"] = len(bar_rows)
     run.log(payload)
     return counts
 
 
-def _query_ids(result: AttributionResult, queries: ExampleLookup | None) -> list[int]:
-    q = result.scores.shape[0]
-    if result.query_ids is not None:
-        return [int(i) for i in result.query_ids.tolist()]
-    if queries is not None and queries.ids is not None and len(queries.ids) == q:
-        return [int(i) for i in queries.ids]
-    return list(range(q))
+def _check_render(render: Any) -> None:
+    if not callable(render) and render not in (None, "auto", "image", "text"):
+        raise ValueError(f"render must be 'auto', 'image', 'text' or a callable, got {render!r}")
 
 
-def _top_rows(
-    result: AttributionResult, top_k: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, scores)`` of proponents (descending) and opponents (ascending), ``[Q, k]`` each."""
-    if result.dense:
-        k = min(top_k or 10, result.scores.shape[1])
-        hi = result.scores.float().topk(k, dim=1)
-        lo = result.scores.float().topk(k, dim=1, largest=False)
-        ids = result.example_ids
-        return ids[hi.indices], hi.values, ids[lo.indices], lo.values
-    k = result.scores.shape[1] if top_k is None else min(top_k, result.scores.shape[1])
-    if result.opponents is None or result.opponent_scores is None:
-        raise ValueError("a top-k AttributionResult needs opponents and opponent_scores")
-    return (
-        result.indices[:, :k],
-        result.scores[:, :k].float(),
-        result.opponents[:, :k],
-        result.opponent_scores[:, :k].float(),
-    )
+def _cell_cache(render: str | Render | None, tokenizer: Any) -> Callable[[str, int, Any], Any]:
+    """``cell(kind, key, item) -> (cell, label)``, each ``(kind, key)`` rendered once."""
+    cache: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def cell(kind: str, key: int, item: Any) -> tuple[Any, Any]:
+        if item is None:
+            return None, None
+        if (kind, key) not in cache:
+            cache[kind, key] = render_example(strip_example_ids(item), render, tokenizer)
+        return cache[kind, key]
+
+    return cell
+
+
+def _influence_rows(ex: Explanation, qids: list[int], cell: Callable) -> list[list[Any]]:
+    rows = []
+    for qe, qid in zip(ex.queries, qids, strict=True):
+        qcell, qlabel = cell("q", qe.position, qe.query)
+        for kind, ranked in (("proponent", qe.proponents), ("opponent", qe.opponents)):
+            for x in ranked:
+                rows.append(
+                    [qid, qcell, qlabel, kind, x.rank, x.example_id, x.score]
+                    + list(cell("t", x.example_id, x.example))
+                )
+    return rows
 
 
 def _histogram(
@@ -533,31 +444,19 @@ def checkpoint_table(
 
     Each value is an :class:`AttributionResult` or a ``[Q, N]`` (or ``[Q, k]``) tensor of that
     checkpoint's scores; ``abs_total`` sums ``|score|`` over the last dim (and the opponents of
-    top-k results), ``share`` divides it by the sum over checkpoints.
+    top-k results), ``share`` divides it by the sum over checkpoints
+    (:func:`~lightning_tda.explain.checkpoint_shares`).
     """
-    steps = sorted(int(s) for s in checkpoint_scores)
-    q = len(query_ids)
-    abs_tot, tot = [], []
-    for s in steps:
-        v = checkpoint_scores[s]
-        if isinstance(v, AttributionResult):
-            parts = [v.scores] if v.dense else [v.scores, v.opponent_scores]
-        else:
-            parts = [torch.as_tensor(v)]
-        parts = [p.detach().float().cpu().reshape(p.shape[0], -1) for p in parts]
-        if any(p.shape[0] != q for p in parts):
-            raise ValueError(
-                f"checkpoint_scores[{s}] has {parts[0].shape[0]} queries but the result has {q}; "
-                "attribute the same queries at every checkpoint"
-            )
-        abs_tot.append(sum(p.abs().sum(1) for p in parts))
-        tot.append(sum(p.sum(1) for p in parts))
-    a, t = torch.stack(abs_tot, 1).double(), torch.stack(tot, 1).double()  # [Q, S]
-    denom = a.sum(1, keepdim=True)
-    share = torch.where(denom > 0, a / denom.clamp_min(1e-300), torch.zeros_like(a))
+    return _checkpoint_rows(checkpoint_shares(checkpoint_scores, len(query_ids)), query_ids)
+
+
+def _checkpoint_rows(
+    shares: CheckpointShares, query_ids: Sequence[int]
+) -> tuple[list[list[Any]], list[list[Any]]]:
+    a, t, share, steps = shares.abs_total, shares.total, shares.share, shares.steps
     rows = [
         [int(query_ids[r]), s, float(a[r, j]), float(share[r, j]), float(t[r, j])]
-        for r in range(q)
+        for r in range(len(query_ids))
         for j, s in enumerate(steps)
     ]
     bar = [[str(s), float(share[:, j].mean())] for j, s in enumerate(steps)]
