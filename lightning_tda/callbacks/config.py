@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 from lightning_tda.callbacks.schedule import ScheduleConfig
 from lightning_tda.capture.in_flight import Reduction, check_reduction
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.capture.query_spec import QuerySpec
 from lightning_tda.errors import ConfigError
 from lightning_tda.store import schema
 
@@ -125,6 +126,10 @@ class CaptureConfig:
         d["loss_fn"], d["collate_fn"] = describe(self.loss_fn), describe(self.collate_fn)
         return d
 
+    def query_spec(self) -> QuerySpec:
+        """The loss and batching of a Dataset sweep as a :class:`QuerySpec` (batch size 64 when unset)."""
+        return QuerySpec(self.loss_fn, self.batch_size or 64, self.collate_fn)
+
 
 @dataclass(frozen=True)
 class InFlightConfig:
@@ -189,6 +194,13 @@ class LoggerConfig:
         if self.mode == "in_flight":
             _check_in_flight(self)
         object.__setattr__(self, "schedule", self.schedule.for_mode(self.mode))
+        if self.storage.dtype is None:  # the preset's row dtype
+            object.__setattr__(
+                self, "storage", replace(self.storage, dtype=PRESETS[self.preset]["dtype"])
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.saved_arguments()
 
     def saved_arguments(self) -> dict[str, Any]:
         """JSON-ready ``{group: fields}`` (kronfluence-style saved arguments); ``in_flight`` only in

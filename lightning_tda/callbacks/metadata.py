@@ -77,5 +77,5 @@ def check_saved_arguments(ctx: FitContext) -> None:
     if diff is not None:
         raise StoreError(
             f"{path} was written with other GradientLogger settings than this run has ({diff}); "
-            "resume with the same settings, or use a new path (or overwrite=True) to start the file again."
+            "resume with the same settings, or start a fresh fit (no ckpt_path) with a new path or overwrite=True."
         )

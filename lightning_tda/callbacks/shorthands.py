@@ -58,6 +58,8 @@ SHORTHANDS: dict[str, tuple[str, str]] = {
 
 KIND_FIELD = {"projection": "kind", "storage": "kind"}
 """Groups whose argument may also be a plain string: the old ``projection="exact"`` / ``storage="lorif"``."""
+DEFAULT_KIND = {"projection": "kronecker", "storage": "dense"}
+"""The kind of such a group when its argument is not passed at all."""
 
 
 def given_shorthands(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +95,10 @@ def resolve_config(
         group, name = SHORTHANDS[key]
         overrides[group][name] = value
     built = {
-        name: _build(name, groups.get(name), overrides[name], PRESETS[preset]) for name in GROUPS
+        name: _build(
+            name, groups.get(name, DEFAULT_KIND.get(name)), overrides[name], PRESETS[preset]
+        )
+        for name in GROUPS
     }
     return LoggerConfig(mode=mode, preset=preset, **built)
 
@@ -108,10 +113,7 @@ def _build(group: str, value: Any, overrides: dict[str, Any], preset: dict[str, 
         base = {KIND_FIELD[group]: value} | _preset_fields(group, value, preset)
     else:
         raise ConfigError(f"{group} must be a {cls.__name__} (or None), got {value!r}")
-    merged = base | overrides
-    if group == "storage" and merged.get("dtype") is None:
-        merged["dtype"] = preset["dtype"]  # also under a StorageConfig that leaves dtype open
-    return cls(**merged)
+    return cls(**(base | overrides))  # a storage dtype left open is the preset's (LoggerConfig)
 
 
 def _preset_fields(group: str, kind: Any, preset: dict[str, Any]) -> dict[str, Any]:
