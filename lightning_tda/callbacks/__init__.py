@@ -1,9 +1,27 @@
+"""The logging callback and its typed configuration."""
+
 from typing import Any
 
+from lightning_tda.callbacks.config import (
+    CaptureConfig,
+    InFlightConfig,
+    LoggerConfig,
+    StorageConfig,
+)
 from lightning_tda.callbacks.gradient_logger import GradientLogger
-from lightning_tda.callbacks.schedule import LogSchedule
+from lightning_tda.callbacks.post_fit import PostFitStage
+from lightning_tda.callbacks.schedule import LogSchedule, ScheduleConfig
 
-__all__ = ["GradientLogger", "InfluencePanels", "LogSchedule"]
+__all__ = [
+    "CaptureConfig",
+    "GradientLogger",
+    "InFlightConfig",
+    "LogSchedule",
+    "LoggerConfig",
+    "PostFitStage",
+    "ScheduleConfig",
+    "StorageConfig",
+]
 
 
 def __getattr__(name: str) -> Any:  # InfluencePanels moved to a higher layer: a lazy alias

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from lightning_tda.errors import ConfigError
+
 Distribution = Literal["orthogonal", "gaussian", "rademacher"]
 ProjectionKind = Literal["kronecker", "exact"]
 Basis = Literal["random", "pca"]
@@ -38,6 +40,9 @@ class ProjectionConfig:
             on up to ``basis_examples`` examples and stored in the store (LoGra's PCA option; far
             better inner-product fidelity at small ranks, one extra pass).
         basis_examples: examples used to fit the ``"pca"`` basis.
+
+    Raises:
+        ConfigError: an invalid field (a ``ValueError`` and a ``MisconfigurationException``).
     """
 
     kind: ProjectionKind = "kronecker"
@@ -51,23 +56,23 @@ class ProjectionConfig:
 
     def __post_init__(self) -> None:
         if self.basis not in ("random", "pca"):
-            raise ValueError(f"basis must be 'random' or 'pca', got {self.basis!r}")
+            raise ConfigError(f"basis must be 'random' or 'pca', got {self.basis!r}")
         if not _is_int(self.basis_examples) or self.basis_examples < 1:
-            raise ValueError(f"basis_examples must be a positive int, got {self.basis_examples!r}")
+            raise ConfigError(f"basis_examples must be a positive int, got {self.basis_examples!r}")
         if self.kind not in ("kronecker", "exact"):
-            raise ValueError(f"projection must be 'kronecker' or 'exact', got {self.kind!r}")
+            raise ConfigError(f"projection must be 'kronecker' or 'exact', got {self.kind!r}")
         if self.distribution not in ("orthogonal", "gaussian", "rademacher"):
-            raise ValueError(
+            raise ConfigError(
                 f"distribution must be 'orthogonal', 'gaussian' or 'rademacher', got {self.distribution!r}"
             )
         if self.kind == "kronecker" and (not _is_int(self.rank) or self.rank < 1):
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+            raise ConfigError(f"rank must be a positive int, got {self.rank!r}")
         if not _is_int(self.dense_dim) or self.dense_dim < 0:
-            raise ValueError(f"dense_dim must be an int >= 0, got {self.dense_dim!r}")
+            raise ConfigError(f"dense_dim must be an int >= 0, got {self.dense_dim!r}")
         if not _is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.dims, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"dims must be a dict {{module_name: (k_out, k_in)}}, got {self.dims!r}"
             )
         for name, dims in self.dims.items():
@@ -76,7 +81,7 @@ class ProjectionConfig:
                 or len(dims) != 2
                 or not all(_is_int(d) and d >= 0 for d in dims)
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"dims[{name!r}] must be a pair (k_out, k_in) of non-negative ints, got {dims!r}"
                 )
 

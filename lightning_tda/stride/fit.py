@@ -130,6 +130,29 @@ class StrideConfig:
         d["alpha_grid"] = tuple(d.get("alpha_grid", ALPHA_GRID))
         return cls(**d)
 
+    def run_after_fit(
+        self,
+        path: str | os.PathLike,
+        pl_module: pl.LightningModule,
+        data: Any,
+        *,
+        trainer_kwargs: dict[str, Any] | None = None,
+        loss_fn: LossFn | None = None,
+        collate_fn: Any = None,
+    ) -> StrideResult | list[StrideResult] | None:
+        """The post-fit stage of ``GradientLogger(stride=self)`` (:class:`~lightning_tda.callbacks.post_fit.PostFitStage`):
+        :func:`fit` at the store's last checkpoint, replacing operators already stored for it."""
+        return fit(
+            path,
+            pl_module,
+            data,
+            self,
+            trainer_kwargs=trainer_kwargs,
+            loss_fn=loss_fn,
+            collate_fn=collate_fn,
+            overwrite=True,
+        )
+
 
 # -- features ---------------------------------------------------------------------------------
 class FeatureSource:

@@ -1,0 +1,188 @@
+"""What a logging strategy works with during one fit: the resolved config, the writer, the captured
+layers, the resolved loss and the run state that Lightning checkpoints save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tda.callbacks.config import LoggerConfig
+from lightning_tda.capture.featurize import FeatureBatch, Featurizer
+from lightning_tda.capture.layers import LayerSpec, discover_layers
+from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.lowrank import FactorLayout
+from lightning_tda.errors import ConfigError
+from lightning_tda.progress import progress_bar
+from lightning_tda.store.writer import StoreWriter
+
+
+@dataclass
+class RunState:
+    """The logger's resume point (saved in Lightning checkpoints).
+
+    Attributes:
+        lr_cumsum: per param group, the learning rates summed over every optimizer step so far.
+        lr_cumsum_at_last: ``lr_cumsum`` at the last logged checkpoint.
+        step_at_last: global step of the last logged checkpoint.
+        logged_steps: global steps logged so far, increasing.
+        resumed: restored from a Lightning checkpoint (the store is continued, not replaced).
+    """
+
+    lr_cumsum: list[float] = field(default_factory=list)
+    lr_cumsum_at_last: list[float] = field(default_factory=list)
+    step_at_last: int = 0
+    logged_steps: list[int] = field(default_factory=list)
+    resumed: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr_cumsum": list(self.lr_cumsum),
+            "lr_cumsum_at_last": list(self.lr_cumsum_at_last),
+            "step_at_last": self.step_at_last,
+            "logged_steps": list(self.logged_steps),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr_cumsum = [float(x) for x in state["lr_cumsum"]]
+        self.lr_cumsum_at_last = [float(x) for x in state["lr_cumsum_at_last"]]
+        self.step_at_last = int(state["step_at_last"])
+        self.logged_steps = [int(s) for s in state["logged_steps"]]
+        self.resumed = True
+
+    def start_fresh(self, n_groups: int, step: int) -> None:
+        self.lr_cumsum = [0.0] * n_groups
+        self.lr_cumsum_at_last = [0.0] * n_groups
+        self.step_at_last = step
+
+    def add_step_lrs(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Count ``optimizer``'s current learning rates (one optimizer step) into ``lr_cumsum``."""
+        offset = 0
+        for opt in trainer.optimizers:
+            if opt is optimizer:
+                for j, group in enumerate(opt.param_groups):
+                    self.lr_cumsum[offset + j] += float(group["lr"])
+                return
+            offset += len(opt.param_groups)
+
+    def lr_since_last(self) -> list[float]:
+        return [c - p for c, p in zip(self.lr_cumsum, self.lr_cumsum_at_last, strict=True)]
+
+    def mark_logged(self, step: int) -> None:
+        self.logged_steps.append(step)
+        self.lr_cumsum_at_last = list(self.lr_cumsum)
+        self.step_at_last = step
+
+
+@dataclass
+class FitContext:
+    """One fit's settings and layout, shared by the logger and its strategy (built at ``setup``)."""
+
+    config: LoggerConfig
+    writer: StoreWriter
+    attribution_data: Dataset | DataLoader | None
+    query_data: Dataset | DataLoader | None
+    loss_fn: LossFn
+    layers: list[LayerSpec]
+    other: list[str]
+    factors: FactorLayout | None
+    state: RunState
+    verbose: bool
+
+    @classmethod
+    def build(
+        cls,
+        config: LoggerConfig,
+        writer: StoreWriter,
+        pl_module: pl.LightningModule,
+        data: tuple[Any, Any],
+        state: RunState,
+        verbose: bool,
+    ) -> FitContext:
+        """Discover the captured layers of ``pl_module`` and resolve its per-example loss."""
+        cap = config.capture
+        loss_fn = resolve_loss_fn(pl_module, cap.loss_fn)
+        layers, other = discover_layers(pl_module, config.projection, cap.modules, cap.exclude)
+        if not layers:
+            raise ConfigError(
+                f"GradientLogger found no trainable nn.Linear / Conv1D / LoRA layer in {type(pl_module).__name__}"
+                + (f" matching modules={cap.modules}" if cap.modules else "")
+                + "; pass dense_dim>0 to project the other trainable parameters with torch.func."
+            )
+        storage = config.storage
+        factors = (
+            FactorLayout.from_layers(layers, storage.lorif_rank)
+            if storage.kind == "lorif"
+            else None
+        )
+        _explain_layout(layers, other, factors, storage.lorif_rank)
+        return cls(config, writer, *data, loss_fn, layers, other, factors, state, verbose)
+
+    @property
+    def path(self) -> Path:
+        return self.writer.path
+
+    def loader(self, trainer: pl.Trainer, data: Dataset | DataLoader | None) -> DataLoader:
+        """``data`` in order (a DataLoader as is); ``None``: the trainer's training set, unshuffled."""
+        if isinstance(data, DataLoader):
+            return data
+        batch_size = self.config.capture.batch_size
+        kwargs: dict[str, Any] = {"shuffle": False}
+        if data is None:
+            train = trainer.train_dataloader
+            if not isinstance(train, DataLoader):
+                raise ConfigError(
+                    "GradientLogger(attribution_data=None) sweeps the trainer's training DataLoader, but it is "
+                    f"a {type(train).__name__}; pass attribution_data= explicitly."
+                )
+            data = train.dataset
+            kwargs["batch_size"] = batch_size or train.batch_size or 64
+            kwargs["collate_fn"] = train.collate_fn
+        else:
+            kwargs["batch_size"] = batch_size or 64
+            if self.config.capture.collate_fn is not None:
+                kwargs["collate_fn"] = self.config.capture.collate_fn
+        return DataLoader(data, **kwargs)
+
+    def featurize(self, trainer: pl.Trainer, feat: Featurizer, batch: Any) -> FeatureBatch:
+        batch = trainer.strategy.batch_to_device(batch)
+        with trainer.precision_plugin.forward_context():
+            return feat(batch)
+
+    def progress(self, trainer: pl.Trainer, description: str, total: int, unit: str):
+        """A transient bar in (or beside) the trainer's own (see :mod:`lightning_tda.progress`)."""
+        return progress_bar(
+            description, total, unit=unit, verbose=self.verbose, transient=True, trainer=trainer
+        )
+
+
+def _explain_layout(
+    layers: list[LayerSpec], other: list[str], factors: FactorLayout | None, lorif_rank: int
+) -> None:
+    """One line each on factors larger than their dense blocks and on trainable parameters left out."""
+    if factors is not None:
+        larger = [b.name for b in factors.blocks if b.size > b.dense_size]
+        if larger:
+            rank_zero_info(
+                f"GradientLogger: at lorif_rank={lorif_rank} the factors of {len(larger)} layers "
+                f"({', '.join(larger[:4])}{' ...' if len(larger) > 4 else ''}) take more space than their "
+                "dense k_out x k_in blocks (c (k_out + k_in) > k_out k_in); lower lorif_rank to save space."
+            )
+    if other:
+        rank_zero_info(
+            f"GradientLogger: {len(other)} trainable parameters outside Linear/Conv1D/LoRA layers are not "
+            f"captured ({', '.join(other[:4])}{' ...' if len(other) > 4 else ''}); set dense_dim>0 to "
+            "include them."
+        )
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all buffers: what query gradients need beyond frozen weights."""
+    state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
+    return state

@@ -1,0 +1,196 @@
+"""``GradientLogger(mode="in_flight")``: every logged optimizer step becomes a batch checkpoint.
+
+The :class:`~lightning_tda.callbacks.in_flight.InFlightRecorder` captures the user's own
+``training_step`` forward and backward; before the optimizer step (weights still ``θ_t``) this
+strategy keeps the step's merged rows, learning rates, state and query rows, and writes them in
+groups of ``flush_every`` steps (docs/store.md "In-flight stores").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tda.callbacks.config import describe
+from lightning_tda.callbacks.context import FitContext, trainable_state
+from lightning_tda.callbacks.in_flight import InFlightRecorder
+from lightning_tda.callbacks.optimizer_state import current_lrs
+from lightning_tda.callbacks.strategy import LoggingStrategy
+from lightning_tda.capture.featurize import Featurizer, preserved_training_state
+from lightning_tda.capture.in_flight import Reduction
+from lightning_tda.capture.layers import row_width
+from lightning_tda.errors import ConfigError
+from lightning_tda.store import schema
+from lightning_tda.store.batches import BatchStep, rebuild_example_ids, write_batch_steps
+
+
+class InFlightLogging(LoggingStrategy):
+    """Log the training batches themselves (no extra pass over training data).
+
+    Args:
+        reduction: how the training loss reduces ``per_example_loss`` (``InFlightConfig.reduction``).
+    """
+
+    mode: ClassVar[str] = "in_flight"
+    schema_version: ClassVar[int] = schema.IN_FLIGHT_SCHEMA_VERSION
+
+    def __init__(self, reduction: Reduction) -> None:
+        super().__init__()
+        self.recorder = InFlightRecorder(reduction)
+        self._pending: list[BatchStep] = []
+        self._query_ids: Any = None
+
+    @staticmethod
+    def check_data(attribution_data: Any) -> None:
+        if attribution_data is not None:
+            raise ConfigError(
+                "GradientLogger(mode='in_flight', attribution_data=...): in-flight mode logs the training "
+                "batches themselves; drop attribution_data (the store's examples are the example ids seen "
+                "in training) or use mode='sweep'."
+            )
+
+    def bind(self, ctx: FitContext, pl_module: pl.LightningModule) -> None:
+        if not getattr(pl_module, "automatic_optimization", True):
+            raise ConfigError(
+                "GradientLogger(mode='in_flight') reads the backward Lightning runs in automatic optimization; "
+                "this module uses manual optimization. Use mode='sweep'."
+            )
+        super().bind(ctx, pl_module)
+
+    def run_metadata(self, trainer: pl.Trainer) -> dict[str, Any]:
+        return {
+            "in_flight_reduction": describe(self.ctx.config.in_flight.reduction),
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+        }
+
+    def on_resume(self, trainer: pl.Trainer) -> None:
+        if self.ctx.path.exists():
+            rebuild_example_ids(self.ctx.path)
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pending.clear()
+        self.recorder.attach(
+            pl_module, self.ctx.layers, self.ctx.config.projection, pl_module.device
+        )
+
+    # -- the recorder's hooks -------------------------------------------------------------
+    def batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        step = trainer.global_step
+        if self._due(step):
+            self.recorder.batch_start(batch, step, pl_module.device)
+
+    def before_backward(self, trainer: pl.Trainer) -> None:
+        self.recorder.before_backward(trainer)
+
+    def after_backward(self, trainer: pl.Trainer) -> None:
+        self.recorder.after_backward(trainer)
+
+    def before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._keep_step(trainer, pl_module)
+
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.recorder.batch_end()
+        if len(self._pending) >= self.ctx.config.in_flight.flush_every:
+            self.flush()
+
+    def on_exception(self) -> None:
+        self.recorder.detach()
+        try:
+            self.flush()  # the steps finished before the exception are valid
+        except Exception:  # noqa: BLE001 - the original exception is the one to report
+            rank_zero_info("GradientLogger: could not write the last in-flight steps")
+
+    def teardown(self) -> None:
+        self.recorder.detach()
+
+    def train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.recorder.detach()
+        self.flush()
+
+    # -- steps ----------------------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (weights after ``step`` updates) is logged."""
+        logged = self.ctx.state.logged_steps
+        if logged and step <= logged[-1]:
+            return False  # already logged (steps are logged in increasing order)
+        schedule = self.ctx.config.schedule
+        n = schedule.every_n_train_steps
+        return step % n == 0 if n is not None else schedule.step_due(step)
+
+    def _keep_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the optimizer step: the weights are still ``θ_t``; keep the step's rows and state."""
+        ctx, step = self.ctx, trainer.global_step
+        taken = self.recorder.take_step(step)
+        if taken is None:
+            return
+        ids, rows = taken
+        state = (
+            {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(pl_module).items()}
+            if ctx.config.capture.save_state
+            else None
+        )
+        queries = self._queries(trainer, pl_module) if ctx.query_data is not None else None
+        lrs = current_lrs(trainer.optimizers)
+        logged = ctx.state.logged_steps
+        attrs = {
+            "epoch": trainer.current_epoch,
+            "trigger": "in_flight",
+            "lr_sum": lrs,  # this one step's learning rates: the rows stand for exactly its update
+            "lr_cumsum": list(ctx.state.lr_cumsum),
+            "lr_at_checkpoint": lrs,
+            "steps_since_previous": step - (logged[-1] if logged else -1),
+            "micro_batches": self.recorder.micro_batches,
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+        }
+        self._pending.append(BatchStep(step, ids.cpu(), rows.cpu(), attrs, state, queries))
+        ctx.state.mark_logged(step)
+
+    def _queries(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected query gradients ``[Q, D]`` and losses ``[Q]`` at ``θ_t`` (eval mode; RNG, modes
+        and ``.grad`` preserved)."""
+        ctx = self.ctx
+        qloader = ctx.loader(trainer, ctx.query_data)
+        feat = Featurizer(
+            pl_module,
+            ctx.layers,
+            ctx.config.projection,
+            ctx.loss_fn,
+            pl_module.device,
+            require_ids=False,
+        )
+        rows, losses, ids = [], [], []
+        with preserved_training_state(pl_module):
+            for batch in qloader:
+                fb = ctx.featurize(trainer, feat, batch)
+                rows.append(fb.rows.cpu())
+                losses.append(fb.losses.cpu())
+                ids.append(fb.ids)
+        if self._query_ids is None:
+            n = sum(len(r) for r in rows)
+            self._query_ids = (
+                torch.arange(n) if any(i is None for i in ids) else torch.cat(ids).cpu()
+            )
+        return torch.cat(rows), torch.cat(losses)
+
+    def flush(self) -> None:
+        """Write the pending in-flight steps (one file open)."""
+        if not self._pending:
+            return
+        ctx = self.ctx
+        pending, self._pending = self._pending, []
+        t0 = time.perf_counter()
+        write_batch_steps(ctx.path, ctx.writer.storage_dtype, pending, self._query_ids)
+        if ctx.verbose:
+            rows = sum(len(p.ids) for p in pending)
+            rank_zero_info(
+                f"GradientLogger: in flight, steps {pending[0].step}..{pending[-1].step} ({len(pending)} steps, "
+                f"{rows} rows, D={row_width(ctx.layers)}), {time.perf_counter() - t0:.2f}s -> {ctx.path}"
+            )
