@@ -12,6 +12,17 @@ import os
 import sys
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer, else a usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from lightning_tda.demo import run_demo
 
@@ -53,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small digits MLP with the logger attached and attribute test digits"
     )
     d.add_argument("--out", default=None, help="store path (default: a temporary directory)")
-    d.add_argument("--epochs", type=int, default=12)
-    d.add_argument("--queries", type=int, default=3)
-    d.add_argument("--top-k", type=int, default=3)
+    d.add_argument("--epochs", type=_positive_int, default=12)
+    d.add_argument("--queries", type=_positive_int, default=3)
+    d.add_argument("--top-k", type=_positive_int, default=3)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
     sub.add_parser(
