@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_tda._moved import moved
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed
 from lightning_tda.explain import (
@@ -414,18 +415,5 @@ def _self_influence_html(si: SelfInfluenceOutliers, cell: Callable[[RankedExampl
 
 
 _MOVED_TO_CLI = ("add_report_parser", "main_report")
-
-
-def __getattr__(name: str) -> Any:
-    """The report's command line moved to :mod:`lightning_tda.cli.report` (a higher layer)."""
-    if name not in _MOVED_TO_CLI:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    import warnings
-
-    warnings.warn(
-        f"lightning_tda.report.{name} is deprecated; import it from lightning_tda.cli.report",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module("lightning_tda.cli.report"), name)
+"""The report's command line moved to :mod:`lightning_tda.cli.report` (a higher layer)."""
+__getattr__ = moved(__name__, "lightning_tda.cli.report", _MOVED_TO_CLI)

@@ -1,7 +1,6 @@
 """The logging callback and its typed configuration."""
 
-from typing import Any
-
+from lightning_tda._moved import moved
 from lightning_tda.callbacks.config import (
     CaptureConfig,
     InFlightConfig,
@@ -24,19 +23,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:  # InfluencePanels moved to a higher layer: a lazy alias
-    if name == "InfluencePanels":
-        import importlib
-        import warnings
-
-        warnings.warn(
-            "lightning_tda.callbacks.InfluencePanels moved to "
-            "lightning_tda.integrations.influence_panels.InfluencePanels (also "
-            "`from lightning_tda import InfluencePanels`)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module(
-            "lightning_tda.integrations.influence_panels"
-        ).InfluencePanels
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# InfluencePanels moved to a higher layer (the W&B integration): a lazy alias
+__getattr__ = moved(__name__, {"InfluencePanels": "lightning_tda.integrations.influence_panels"})

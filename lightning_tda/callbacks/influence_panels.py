@@ -1,29 +1,11 @@
 """Deprecated location: ``InfluencePanels`` and ``attribute_by_checkpoint`` moved to
 :mod:`lightning_tda.integrations.influence_panels` (a W&B integration, above the callbacks layer).
 
-The names still resolve here, lazily and with a ``DeprecationWarning``.
+The names still resolve here, lazily and with a ``DeprecationWarning`` (:func:`lightning_tda._moved.moved`).
 """
 
-from __future__ import annotations
+from lightning_tda._moved import moved
 
-import importlib
-import warnings
-from typing import Any
-
-_NEW = "lightning_tda.integrations.influence_panels"
 _MOVED = ("InfluencePanels", "attribute_by_checkpoint")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"lightning_tda.callbacks.influence_panels.{name} moved to {_NEW}.{name}; import it "
-            "from there",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_NEW), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
+__getattr__ = moved(__name__, "lightning_tda.integrations.influence_panels", _MOVED)
 __all__ = list(_MOVED)

@@ -10,10 +10,10 @@ in :mod:`lightning_tda.methods.base`.
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from lightning_tda._moved import moved
 from lightning_tda.errors import ConfigError
 from lightning_tda.methods.base import AttributionMethod, ModelMethod, RowMethod
 from lightning_tda.methods.datainf import DataInf
@@ -114,17 +114,8 @@ def get_method(method: str | AttributionMethod, **kwargs: Any) -> AttributionMet
     return METHODS[method](**kwargs)
 
 
-def __getattr__(name: str) -> Any:
-    """``from lightning_tda.methods import Stride`` (deprecated: import it from its own layer)."""
-    if name in _HIGHER_LAYER:
-        home = _HIGHER_LAYER[name]
-        warnings.warn(
-            f"import {name} from {home}, not lightning_tda.methods",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(home), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``from lightning_tda.methods import Stride`` (deprecated: import it from its own layer)
+__getattr__ = moved(__name__, _HIGHER_LAYER)
 
 
 __all__ = [
