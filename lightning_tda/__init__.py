@@ -4,6 +4,7 @@ from lightning_tda._version import __version__
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.callbacks import GradientLogger
 from lightning_tda.capture.losses import causal_lm_loss, classification_loss
+from lightning_tda.capture.task import CausalLMTask, ClassificationTask, Targets, Task
 from lightning_tda.data import Indexed, IndexedDataset
 from lightning_tda.errors import (
     MissingExampleIdsError,
@@ -18,6 +19,8 @@ from lightning_tda.results import AttributionResult
 __all__ = [
     "AttributionResult",
     "AttributionStore",
+    "CausalLMTask",
+    "ClassificationTask",
     "GradientLogger",
     "InfluencePanels",
     "Indexed",
@@ -27,6 +30,8 @@ __all__ = [
     "ProjectionMismatchError",
     "SchemaVersionError",
     "StoreError",
+    "Targets",
+    "Task",
     "__version__",
     "causal_lm_loss",
     "classification_loss",
