@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_tda.attribution import AttributionStore
+from lightning_tda.capture.task import Task
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed, get_example_ids, strip_example_ids
 from lightning_tda.methods import METHODS, AttributionMethod
 from lightning_tda.results import AttributionResult
@@ -255,6 +256,8 @@ class Explanation:
         queries: one :class:`QueryExplanation` per query, in result order.
         self_influence: the outliers, when self-influence scores were given.
         checkpoint_shares: the per-checkpoint breakdown, when per-checkpoint scores were given.
+        task: the :class:`~lightning_tda.capture.task.Task` the surfaces render examples through
+            (:func:`task_rendering`), or ``None`` for their default rendering.
     """
 
     method: str
@@ -267,6 +270,16 @@ class Explanation:
     settings: dict = field(default_factory=dict)
     self_influence: SelfInfluenceOutliers | None = None
     checkpoint_shares: CheckpointShares | None = None
+    task: Task | None = None
+
+
+def task_rendering(task: Task | None, item: Any) -> Any | None:
+    """``task.render(item)`` of a dataset item with its id stripped (``Indexed`` / ``"example_id"``):
+    an image tensor (e.g. an un-standardised ``[8, 8]`` digit), a string, or ``None`` when there is
+    no task, no item, or the task leaves the item to the surface's default rendering."""
+    if task is None or item is None:
+        return None
+    return task.render(strip_example_ids(item))
 
 
 # -- building it -------------------------------------------------------------------------------
@@ -284,6 +297,7 @@ def explain(
     self_influence_note: str = "",
     num_outliers: int = 20,
     checkpoint_scores: Mapping[int, AttributionResult | torch.Tensor] | None = None,
+    task: Task | None = None,
 ) -> Explanation:
     """Build the :class:`Explanation` of ``result``.
 
@@ -301,6 +315,8 @@ def explain(
         num_outliers: self-influence outliers kept.
         checkpoint_scores: ``{global_step: AttributionResult or Tensor [Q, N] / [Q, k]}``, each
             checkpoint's scores alone; see :func:`checkpoint_shares`.
+        task: recorded on the explanation; the report and the panels render each example with
+            ``task.render(item)`` when it returns something (:func:`task_rendering`).
     """
     pro, opp = _rankings(result, top_k)
     q = result.scores.shape[0]
@@ -331,6 +347,7 @@ def explain(
         settings=dict(result.settings),
         self_influence=si,
         checkpoint_shares=shares,
+        task=task,
     )
 
 
@@ -490,4 +507,5 @@ __all__ = [
     "self_influence_choice",
     "self_influence_outliers",
     "store_self_influence",
+    "task_rendering",
 ]

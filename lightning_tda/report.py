@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_tda._moved import moved
 from lightning_tda.attribution import AttributionStore
+from lightning_tda.capture.task import Task
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed
 from lightning_tda.explain import (
     ExampleLookup,
@@ -38,6 +39,7 @@ from lightning_tda.explain import (
     SelfInfluenceOutliers,
     explain,
     store_self_influence,
+    task_rendering,
 )
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method
@@ -102,19 +104,32 @@ def _as_image(x: Any) -> np.ndarray | None:
     return None
 
 
-def _tokens(x: Any) -> str | None:
+def _tokens(x: Any, tokenizer: Any = None) -> str | None:
+    """``tokenizer.decode(ids)`` of a 1-D integer tensor, else its ids listed (``None``: not ids)."""
     if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point and x.dim() == 1:
         ids = x.tolist()
+        if tokenizer is not None:
+            return tokenizer.decode(ids)
         return "tokens: " + " ".join(map(str, ids[:128])) + (" ..." if len(ids) > 128 else "")
     return None
 
 
-def default_render(item: Any) -> Rendering:
-    """Render one dataset item: strings and ``{"text": ...}`` rows as text, token-id tensors as
-    their ids, image-like float tensors (``[H, W]``, ``[C, H, W]``, or a 1-D vector of square length
-    such as an 8x8 digit) as an image; an ``(x, y)`` pair gets the caption ``label y``.
+def _mapping_ids(row: Mapping) -> torch.Tensor:
+    """A row's ``input_ids`` (``[T]``), without padding when it has an ``attention_mask``."""
+    ids = torch.as_tensor(row["input_ids"]).reshape(-1)
+    mask = row.get("attention_mask")
+    if mask is not None and torch.as_tensor(mask).numel() == ids.numel():
+        ids = ids[torch.as_tensor(mask).reshape(-1).bool()]
+    return ids
 
-    Pass ``render=`` to :func:`write_report` for anything else (e.g. decoding tokens with a tokenizer).
+
+def default_render(item: Any, tokenizer: Any = None) -> Rendering:
+    """Render one dataset item: strings and ``{"text": ...}`` rows as text, token-id tensors as
+    ``tokenizer.decode(ids)`` (their ids without a tokenizer), image-like float tensors (``[H, W]``,
+    ``[C, H, W]``, or a 1-D vector of square length such as an 8x8 digit) as an image; an ``(x, y)``
+    pair gets the caption ``label y``.
+
+    Pass ``task=`` (its ``render``) or ``render=`` to :func:`write_report` for anything else.
     """
     if isinstance(item, Indexed):
         item = item.data
@@ -131,7 +146,10 @@ def default_render(item: Any) -> Rendering:
             if img is not None:
                 return img if label is None else (img, f"label {label}")
         if "input_ids" in row:
-            return _tokens(torch.as_tensor(row["input_ids"]).reshape(-1))
+            return _tokens(
+                _mapping_ids(row) if tokenizer else torch.as_tensor(row["input_ids"]).reshape(-1),
+                tokenizer,
+            )
         return repr(row)[:_MAX_TEXT]
     if isinstance(item, tuple | list) and len(item) == 2:
         x, y = item
@@ -140,13 +158,31 @@ def default_render(item: Any) -> Rendering:
         img = _as_image(x)
         if img is not None:
             return img if label is None else (img, suffix)
-        text = x if isinstance(x, str) else _tokens(x)
+        text = x if isinstance(x, str) else _tokens(x, tokenizer)
         if text is not None:
             return f"{text}\n[{suffix}]" if suffix else text
     img = _as_image(item)
     if img is not None:
         return img
-    return _tokens(item) or repr(item)[:_MAX_TEXT]
+    return _tokens(item, tokenizer) or repr(item)[:_MAX_TEXT]
+
+
+def task_renderer(task: Task | None = None, tokenizer: Any = None) -> Renderer:
+    """``render(item)``: ``task.render(item)`` when it returns something (an image tensor or array
+    becomes a PNG, a string text; the default rendering's ``label y`` caption is kept), else
+    :func:`default_render` with ``tokenizer`` (which decodes token ids)."""
+
+    def render(item: Any) -> Rendering:
+        base = default_render(item, tokenizer)
+        out = task_rendering(task, item)
+        if out is None:
+            return base
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu().numpy()
+        caption = base[1] if isinstance(base, tuple) else ""
+        return (out, caption) if caption and not isinstance(out, tuple) else out
+
+    return render
 
 
 def _png_uri(data: bytes) -> str:
@@ -243,6 +279,8 @@ def write_report(
     method: str | AttributionMethod = "auto",
     top_k: int = 5,
     render: Renderer | None = None,
+    task: Task | None = None,
+    tokenizer: Any = None,
     self_influence: bool | str = True,
     max_queries: int = 20,
     num_outliers: int = 10,
@@ -266,8 +304,13 @@ def write_report(
         out_html: output file (parent folders are created).
         method: attribution method name or instance.
         top_k: proponents and opponents shown per query.
-        render: ``render(item) -> str | image array | (image, caption) | None``; default
-            :func:`default_render`.
+        render: ``render(item) -> str | image array | (image, caption) | None``; overrides ``task``
+            and ``tokenizer``.
+        task: a :class:`~lightning_tda.capture.task.Task`; each example is shown as
+            ``task.render(item)`` when it returns something (e.g. ``ClassificationTask(image_shape=
+            (8, 8), mean=..., std=...)`` draws the un-standardised ``x * std + mean``), else as
+            :func:`default_render` shows it.
+        tokenizer: decodes token-id examples (``tokenizer.decode``) in the default rendering.
         self_influence: ``True`` for the self-influence of ``method`` (``"tracin"`` when the method
             defines none, e.g. STRIDE), a method name for another, ``False`` to leave it out.
         max_queries: queries reported at most.
@@ -300,11 +343,11 @@ def write_report(
     ex = explain(
         res, top_k=top_k, train=train, queries=ExampleLookup(qdata, "queries"),
         self_influence=si, self_influence_ids=store.example_ids, self_influence_method=si_name,
-        self_influence_note=note, num_outliers=num_outliers,
+        self_influence_note=note, num_outliers=num_outliers, task=task,
     )  # fmt: skip
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    page = report_html(ex, store.summary(), render or default_render, title, queries_note)
+    page = report_html(ex, store.summary(), render, title, queries_note, tokenizer=tokenizer)
     out.write_text(page, encoding="utf-8")
     return out
 
@@ -312,12 +355,16 @@ def write_report(
 def report_html(
     ex: Explanation,
     summary: str,
-    render: Renderer = default_render,
+    render: Renderer | None = None,
     title: str | None = None,
     queries_note: str = "",
+    *,
+    tokenizer: Any = None,
 ) -> str:
     """The report page of an explanation of a dense result (``ex.scores [Q, N]``) as one string;
-    ``summary`` is the store's :meth:`~AttributionStore.summary`."""
+    ``summary`` is the store's :meth:`~AttributionStore.summary`. Examples are drawn with ``render``,
+    else through ``ex.task`` and ``tokenizer`` (:func:`task_renderer`)."""
+    render = render or task_renderer(ex.task, tokenizer)
     cache: dict[int, str] = {}
 
     def cell(row: RankedExample) -> str:

@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
+from lightning_tda.capture.task import ClassificationTask, Task
 from lightning_tda.methods.auto import AUTO
 from lightning_tda.report import write_report
 
@@ -69,6 +71,25 @@ def _query_set(dm: Any, train: Dataset) -> tuple[Dataset, str]:
     return train, "training"
 
 
+def render_task(dm: Any) -> Task | None:
+    """How the report draws the datamodule's examples: its ``task`` (a :class:`Task`), else, when
+    it exposes standardisation statistics (``mean``, ``std`` and optionally ``image_shape``, as
+    :class:`~lightning_tda.data.digits.DigitsDataModule` does after ``setup``), a
+    :class:`ClassificationTask` that draws ``x * std + mean``; ``None``: the default rendering."""
+    task = getattr(dm, "task", None)
+    if isinstance(task, Task):
+        return task
+    mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
+    if mean is None or std is None:
+        return None
+    shape = getattr(dm, "image_shape", None)
+    return ClassificationTask(
+        image_shape=None if shape is None else tuple(int(s) for s in shape),
+        mean=tuple(float(v) for v in np.ravel(mean)),
+        std=tuple(float(v) for v in np.ravel(std)),
+    )
+
+
 def main_report(args: argparse.Namespace) -> int:
     """Run ``lightning-tda report`` from parsed arguments."""
     from lightning_tda.cli.recipe_config import load_logged_run
@@ -87,6 +108,8 @@ def main_report(args: argparse.Namespace) -> int:
         args.out,
         method=args.method,
         top_k=args.top_k,
+        task=render_task(dm),
+        tokenizer=getattr(model, "tokenizer", None),
         self_influence=args.self_influence,
         max_queries=n,
         num_outliers=args.outliers,

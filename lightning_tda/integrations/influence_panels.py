@@ -19,6 +19,7 @@ from torch import nn
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.callbacks.gradient_logger import GradientLogger
 from lightning_tda.capture.losses import LossFn
+from lightning_tda.capture.task import Task
 from lightning_tda.errors import StoreError
 from lightning_tda.integrations.wandb_panels import Render, log_influence_panels, require_wandb
 from lightning_tda.methods import AttributionMethod, TracIn, get_method
@@ -104,6 +105,8 @@ class InfluencePanels(pl.Callback):
             on for ``"tracin"``/``"tracin_adam"``).
         render: how examples show in tables (``"auto"``, ``"image"``, ``"text"`` or a callable).
         tokenizer: decodes token-id examples.
+        task: a :class:`~lightning_tda.capture.task.Task` whose ``render(item)`` draws the examples
+            (e.g. ``ClassificationTask(image_shape=(8, 8), mean=..., std=...)``: un-standardised).
         self_influence_top: rows of the self-influence table.
         prefix: W&B key prefix.
         loss_fn, batch_size, collate_fn: query sweep settings, as for ``AttributionStore.attribute``.
@@ -129,6 +132,7 @@ class InfluencePanels(pl.Callback):
         checkpoint_breakdown: bool | None = None,
         render: str | Render | None = None,
         tokenizer: Any = None,
+        task: Task | None = None,
         self_influence_top: int = 20,
         prefix: str = "tda",
         loss_fn: LossFn | None = None,
@@ -142,7 +146,7 @@ class InfluencePanels(pl.Callback):
         self.path = Path(store.path if isinstance(store, GradientLogger) else store)
         self.queries, self.train_data = queries, train_data
         self.method, self.top_k, self.self_influence = method, top_k, self_influence
-        self.run, self.render, self.tokenizer = run, render, tokenizer
+        self.run, self.render, self.tokenizer, self.task = run, render, tokenizer, task
         name = method if isinstance(method, str) else getattr(method, "name", "")
         self.checkpoint_breakdown = (
             name in ("tracin", "tracin_adam")
@@ -235,6 +239,7 @@ class InfluencePanels(pl.Callback):
             checkpoint_scores=parts,
             render=self.render,
             tokenizer=self.tokenizer,
+            task=self.task,
             top_k=self.top_k,
             self_influence_top=self.self_influence_top,
             prefix=self.prefix,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_tda.capture.task import Task
 from lightning_tda.data.indexed import strip_example_ids
 from lightning_tda.explain import (
     CheckpointShares,
@@ -31,6 +32,7 @@ from lightning_tda.explain import (
     Explanation,
     checkpoint_shares,
     explain,
+    task_rendering,
 )
 from lightning_tda.results import AttributionResult
 
@@ -169,7 +171,10 @@ def image_array(t: torch.Tensor) -> np.ndarray:
 
 
 def render_example(
-    example: Any, render: str | Render | None = None, tokenizer: Any = None
+    example: Any,
+    render: str | Render | None = None,
+    tokenizer: Any = None,
+    task: Task | None = None,
 ) -> tuple[Any, Any]:
     """``(cell, label)``: how an item (without its id) shows in a table, and its label.
 
@@ -179,6 +184,9 @@ def render_example(
             ``"image"`` (also square 1-D vectors, e.g. 64 features -> 8x8); ``"text"`` (never images);
             or a callable ``render(example) -> str | wandb.Image | array image``.
         tokenizer: decodes 1-D integer token ids (``tokenizer.decode``); without one ids are listed.
+        task: a :class:`~lightning_tda.capture.task.Task`: ``task.render(example)``, when it returns
+            something (an image tensor, e.g. an un-standardised digit, or a str), is the cell; a
+            callable ``render`` comes first, ``"auto"``/``"image"``/``"text"`` apply otherwise.
 
     Returns:
         A ``str`` or a ``wandb.Image``, and the scalar label (``None`` when there is none).
@@ -188,6 +196,9 @@ def render_example(
         return _cell(render(example)), label
     if render not in (None, "auto", "image", "text"):
         raise ValueError(f"render must be 'auto', 'image', 'text' or a callable, got {render!r}")
+    out = task_rendering(task, example)
+    if out is not None:
+        return _cell(out), label
     return _render_content(content, render, tokenizer), label
 
 
@@ -252,6 +263,7 @@ def log_influence_panels(
     checkpoint_scores: Mapping[int, AttributionResult | torch.Tensor] | None = None,
     render: str | Render | None = None,
     tokenizer: Any = None,
+    task: Task | None = None,
     top_k: int | None = 10,
     self_influence_top: int = 20,
     bins: int = 64,
@@ -285,6 +297,8 @@ def log_influence_panels(
         render: ``"auto"`` (default), ``"image"``, ``"text"`` or ``render(example) -> str | wandb.Image |
             array``; see :func:`render_example`.
         tokenizer: decodes token-id examples (``tokenizer.decode``).
+        task: renders each example as ``task.render(item)`` when it returns something (recorded
+            on the explanation; see :func:`render_example`).
         top_k: proponents and opponents shown per query (``None``: all of a top-k result's).
         self_influence_top: rows of the self-influence table.
         bins: histogram bins.
@@ -308,6 +322,7 @@ def log_influence_panels(
         self_influence_ids=None if store is None else store.example_ids,
         num_outliers=self_influence_top,
         checkpoint_scores=checkpoint_scores,
+        task=task,
     )
     return log_explanation(
         run, ex, render=render, tokenizer=tokenizer, bins=bins,
@@ -339,13 +354,14 @@ def log_explanation(
       ``share`` of the sum over checkpoints and the signed ``total``; ``{prefix}/checkpoint_share``
       is a bar chart of the mean share per checkpoint.
 
-    ``render``, ``tokenizer``: as for :func:`render_example`. Returns ``{key: rows}`` of what was
+    ``render``, ``tokenizer``: as for :func:`render_example`; examples go through
+    ``explanation.task`` (:func:`render_example`'s ``task``). Returns ``{key: rows}`` of what was
     logged (histograms: number of values).
     """
     wandb = require_wandb()
     run = resolve_run(run_or_logger)
     _check_render(render)
-    ex, cell = explanation, _cell_cache(render, tokenizer)
+    ex, cell = explanation, _cell_cache(render, tokenizer, explanation.task)
     qids = [qe.position if qe.query_id is None else qe.query_id for qe in ex.queries]
     payload: dict[str, Any] = {}
     counts: dict[str, int] = {}
@@ -387,7 +403,9 @@ def _check_render(render: Any) -> None:
         raise ValueError(f"render must be 'auto', 'image', 'text' or a callable, got {render!r}")
 
 
-def _cell_cache(render: str | Render | None, tokenizer: Any) -> Callable[[str, int, Any], Any]:
+def _cell_cache(
+    render: str | Render | None, tokenizer: Any, task: Task | None = None
+) -> Callable[[str, int, Any], Any]:
     """``cell(kind, key, item) -> (cell, label)``, each ``(kind, key)`` rendered once."""
     cache: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -395,7 +413,7 @@ def _cell_cache(render: str | Render | None, tokenizer: Any) -> Callable[[str, i
         if item is None:
             return None, None
         if (kind, key) not in cache:
-            cache[kind, key] = render_example(strip_example_ids(item), render, tokenizer)
+            cache[kind, key] = render_example(strip_example_ids(item), render, tokenizer, task)
         return cache[kind, key]
 
     return cell
