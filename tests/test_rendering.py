@@ -68,8 +68,9 @@ def digits_recipe_run(tmp_path_factory):
     cfg = tmp / "digits.yaml"
     text = RECIPE.read_text().replace("n_train: 1000", "n_train: 200")
     cfg.write_text(text.replace("runs/digits_tda.h5", str(tmp / "digits.h5")))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
+        mp.chdir(tmp)  # LightningCLI writes its config.yaml into the working directory
         argv = ["fit", "--config", str(cfg), "--trainer.max_epochs", "3"]
         assert main([*argv, "--trainer.enable_progress_bar", "false"]) == 0
     dm = DigitsDataModule(n_train=200)
@@ -120,7 +121,9 @@ def test_cli_report_on_the_digits_recipe_draws_un_standardised_digits(digits_rec
     tmp, cfg, _, _ = digits_recipe_run
     out = tmp / "cli.html"
     argv = ["report", "--config", str(cfg), "--method", "tracin", "--queries", "2"]
-    assert main([*argv, "--top-k", "3", "--outliers", "3", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        assert main([*argv, "--top-k", "3", "--outliers", "3", "--out", str(out)]) == 0
     check_report_digits(out.read_text(), 2 * 2 * 3)
 
 
