@@ -306,10 +306,9 @@ def write_report(
         top_k: proponents and opponents shown per query.
         render: ``render(item) -> str | image array | (image, caption) | None``; overrides ``task``
             and ``tokenizer``.
-        task: a :class:`~lightning_tda.capture.task.Task`; each example is shown as
-            ``task.render(item)`` when it returns something (e.g. ``ClassificationTask(image_shape=
-            (8, 8), mean=..., std=...)`` draws the un-standardised ``x * std + mean``), else as
-            :func:`default_render` shows it.
+        task: a :class:`~lightning_tda.capture.task.Task`: examples are drawn as ``task.render(item)``
+            when it returns something (``ClassificationTask(image_shape=(8, 8), mean=..., std=...)``:
+            the un-standardised ``x * std + mean``), else by :func:`default_render`.
         tokenizer: decodes token-id examples (``tokenizer.decode``) in the default rendering.
         self_influence: ``True`` for the self-influence of ``method`` (``"tracin"`` when the method
             defines none, e.g. STRIDE), a method name for another, ``False`` to leave it out.
@@ -325,11 +324,9 @@ def write_report(
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     if not isinstance(max_queries, int) or max_queries < 1:
         raise ValueError(f"max_queries must be a positive int, got {max_queries!r}")
-    store = (
-        store_or_path
-        if isinstance(store_or_path, AttributionStore)
-        else AttributionStore(store_or_path)
-    )
+    store = store_or_path
+    if not isinstance(store, AttributionStore):
+        store = AttributionStore(store_or_path)
     qdata, collate_fn = _as_dataset(queries, "queries")
     if len(qdata) == 0:
         raise ValueError("queries is empty; pass at least one query example")
