@@ -147,6 +147,7 @@ def _run_all(blocks: list[Block], spaces: dict, ran: list, timings: list) -> Non
         timings.append((time.perf_counter() - t0, block.line))
 
 
+@pytest.mark.slow  # ~35 s on 2 CPU cores
 def test_readme_code_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("peft")
     pytest.importorskip("wandb")
