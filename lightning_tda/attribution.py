@@ -89,15 +89,7 @@ class AttributionStore(StoreReader):
         Returns:
             An :class:`AttributionResult`; ``indices``/``opponents`` hold example ids.
         """
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-        ):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if isinstance(queries, dict) and not queries:
-            raise ValueError(
-                "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
-                "'logged', or {global_step: Tensor[Q, D]}"
-            )
+        _check_queries_and_top_k(queries, top_k)
         spec = QuerySpec.resolve(
             query_spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
         )
@@ -483,6 +475,16 @@ def _method(
         return m, {**method_settings(m), "chosen_by": AUTO, "reason": reason}
     m = get_method(method, **kwargs)
     return m, method_settings(m)
+
+
+def _check_queries_and_top_k(queries: Any, top_k: int | None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if isinstance(queries, dict) and not queries:
+        raise ValueError(
+            "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
+            "'logged', or {global_step: Tensor[Q, D]}"
+        )
 
 
 def _is_precomputed(queries: Any) -> bool:
