@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -55,6 +55,17 @@ def missing_loss_error(model: nn.Module) -> ConfigError:
         f"{type(model).__name__} has no per_example_loss(batch) -> Tensor[B]. Define it on the "
         "LightningModule (sequence losses summed over supervised tokens), or pass a task: "
         "task=ClassificationTask() / CausalLMTask(labels='hf' | 'shifted'), or loss_fn=..."
+    )
+
+
+def missing_targets_error(model: nn.Module) -> ConfigError:
+    """The error for a module that declares no ``targets(batch)`` under the module's own task."""
+    return ConfigError(
+        f"STRIDE needs the targets of each batch and their label convention, and "
+        f"{type(model).__name__} does not say them. Pass task=CausalLMTask(labels='hf') (Hugging "
+        "Face labels, shifted inside the loss), task=CausalLMTask(labels='shifted') ((x, y) with y "
+        "= x shifted by one) or task=ClassificationTask(), or define targets(batch) -> "
+        "lightning_tda.Targets on the module."
     )
 
 
@@ -91,13 +102,7 @@ class Task:
                     f"shift), got {type(out).__name__}"
                 )
             return out
-        raise ConfigError(
-            f"STRIDE needs the targets of each batch and their label convention, and "
-            f"{type(model).__name__} does not say them. Pass task=CausalLMTask(labels='hf') (Hugging "
-            "Face labels, shifted inside the loss), task=CausalLMTask(labels='shifted') ((x, y) with y "
-            "= x shifted by one) or task=ClassificationTask(), or define targets(batch) -> "
-            "lightning_tda.Targets on the module."
-        )
+        raise missing_targets_error(model)
 
     def render(self, item: Any) -> Any | None:
         """How the report and panels show a dataset item; ``None``: the default rendering."""
@@ -156,7 +161,15 @@ def _field(batch: Any, where: Field, what: str) -> Any:
 class _FieldTask(Task):
     """A built-in task reading named fields of the batch and calling ``model(inputs)``."""
 
-    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = field(default=None, kw_only=True)
+    """Keyword-only: ``CausalLMTask("shifted")`` is the label convention, never a forward."""
+
+    def _check_forward(self) -> None:
+        if self.forward is not None and not callable(self.forward):
+            raise ConfigError(
+                f"{type(self).__name__}(forward=...) must be callable as forward(model, batch) -> "
+                f"logits, got {self.forward!r}"
+            )
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if self.forward is not None:
@@ -193,6 +206,7 @@ class ClassificationTask(_FieldTask):
     name: ClassVar[str] = "classification"
 
     def __post_init__(self) -> None:
+        self._check_forward()
         if self.measurement_kind not in ("loss", "margin"):
             raise ConfigError(
                 f"ClassificationTask(measurement_kind=...) must be 'loss' or 'margin', got "
@@ -247,6 +261,7 @@ class CausalLMTask(_FieldTask):
     name: ClassVar[str] = "causal_lm"
 
     def __post_init__(self) -> None:
+        self._check_forward()
         if self.labels not in ("hf", "shifted"):
             raise ConfigError(
                 "CausalLMTask(labels=...) must be 'hf' (Hugging Face labels: unshifted, shifted inside "
@@ -357,6 +372,7 @@ __all__ = [
     "Targets",
     "Task",
     "missing_loss_error",
+    "missing_targets_error",
     "recorded_task",
     "resolve_task",
     "task_from_settings",

@@ -41,6 +41,7 @@ from lightning_tda.stride.operator import (
     Features,
     SteeringOperators,
     TargetsFn,
+    check_targets_declared,
     default_layer,
     extract,
     feature_forward,
@@ -515,8 +516,9 @@ def fit(
         )
     config.validate(reader.num_examples)
     steps = _resolve_steps(reader, checkpoint, checkpoints)
-    design = _ensure_design(reader, config)
     task = resolve_task(task, None, store_task(reader))
+    check_targets_declared(model, task, targets_fn)  # before anything is written
+    design = _ensure_design(reader, config)
     output = config.output_module or output_module_name(model)
     layer = config.layer or default_layer(model, output)
     forward = feature_forward(model, task, loss_fn)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tda.capture.losses import LossFn
-from lightning_tda.capture.task import LossFnTask, Targets, Task
+from lightning_tda.capture.task import LossFnTask, Targets, Task, missing_targets_error
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY
 from lightning_tda.errors import ConfigError
 
@@ -86,6 +86,16 @@ def batch_targets(
             "ClassificationTask() instead."
         )
     return out
+
+
+def check_targets_declared(
+    model: nn.Module, task: Task | None, targets_fn: TargetsFn | None = None
+) -> None:
+    """Raise before any work when nothing says the targets: no ``targets_fn``, the module's own task
+    (or a ``loss_fn`` one) and a module without ``targets(batch)``."""
+    own = task is None or type(task) in (Task, LossFnTask)
+    if targets_fn is None and own and not callable(getattr(model, "targets", None)):
+        raise missing_targets_error(model)
 
 
 def feature_forward(model: nn.Module, task: Task | None, loss_fn: LossFn | None = None) -> LossFn:
