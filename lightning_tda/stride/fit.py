@@ -138,6 +138,12 @@ class StrideConfig:
         d["alpha_grid"] = tuple(d.get("alpha_grid", ALPHA_GRID))
         return cls(**d)
 
+    def check_before_fit(self, pl_module: nn.Module, *, task: Task | None = None) -> None:
+        """Raise when training starts, not after it, if the post-fit STRIDE fit will not know the
+        targets: ``task`` (the logger's) is the module's own and ``pl_module`` declares no
+        ``targets(batch)`` (:func:`~lightning_tda.stride.operator.check_targets_declared`)."""
+        check_targets_declared(pl_module, task)
+
     def run_after_fit(
         self,
         path: str | os.PathLike,
