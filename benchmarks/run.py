@@ -38,7 +38,7 @@ from benchmarks.common import (  # noqa: F401 (re-exported: the helpers shared w
     update_benchmarks_md,
 )
 from benchmarks.tasks import TASKS, Task, classification_measure
-from lightning_tda import AttributionStore
+from lightning_tda import AttributionStore, CausalLMTask, ClassificationTask
 from lightning_tda.eval.metrics import lds_report, mislabel_detection_auc
 from lightning_tda.eval.removal import topk_removal_test
 from lightning_tda.eval.retrain import Bank
@@ -218,16 +218,19 @@ def stride_configs(task: Task) -> list[Config]:
     return [Config(label, logger, methods, stride=fits)]
 
 
-def _stride_targets(task: Task):
-    """Next-byte targets of the tiny GPT's ``(ids, (tokens,))`` batches; classifiers need none."""
-    return (lambda batch: batch[1][0]) if task.name == "tinygpt" else None
+def _stride_task(task: Task) -> CausalLMTask | ClassificationTask:
+    """The STRIDE targets, said explicitly: the tiny GPT's ``(ids, (tokens,))`` batches hold Hugging
+    Face-style labels (the tokens themselves, shifted inside the loss); the classifiers ``(x, y)``."""
+    if task.name == "tinygpt":
+        return CausalLMTask(labels="hf", inputs=0, label_key=0)
+    return ClassificationTask()
 
 
 def run_stride(task: Task, cfg: Config, model, store: AttributionStore, bank, subsets, out):
     """Fit every STRIDE configuration of ``cfg`` on ``store`` and score the queries (two-sided and
     non-negative Lasso). Seconds: operator fit + measurement + recovery (no gradient logging)."""
     rows = []
-    targets_fn = _stride_targets(task)
+    stride_task = _stride_task(task)
     for label, config, which in cfg.stride:
         steps = store.steps if which == "all" else store.steps[-1:]
         t0 = time.perf_counter()
@@ -237,7 +240,7 @@ def run_stride(task: Task, cfg: Config, model, store: AttributionStore, bank, su
             task.train,
             config,
             checkpoints=steps,
-            targets_fn=targets_fn,
+            task=stride_task,
             overwrite=True,
             trainer_kwargs={"enable_progress_bar": False, "logger": False, "accelerator": "cpu"},
         )
@@ -247,7 +250,7 @@ def run_stride(task: Task, cfg: Config, model, store: AttributionStore, bank, su
             method = Stride(
                 checkpoints="all" if which == "all" else None,
                 positive=positive,
-                targets_fn=targets_fn,
+                task=stride_task,
             )
             t0 = time.perf_counter()
             res = store.attribute(task.queries, model=model, method=method, top_k=None)

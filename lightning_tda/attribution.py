@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,7 +14,8 @@ from lightning_tda.capture.ensemble import dropout_member
 from lightning_tda.capture.layers import check_layers_match, discover_layers
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.query_spec import QuerySpec
-from lightning_tda.capture.replay import featurize_data, loaded_state, model_device
+from lightning_tda.capture.replay import Quantity, featurize_data, loaded_state, model_device
+from lightning_tda.capture.task import Task, recorded_task
 from lightning_tda.errors import ConfigError, ProjectionMismatchError, StoreError
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method, method_settings
@@ -51,6 +51,7 @@ class AttributionStore(StoreReader):
         method: str | AttributionMethod = "auto",
         top_k: int | None = 10,
         *,
+        task: Task | None = None,
         query_spec: QuerySpec | None = None,
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
@@ -71,10 +72,15 @@ class AttributionStore(StoreReader):
                 (``"graddot"``, ``"gradcos"``, ``"tracin"``, ``"tracin_adam"``, ``"influence"``, ``"source"``,
                 ...; see ``lightning_tda.methods.METHODS``) or a method instance.
             top_k: keep the ``k`` strongest proponents and opponents per query; ``None`` for dense ``[Q, N]``.
-            query_spec: how query data is batched and which per-example loss is differentiated
-                (:class:`~lightning_tda.capture.query_spec.QuerySpec`); the three keywords below are
-                shorthands that override its fields.
-            loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default: ``model.per_example_loss``).
+            task: what a query measures (:class:`~lightning_tda.capture.task.Task`): the gradient of
+                ``task.measurement(model, batch)`` is taken, e.g.
+                ``ClassificationTask(measurement_kind="margin")``. Default: the built-in task recorded
+                in the store (``task`` attribute), else the module's own (``query_measurement`` if
+                defined, else ``per_example_loss``); a store logged with a ``loss_fn`` needs it again.
+            query_spec: how query data is batched and which task describes it
+                (:class:`~lightning_tda.capture.query_spec.QuerySpec`); ``task`` and the three
+                keywords below are shorthands that override its fields.
+            loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (shorthand of a task).
             batch_size: batch size of the query sweep when ``queries`` is a Dataset (default 64).
             collate_fn: collate function for a query Dataset.
             block_rows: rows read per block (default: about 256 MB of fp32 per block).
@@ -83,17 +89,9 @@ class AttributionStore(StoreReader):
         Returns:
             An :class:`AttributionResult`; ``indices``/``opponents`` hold example ids.
         """
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-        ):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if isinstance(queries, dict) and not queries:
-            raise ValueError(
-                "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
-                "'logged', or {global_step: Tensor[Q, D]}"
-            )
+        _check_queries_and_top_k(queries, top_k)
         spec = QuerySpec.resolve(
-            query_spec, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+            query_spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
         )
         m, settings = _method(method, block_rows, method_kwargs, self)
         steps = [c.global_step for c in m.used_checkpoints(self)]
@@ -123,6 +121,7 @@ class AttributionStore(StoreReader):
         model: nn.Module | None = None,
         method: str | AttributionMethod = "tracin",
         *,
+        task: Task | None = None,
         query_spec: QuerySpec | None = None,
         block_rows: int | None = None,
         **method_kwargs: Any,
@@ -130,12 +129,12 @@ class AttributionStore(StoreReader):
         """``[N]`` self-influence of every training example (store row order; ids in ``example_ids``).
 
         High values flag examples the model finds hard or inconsistent, e.g. mislabelled ones. Only
-        stored rows are read, so neither ``model`` nor ``query_spec`` is needed; both are accepted for
-        symmetry with ``attribute``. ``block_rows``: rows read per block (default: about 256 MB of
+        stored rows are read, so neither ``model`` nor ``task`` / ``query_spec`` is needed; they are
+        accepted (and type-checked) for symmetry with ``attribute``. ``block_rows``: rows read per block (default: about 256 MB of
         fp32 per block). A method that declares ``supports_self_influence = False`` (``gradcos``,
         ``stride``) is refused with a :class:`~lightning_tda.errors.ConfigError` naming alternatives.
         """
-        QuerySpec.resolve(query_spec)  # type check only
+        QuerySpec.resolve(query_spec, task=task)  # type check only
         m, _ = _method(method, block_rows, method_kwargs, self)
         if not m.supports_self_influence or m.kind != "rows":
             raise ConfigError(self_influence_refusal(m))
@@ -152,6 +151,7 @@ class AttributionStore(StoreReader):
         seed: int = 0,
         steps: list[int] | None = None,
         *,
+        task: Task | None = None,
         query_spec: QuerySpec | None = None,
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
@@ -173,14 +173,16 @@ class AttributionStore(StoreReader):
             p: drop probability per input unit.
             seed: mask seed (recorded with the rows).
             steps: checkpoints to extend (default: the last one).
-            query_spec: batching and per-example loss of the sweep (``loss_fn``, ``batch_size``,
+            task: the task whose TRAINING loss (``task.per_example_loss``) the member rows are
+                gradients of; default: the store's recorded task, as for :meth:`attribute`.
+            query_spec: batching and task of the sweep (``task``, ``loss_fn``, ``batch_size``,
                 ``collate_fn``: shorthands overriding its fields, as for :meth:`attribute`).
         """
         if not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be a positive int, got {members!r}")
         if not 0.0 < p < 1.0:
             raise ValueError(f"p must be in (0, 1), got {p!r}")
-        spec = _bound_spec(model, query_spec, loss_fn, batch_size, collate_fn)
+        spec = self._bound_spec(model, query_spec, task, loss_fn, batch_size, collate_fn)
         self._check_model(model)
         steps = [self.checkpoint(None).global_step] if steps is None else [int(s) for s in steps]
         jobs = [(step, m) for step in steps for m in range(members)]
@@ -191,7 +193,7 @@ class AttributionStore(StoreReader):
                     dropout_member(model, self.layers, p, seed, m),
                 ):
                     rows, ids, losses = self._featurize(
-                        model, data, spec, f"member {m + 1}/{members} @ step {step}"
+                        model, data, spec, f"member {m + 1}/{members} @ step {step}", of="loss"
                     )
                 attrs = {"dropout_p": p, "dropout_seed": seed, "member": m}
                 for name, values in ((member_dataset(m), rows), (member_loss_dataset(m), losses)):
@@ -219,8 +221,10 @@ class AttributionStore(StoreReader):
         data: Any,
         spec: QuerySpec,
         description: str = "query gradients",
+        of: Quantity = "measurement",
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(rows [Q, D], ids, losses [Q])`` of ``data`` at the model's current weights."""
+        """``(rows [Q, D], ids, values [Q])`` of ``data`` at the model's current weights: gradients
+        of the task's query measurement (``of="loss"``: its training loss)."""
         return featurize_data(
             model,
             data,
@@ -228,8 +232,33 @@ class AttributionStore(StoreReader):
             self.projection,
             bases=self.bases,
             query_spec=spec,
+            of=of,
             description=description,
         )
+
+    def recorded_task(self) -> Task:
+        """The task an entry point uses when given neither ``task=`` nor ``loss_fn=``: the built-in
+        task recorded in the store's ``task`` attribute, else the module's own
+        (:func:`~lightning_tda.capture.task.recorded_task`; raises for a recorded ``loss_fn``)."""
+        return recorded_task(self.attrs.get("task"), where=str(self.path))
+
+    def _bound_spec(
+        self,
+        model: nn.Module,
+        spec: QuerySpec | None,
+        task: Task | None,
+        loss_fn: LossFn | None,
+        batch_size: int | None,
+        collate_fn: Any,
+    ) -> QuerySpec:
+        """``spec`` with the shorthands applied and its task resolved (the store's recorded task
+        when none is described); fails early when the module default has no loss to differentiate."""
+        spec = QuerySpec.resolve(
+            spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+        )
+        spec = spec.with_task(None if spec.described else self.recorded_task())
+        spec.measurement_for(model)  # the module default without per_example_loss raises here
+        return spec
 
     def _check_model(self, model: nn.Module) -> None:
         selection = json.loads(self.attrs.get("capture_selection", "{}"))
@@ -244,6 +273,7 @@ class AttributionStore(StoreReader):
         model: nn.Module | None,
         steps: list[int],
         *,
+        task: Task | None = None,
         query_spec: QuerySpec | None = None,
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
@@ -251,8 +281,9 @@ class AttributionStore(StoreReader):
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids.
 
-        ``queries`` as for :meth:`attribute`: query data (featurised with ``query_spec``; ``loss_fn``,
-        ``batch_size``, ``collate_fn`` are shorthands overriding its fields), ``"logged"``, or
+        ``queries`` as for :meth:`attribute`: query data (gradients of ``task.measurement``,
+        featurised with ``query_spec``; ``task``, ``loss_fn``, ``batch_size``, ``collate_fn`` are
+        shorthands overriding its fields; default task as for :meth:`attribute`), ``"logged"``, or
         precomputed ``{step: Tensor[Q, D]}`` (checked and passed through). A ``(step, member)`` entry
         of ``steps`` asks for a dropout-ensemble member's gradients.
 
@@ -267,7 +298,7 @@ class AttributionStore(StoreReader):
                 "pass model= (the trained model class) so query gradients can be recomputed"
             )
         self._check_model(model)
-        spec = _bound_spec(model, query_spec, loss_fn, batch_size, collate_fn)
+        spec = self._bound_spec(model, query_spec, task, loss_fn, batch_size, collate_fn)
         return self._recomputed_query_vectors(queries, model, steps, spec)
 
     def _logged_query_vectors(
@@ -446,6 +477,16 @@ def _method(
     return m, method_settings(m)
 
 
+def _check_queries_and_top_k(queries: Any, top_k: int | None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if isinstance(queries, dict) and not queries:
+        raise ValueError(
+            "queries is empty ({}); pass a Dataset/DataLoader/batch of query examples, "
+            "'logged', or {global_step: Tensor[Q, D]}"
+        )
+
+
 def _is_precomputed(queries: Any) -> bool:
     """``{step: Tensor[Q, D]}`` (int or ``(step, member)`` keys); a collated batch has str keys."""
     return (
@@ -454,19 +495,6 @@ def _is_precomputed(queries: Any) -> bool:
         and all(isinstance(k, (int, tuple)) for k in queries)
         and all(isinstance(v, torch.Tensor) for v in queries.values())
     )
-
-
-def _bound_spec(
-    model: nn.Module,
-    spec: QuerySpec | None,
-    loss_fn: LossFn | None,
-    batch_size: int | None,
-    collate_fn: Any,
-) -> QuerySpec:
-    """``spec`` with the shorthands applied and its loss resolved for ``model`` (fails early when the
-    model has no ``per_example_loss`` and no ``loss_fn`` is given)."""
-    spec = QuerySpec.resolve(spec, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn)
-    return replace(spec, loss_fn=spec.loss_for(model))
 
 
 def _result(name, dense, top_k, ids, qids, steps, settings=None) -> AttributionResult:

@@ -36,8 +36,9 @@ from torch import nn
 
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.capture.layers import check_layers_match, discover_layers
-from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.replay import featurize_data
+from lightning_tda.capture.task import Task
 from lightning_tda.errors import ProjectionMismatchError
 from lightning_tda.integrations.transformers import is_peft_model
 from lightning_tda.methods.source import Source
@@ -124,11 +125,13 @@ def featurize_current(
     model: nn.Module,
     data: Any,
     *,
+    task: Task | None = None,
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     collate_fn: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Projected gradients of ``data`` at ``model``'s CURRENT weights in ``store``'s projection.
+    """Projected query gradients (of ``task.measurement``; ``loss_fn`` a shorthand; default the
+    module's own task) of ``data`` at ``model``'s CURRENT weights in ``store``'s projection.
 
     Unlike :meth:`AttributionStore.query_vectors` no checkpoint state is loaded.
 
@@ -137,16 +140,16 @@ def featurize_current(
     """
     if store.projection.basis == "pca" and store.bases is None:
         raise ValueError(f"{store.path} uses a PCA projection basis but stores none")
-    fn = resolve_loss_fn(model, loss_fn)
     rows, ids, _ = featurize_data(
         model,
         data,
         store.layers,
         store.projection,
-        fn,
+        loss_fn,
         batch_size,
         collate_fn,
         store.bases,
+        task=task,
         description="query gradients at the merged model",
     )
     return rows, ids
@@ -159,6 +162,7 @@ def merged_query_vectors(
     *,
     source: Source,
     pretrain_model_factory: Callable[[nn.Module], nn.Module] | None = None,
+    task: Task | None = None,
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     collate_fn: Any = None,
@@ -178,6 +182,7 @@ def merged_query_vectors(
         pretrain_store,
         merged,
         queries,
+        task=task,
         loss_fn=loss_fn,
         batch_size=batch_size,
         collate_fn=collate_fn,
@@ -236,6 +241,7 @@ def source_pretrain_then_lora(
     lora_source: Source | None = None,
     top_k: int | None = 10,
     lora_id_offset: int = 0,
+    task: Task | None = None,
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     collate_fn: Any = None,
@@ -256,7 +262,9 @@ def source_pretrain_then_lora(
         top_k: strongest proponents/opponents per query over both stages; ``None`` for dense.
         lora_id_offset: added to the fine-tune example ids in the result (to make them disjoint
             from the pre-training ids).
-        loss_fn: query loss ``loss_fn(model, batch) -> Tensor[B]`` used for both stages.
+        task: what the queries measure, for both stages (default: the task recorded in the LoRA
+            store, else the module's own; see :meth:`AttributionStore.attribute`).
+        loss_fn: query loss ``loss_fn(model, batch) -> Tensor[B]`` (shorthand of a task).
         batch_size: batch size of the query sweeps.
         collate_fn: collate function for a query Dataset.
 
@@ -277,7 +285,9 @@ def source_pretrain_then_lora(
     _warn_non_adapter_layers(ft)
     pre_src = Source() if pretrain_source is None else pretrain_source
     ft_src = Source() if lora_source is None else lora_source
-    kw = dict(loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn)
+    if task is None and loss_fn is None:
+        task = ft.recorded_task()  # the query side is the fine-tuned model's
+    kw = dict(task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn)
     qvecs, qids = merged_query_vectors(
         pre,
         lora_model,

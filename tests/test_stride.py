@@ -15,7 +15,14 @@ from helpers import (
     trainer,
 )
 
-from lightning_tda import AttributionStore, GradientLogger, IndexedDataset, StoreError
+from lightning_tda import (
+    AttributionStore,
+    CausalLMTask,
+    ClassificationTask,
+    GradientLogger,
+    IndexedDataset,
+    StoreError,
+)
 from lightning_tda.stride import (
     SteeringOperators,
     Stride,
@@ -120,7 +127,9 @@ def test_steered_model_equals_base_at_init_classifier_and_gpt():
     assert out == "lm.lm_head" and layer.startswith("lm.transformer.h.")
     batch = torch.utils.data.default_collate([TokenDataset(4)[i] for i in range(4)])
     base = gpt.lm(input_ids=batch["input_ids"]).logits
-    f = extract(gpt, batch, layer, out, lambda m, b: m.per_example_loss(b))
+    f = extract(
+        gpt, batch, layer, out, lambda m, b: m.per_example_loss(b), task=CausalLMTask(labels="hf")
+    )
     for head_rank in (None, 3):  # full and factored heads
         ops = SteeringOperators(5, f.h.shape[-1], 50, rank=4, head_rank=head_rank)
         with steered_model(gpt, ops, 2, layer, out):
@@ -144,7 +153,7 @@ def _mlp_store(tmp_path, n=64, epochs=3, every=None):
 def test_fit_lowers_member_loss_more_than_non_member_loss(tmp_path):
     store = _mlp_store(tmp_path, n=200)
     cfg = StrideConfig(num_subsets=20, degree=3, rank=8, steps=60, holdout=16, seed=0, lr=0.05)
-    res = fit(store, store.model, store.data, cfg, trainer_kwargs=QUIET)
+    res = fit(store, store.model, store.data, cfg, trainer_kwargs=QUIET, task=ClassificationTask())
     assert res.step == store.checkpoint(None).global_step and 0 < res.alpha < 1
     # per-subset mean loss drop of members vs non-members under that subset's operator
     src = FeatureSource(
@@ -158,6 +167,7 @@ def test_fit_lowers_member_loss_more_than_non_member_loss(tmp_path):
         64,
         None,
         2**30,
+        task=ClassificationTask(),
     )
     y = res.operators.measure(src.get(torch.arange(200)))  # [n, K] loss drops
     m = res.design.matrix.toarray().T.astype(bool)  # [n, K]
@@ -186,7 +196,9 @@ def test_fit_gpt_runs_and_module_is_resumable(tmp_path, logged_gpt_store):
         sketch_dim=4,
     )
     kw = dict(QUIET, enable_checkpointing=True, default_root_dir=str(tmp_path / "ck"))
-    res = fit(tmp_path / "lm.h5", model, data, cfg, trainer_kwargs=kw)
+    res = fit(
+        tmp_path / "lm.h5", model, data, cfg, trainer_kwargs=kw, task=CausalLMTask(labels="hf")
+    )
     assert res.operators.num_outputs == 50
     ckpts = list((tmp_path / "ck").rglob("*.ckpt"))
     assert ckpts
@@ -200,6 +212,7 @@ def test_fit_gpt_runs_and_module_is_resumable(tmp_path, logged_gpt_store):
         trainer_kwargs=kw,
         ckpt_path=str(ckpts[0]),
         overwrite=True,
+        task=CausalLMTask(labels="hf"),
     )
     assert res2.operators.heads.abs().sum() > 0
     queries = torch.utils.data.default_collate([TokenDataset(3, seed=5)[i] for i in range(3)])
@@ -219,7 +232,7 @@ def test_attribute_with_stride_sign_and_errors(tmp_path):
         fit(store, model, data, StrideConfig(num_subsets=2, degree=3))
     cfg = StrideConfig(num_subsets=40, degree=3, rank=8, steps=80, holdout=16, lr=0.05)
     steps = store.steps
-    fit(store, model, data, cfg, checkpoints=steps, trainer_kwargs=QUIET)
+    fit(store, model, data, cfg, checkpoints=steps, trainer_kwargs=QUIET, task=ClassificationTask())
     # queries that duplicate training examples (ids shifted so they are known as queries)
     pos = torch.arange(0, 200, 10)
     qx = torch.stack([data[int(i)].data[0] for i in pos])
@@ -269,6 +282,7 @@ def test_gradient_logger_fits_stride_at_fit_end(tmp_path):
         projection="exact",
         stride=cfg,
         stride_trainer_kwargs=QUIET,
+        task=ClassificationTask(),
     )
     model = TinyMLP()
     trainer(tmp_path, [logger], max_epochs=2).fit(model, loader(data))
@@ -283,7 +297,10 @@ def test_uncached_features_equal_cached(tmp_path):
     store = _mlp_store(tmp_path, n=50, epochs=1)
     fn = lambda m, b: m.per_example_loss(b)  # noqa: E731
     args = (store.model, store.data, store.example_ids, "net.3:input", "net.3", fn, None, 16, None)
-    cached, streamed = FeatureSource(*args, 2**30), FeatureSource(*args, 0)
+    cached, streamed = (
+        FeatureSource(*args, 2**30, task=ClassificationTask()),
+        FeatureSource(*args, 0, task=ClassificationTask()),
+    )
     assert cached.cached and not streamed.cached
     rows = torch.tensor([49, 0, 7, 7, 23])
     a, b = cached.get(rows), streamed.get(rows)
@@ -311,6 +328,7 @@ def test_cli_stride_fit_on_a_recipe_run(tmp_path, monkeypatch):
     cfg.write_text(recipe.read_text().replace("n_train: 1000", "n_train: 200"))
     argv = ["stride", "fit", "--config", str(cfg), "--num-subsets", "30", "--degree", "3"]
     argv += ["--rank", "4", "--steps", "20", "--holdout", "16", "--positive"]
+    argv += ["--task", "classification"]
     assert main(argv) == 0
     store = AttributionStore(tmp_path / "runs" / "digits_tda.h5")
     res = load(store.path, store.steps[-1])

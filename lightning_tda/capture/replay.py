@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -17,7 +17,11 @@ from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.capture.query_spec import QuerySpec, as_loader
+from lightning_tda.capture.task import Task
 from lightning_tda.progress import progress_bar
+
+Quantity = Literal["measurement", "loss"]
+"""What :func:`featurize_data` differentiates: the query measurement or the training loss."""
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -65,25 +69,31 @@ def featurize_data(
     bases: Bases | None = None,
     *,
     query_spec: QuerySpec | None = None,
+    task: Task | None = None,
+    of: Quantity = "measurement",
     description: str = "query gradients",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Projected gradients of every example in ``data`` at the model's current weights.
 
-    ``query_spec`` says how ``data`` is batched and which per-example loss is differentiated;
-    ``loss_fn``, ``batch_size`` and ``collate_fn`` are shorthands that override its fields
-    (:meth:`QuerySpec.resolve`; defaults: ``model.per_example_loss``, 64, the default collate).
+    ``query_spec`` says how ``data`` is batched and which task describes it; ``task``, ``loss_fn``,
+    ``batch_size`` and ``collate_fn`` are shorthands that override its fields
+    (:meth:`QuerySpec.resolve`; defaults: the module's own task, 64, the default collate).
+    ``of="measurement"`` differentiates ``task.measurement`` (queries; the loss unless the task
+    measures something else), ``of="loss"`` ``task.per_example_loss`` (training examples).
     A transient progress bar labelled ``description`` counts batches (none for a single batch).
 
     Returns:
-        ``(rows [Q, D] fp32 on the model's device, ids [Q] or None, losses [Q])``.
+        ``(rows [Q, D] fp32 on the model's device, ids [Q] or None, values [Q])``: ``values`` are
+        the differentiated measurements (or losses).
     """
     spec = QuerySpec.resolve(
-        query_spec, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
+        query_spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
     )
+    if of not in ("measurement", "loss"):
+        raise ValueError(f"of must be 'measurement' or 'loss', got {of!r}")
+    fn = spec.measurement_for(model) if of == "measurement" else spec.loss_for(model)
     device = model_device(model)
-    feat = Featurizer(
-        model, layers, config, spec.loss_for(model), device, require_ids=False, bases=bases
-    )
+    feat = Featurizer(model, layers, config, fn, device, require_ids=False, bases=bases)
     rows, ids, losses = [], [], []
     batches = spec.loader(data)
     total = _num_batches(batches)

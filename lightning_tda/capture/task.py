@@ -28,8 +28,9 @@ lightning_tda.errors.ConfigError: CausalLMTask(labels=...) must be 'hf' (Hugging
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tda.capture.losses import LossFn, causal_lm_loss
+from lightning_tda.data.indexed import Indexed
+from lightning_tda.data.targets import Targets
 from lightning_tda.errors import ConfigError
 
 LabelConvention = Literal["hf", "shifted"]
@@ -46,18 +49,24 @@ Field = int | str
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class Targets:
-    """What a model's outputs are scored against (STRIDE's per-token measurements).
+def missing_loss_error(model: nn.Module) -> ConfigError:
+    """The error for a module without ``per_example_loss`` under the module's own task."""
+    return ConfigError(
+        f"{type(model).__name__} has no per_example_loss(batch) -> Tensor[B]. Define it on the "
+        "LightningModule (sequence losses summed over supervised tokens), or pass a task: "
+        "task=ClassificationTask() / CausalLMTask(labels='hf' | 'shifted'), or loss_fn=..."
+    )
 
-    Attributes:
-        values: ``[B]`` class ids, or ``[B, T]`` token ids with ``-100`` on unsupervised positions.
-        shift: ``True``: the output at position ``t`` predicts ``values[:, t + 1]`` (Hugging Face
-            labels); ``False``: outputs and values are aligned position by position.
-    """
 
-    values: torch.Tensor
-    shift: bool
+def missing_targets_error(model: nn.Module) -> ConfigError:
+    """The error for a module that declares no ``targets(batch)`` under the module's own task."""
+    return ConfigError(
+        f"STRIDE needs the targets of each batch and their label convention, and "
+        f"{type(model).__name__} does not say them. Pass task=CausalLMTask(labels='hf') (Hugging "
+        "Face labels, shifted inside the loss), task=CausalLMTask(labels='shifted') ((x, y) with y "
+        "= x shifted by one) or task=ClassificationTask(), or define targets(batch) -> "
+        "lightning_tda.Targets on the module."
+    )
 
 
 class Task:
@@ -74,11 +83,7 @@ class Task:
         """``[B]`` per-example training losses of ``batch``."""
         fn = getattr(model, "per_example_loss", None)
         if not callable(fn):
-            raise ConfigError(
-                f"{type(model).__name__} has no per_example_loss(batch) -> Tensor[B]. Define it on the "
-                "LightningModule (sequence losses summed over supervised tokens), or pass a task: "
-                "task=ClassificationTask() / CausalLMTask(labels='hf' | 'shifted'), or loss_fn=..."
-            )
+            raise missing_loss_error(model)
         return fn(batch)
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -97,13 +102,7 @@ class Task:
                     f"shift), got {type(out).__name__}"
                 )
             return out
-        raise ConfigError(
-            f"STRIDE needs the targets of each batch and their label convention, and "
-            f"{type(model).__name__} does not say them. Pass task=CausalLMTask(labels='hf') (Hugging "
-            "Face labels, shifted inside the loss), task=CausalLMTask(labels='shifted') ((x, y) with y "
-            "= x shifted by one) or task=ClassificationTask(), or define targets(batch) -> "
-            "lightning_tda.Targets on the module."
-        )
+        raise missing_targets_error(model)
 
     def render(self, item: Any) -> Any | None:
         """How the report and panels show a dataset item; ``None``: the default rendering."""
@@ -141,7 +140,13 @@ class LossFnTask(Task):
         return {"task": self.name, "loss_fn": getattr(fn, "__qualname__", type(fn).__name__)}
 
 
+def _user_batch(batch: Any) -> Any:
+    """The batch without the ``Indexed`` wrapper an :class:`~lightning_tda.IndexedDataset` added."""
+    return batch.data if isinstance(batch, Indexed) else batch
+
+
 def _field(batch: Any, where: Field, what: str) -> Any:
+    batch = _user_batch(batch)
     try:
         return batch[where]
     except (KeyError, IndexError, TypeError):
@@ -156,7 +161,15 @@ def _field(batch: Any, where: Field, what: str) -> Any:
 class _FieldTask(Task):
     """A built-in task reading named fields of the batch and calling ``model(inputs)``."""
 
-    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = field(default=None, kw_only=True)
+    """Keyword-only: ``CausalLMTask("shifted")`` is the label convention, never a forward."""
+
+    def _check_forward(self) -> None:
+        if self.forward is not None and not callable(self.forward):
+            raise ConfigError(
+                f"{type(self).__name__}(forward=...) must be callable as forward(model, batch) -> "
+                f"logits, got {self.forward!r}"
+            )
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if self.forward is not None:
@@ -193,6 +206,7 @@ class ClassificationTask(_FieldTask):
     name: ClassVar[str] = "classification"
 
     def __post_init__(self) -> None:
+        self._check_forward()
         if self.measurement_kind not in ("loss", "margin"):
             raise ConfigError(
                 f"ClassificationTask(measurement_kind=...) must be 'loss' or 'margin', got "
@@ -247,6 +261,7 @@ class CausalLMTask(_FieldTask):
     name: ClassVar[str] = "causal_lm"
 
     def __post_init__(self) -> None:
+        self._check_forward()
         if self.labels not in ("hf", "shifted"):
             raise ConfigError(
                 "CausalLMTask(labels=...) must be 'hf' (Hugging Face labels: unshifted, shifted inside "
@@ -260,10 +275,11 @@ class CausalLMTask(_FieldTask):
             object.__setattr__(self, "label_key", "labels" if hf else 1)
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        if self.forward is None and self.labels == "hf" and isinstance(batch, Mapping):
-            kwargs = {"input_ids": _field(batch, self.inputs, "inputs")}
-            if "attention_mask" in batch:
-                kwargs["attention_mask"] = batch["attention_mask"]
+        data = _user_batch(batch)
+        if self.forward is None and self.labels == "hf" and isinstance(data, Mapping):
+            kwargs = {"input_ids": _field(data, self.inputs, "inputs")}
+            if "attention_mask" in data:
+                kwargs["attention_mask"] = data["attention_mask"]
             out = model(**kwargs)
             return getattr(out, "logits", out)
         return super().logits(model, batch)
@@ -301,15 +317,49 @@ def task_from_settings(settings: Mapping[str, Any]) -> Task | None:
     return cls(**kwargs)
 
 
-def resolve_task(task: Task | None = None, loss_fn: LossFn | None = None) -> Task:
-    """The task of an entry point: ``task``, else ``loss_fn`` wrapped, else the module's own."""
+def resolve_task(
+    task: Task | None = None, loss_fn: LossFn | None = None, default: Task | None = None
+) -> Task:
+    """The task of an entry point: ``task``, else ``loss_fn`` wrapped, else ``default`` (e.g. the
+    store's recorded task, :func:`recorded_task`), else the module's own."""
     if task is not None and loss_fn is not None:
         raise ConfigError("pass either task= or loss_fn= (a loss_fn is a task), not both")
     if task is not None:
         if not isinstance(task, Task):
             raise ConfigError(f"task must be a lightning_tda Task, got {type(task).__name__}")
         return task
-    return LossFnTask(loss_fn) if loss_fn is not None else Task()
+    if loss_fn is not None:
+        return LossFnTask(loss_fn)
+    return Task() if default is None else default
+
+
+def recorded_task(record: str | Mapping[str, Any] | None, where: str = "the store") -> Task:
+    """The task to use when an entry point gets neither ``task=`` nor ``loss_fn=``.
+
+    ``record``: the ``task`` attribute written with the store (JSON of :meth:`Task.settings`), or
+    ``None`` for a store without one. A built-in task is rebuilt from it; the module default, or no
+    record, gives the module's own :class:`Task`. A ``loss_fn`` task or a built-in with a custom
+    ``forward`` cannot be rebuilt from a file: a :class:`ConfigError` asks for it again.
+
+    >>> recorded_task('{"task": "causal_lm", "labels": "shifted", "inputs": 0, "label_key": 1}')
+    CausalLMTask(forward=None, labels='shifted', inputs=0, label_key=1)
+    >>> type(recorded_task(None)).__name__
+    'Task'
+    """
+    if record is None:
+        return Task()
+    settings = json.loads(record) if isinstance(record, (str, bytes)) else dict(record)
+    built = task_from_settings(settings)
+    if built is not None:
+        return built
+    if settings.get("task") == LossFnTask.name or settings.get("forward") == "custom":
+        raise ConfigError(
+            f"{where} was logged with task {json.dumps(settings, sort_keys=True)}, which cannot be "
+            "rebuilt from the file (a function is not stored). Pass the same description again: "
+            "task=... (e.g. the built-in task with its forward=) or loss_fn=...; task=Task() uses "
+            "the module's own per_example_loss instead."
+        )
+    return Task()
 
 
 __all__ = [
@@ -321,6 +371,9 @@ __all__ = [
     "Measurement",
     "Targets",
     "Task",
+    "missing_loss_error",
+    "missing_targets_error",
+    "recorded_task",
     "resolve_task",
     "task_from_settings",
 ]

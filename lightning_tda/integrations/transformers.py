@@ -42,7 +42,9 @@ from lightning_tda.data.collate import (  # noqa: F401 (re-exported; the collato
     TextClassificationCollator,
 )
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY, IndexedDataset, strip_example_ids
+from lightning_tda.data.targets import Targets
 from lightning_tda.data.tokenizer import train_bpe_tokenizer  # noqa: F401 (re-exported)
+from lightning_tda.errors import ConfigError
 
 _NON_INPUT_KEYS = ("labels", EXAMPLE_ID_KEY)
 
@@ -151,7 +153,7 @@ class CausalLMModule(_HFModule):
     ``labels`` ``[B, T]`` (``-100`` on prompt and padding tokens; without ``labels`` every attended
     token is supervised), plus the ``example_id`` ``[B]`` the logger needs. Any other tensor key is
     passed to the model. Labels follow the Hugging Face convention: ``labels[:, t]`` is predicted
-    from ``logits[:, t-1]``.
+    from ``logits[:, t-1]``; :meth:`targets` declares it (``Targets(labels, shift=True)``) for STRIDE.
 
     Args:
         model: e.g. ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or ``get_peft_model(...)`` of one.
@@ -199,6 +201,12 @@ class CausalLMModule(_HFModule):
     def per_example_loss(self, batch: Any) -> torch.Tensor:
         """``[B]`` completion losses: token cross-entropies SUMMED over supervised tokens."""
         return self.per_token_loss(batch).sum(dim=1)
+
+    def targets(self, batch: Any) -> Targets:
+        """The batch's ``labels`` ``[B, T]`` (every attended token without them), in the Hugging
+        Face convention: the output at ``t`` predicts ``labels[:, t + 1]`` (``shift=True``)."""
+        inputs, labels = _model_inputs(batch)
+        return Targets(_labels_from_inputs(inputs) if labels is None else labels, shift=True)
 
 
 class SequenceClassifierModule(_HFModule):
@@ -260,6 +268,18 @@ class SequenceClassifierModule(_HFModule):
                 .sum(1)
             )
         return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1)
+
+    def targets(self, batch: Any) -> Targets:
+        """The class ids ``labels`` ``[B]``, aligned with the logits ``[B, C]`` (``shift=False``)."""
+        _, labels = _model_inputs(batch)
+        if labels is None:
+            raise KeyError("the batch has no 'labels'")
+        if self.problem_type != "single_label_classification":
+            raise ConfigError(
+                f"STRIDE measures cross-entropy against class ids; problem_type="
+                f"{self.problem_type!r} has none (single_label_classification only)"
+            )
+        return Targets(labels.long(), shift=False)
 
 
 def _labels_from_inputs(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

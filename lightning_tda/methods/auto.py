@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from lightning_tda.capture.task import Task
 from lightning_tda.methods.base import AttributionMethod
 from lightning_tda.methods.influence import Influence
 from lightning_tda.methods.tracin import TracIn
@@ -49,7 +50,9 @@ def method_settings(method: AttributionMethod) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(method):  # type: ignore[arg-type]
         v = getattr(method, f.name)
-        if callable(v):
+        if isinstance(v, Task):
+            v = v.settings()
+        elif callable(v):
             v = getattr(v, "__name__", repr(v))
         elif isinstance(v, (list, tuple)):
             v = list(v)

@@ -4,7 +4,12 @@
 chosen layer's activations and the logits of every training example (cached in fp16 when they fit in
 ``config.cache_bytes``, else recomputed per batch), trains the shared basis and the per-subset heads
 with the fidelity, stability and linearity losses, chooses the Lasso penalty on held-out *training*
-examples, and writes operators, design and config into the store's ``stride/`` group.
+examples, and writes operators, design, config and the task (``task.settings()``) into the store's
+``stride/`` group.
+
+The targets come from the task (``task.targets(model, batch) -> Targets(values, shift)``, default:
+the task recorded in the store, else the module's own ``targets(batch)``); nothing is inferred from
+the batch's shape (:mod:`lightning_tda.stride.operator`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
+from lightning_tda.capture.task import Task, resolve_task, task_from_settings
 from lightning_tda.errors import StoreError
 from lightning_tda.store.extension import ExtensionGroup
 from lightning_tda.store.reader import StoreReader
@@ -35,8 +41,10 @@ from lightning_tda.stride.operator import (
     Features,
     SteeringOperators,
     TargetsFn,
+    check_targets_declared,
     default_layer,
     extract,
+    feature_forward,
     output_module_name,
     token_ce,
 )
@@ -130,6 +138,12 @@ class StrideConfig:
         d["alpha_grid"] = tuple(d.get("alpha_grid", ALPHA_GRID))
         return cls(**d)
 
+    def check_before_fit(self, pl_module: nn.Module, *, task: Task | None = None) -> None:
+        """Raise when training starts, not after it, if the post-fit STRIDE fit will not know the
+        targets: ``task`` (the logger's) is the module's own and ``pl_module`` declares no
+        ``targets(batch)`` (:func:`~lightning_tda.stride.operator.check_targets_declared`)."""
+        check_targets_declared(pl_module, task)
+
     def run_after_fit(
         self,
         path: str | os.PathLike,
@@ -139,9 +153,11 @@ class StrideConfig:
         trainer_kwargs: dict[str, Any] | None = None,
         loss_fn: LossFn | None = None,
         collate_fn: Any = None,
+        task: Task | None = None,
     ) -> StrideResult | list[StrideResult] | None:
         """The post-fit stage of ``GradientLogger(stride=self)`` (:class:`~lightning_tda.callbacks.post_fit.PostFitStage`):
-        :func:`fit` at the store's last checkpoint, replacing operators already stored for it."""
+        :func:`fit` at the store's last checkpoint, replacing operators already stored for it
+        (``task``: the logger's task; default the one recorded in the store)."""
         return fit(
             path,
             pl_module,
@@ -151,6 +167,7 @@ class StrideConfig:
             loss_fn=loss_fn,
             collate_fn=collate_fn,
             overwrite=True,
+            task=task,
         )
 
 
@@ -170,9 +187,11 @@ class FeatureSource:
         batch_size: int,
         collate_fn: Any,
         cache_bytes: int,
+        *,
+        task: Task | None = None,
     ) -> None:
         self.model, self.layer, self.output = model, layer, output
-        self.loss_fn, self.targets_fn = loss_fn, targets_fn
+        self.loss_fn, self.targets_fn, self.task = loss_fn, targets_fn, task
         self.device = model_device(model)
         self.collate = collate_fn or getattr(data, "collate_fn", None) or default_collate
         self.dataset = data.dataset if isinstance(data, DataLoader) else data
@@ -215,7 +234,15 @@ class FeatureSource:
 
     def _extract(self, batch: Any) -> Features:
         batch = move_data_to_device(batch, self.device)
-        return extract(self.model, batch, self.layer, self.output, self.loss_fn, self.targets_fn)
+        return extract(
+            self.model,
+            batch,
+            self.layer,
+            self.output,
+            self.loss_fn,
+            self.targets_fn,
+            task=self.task,
+        )
 
     def get(self, positions: torch.Tensor) -> Features:
         """Features (fp32, CPU) of store rows ``positions`` (1-D)."""
@@ -376,6 +403,8 @@ class StrideResult:
     alpha: float
     alpha_scores: dict[float, float] = field(default_factory=dict)
     fit_seconds: float = 0.0
+    task: dict[str, Any] | None = None
+    """``Task.settings()`` of the task whose targets were measured (``None``: fitted before tasks)."""
 
 
 def step_group(step: int) -> str:
@@ -416,6 +445,34 @@ def _ensure_design(reader: StoreReader, config: StrideConfig) -> SubsetDesign:
     return design
 
 
+@dataclass
+class _FitJob:
+    """Everything one checkpoint's fit needs besides the step."""
+
+    reader: StoreReader
+    model: nn.Module
+    data: Any
+    config: StrideConfig
+    design: SubsetDesign
+    layer: str
+    output: str
+    forward: LossFn
+    task: Task
+    targets_fn: TargetsFn | None
+    collate_fn: Any
+    trainer_kwargs: dict[str, Any] | None
+    ckpt_path: str | None
+    overwrite: bool
+
+
+def store_task(reader: StoreReader) -> Task:
+    """The task recorded in the store (a built-in rebuilt from its settings), else the module's own
+    (STRIDE needs only targets, so a recorded ``loss_fn`` task means the module's own targets)."""
+    record = reader.attrs.get("task")
+    built = task_from_settings(json.loads(record)) if record else None
+    return Task() if built is None else built
+
+
 def fit(
     store: Any,
     model: nn.Module,
@@ -430,6 +487,7 @@ def fit(
     targets_fn: TargetsFn | None = None,
     collate_fn: Any = None,
     overwrite: bool = False,
+    task: Task | None = None,
 ) -> StrideResult | list[StrideResult] | None:
     """Fit STRIDE operators at one checkpoint (default: the last) or at each of ``checkpoints``.
 
@@ -443,8 +501,13 @@ def fit(
         trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments (``enable_checkpointing``,
             ``enable_progress_bar``, ``default_root_dir``, ``accelerator`` ...).
         ckpt_path: resume the operator fit from a Lightning checkpoint of an interrupted run.
-        loss_fn: per-example loss (default ``model.per_example_loss``); run once per batch to fire hooks.
-        targets_fn: ``targets_fn(batch) -> Tensor`` when targets are not ``(x, y)[-1]`` or ``labels``.
+        loss_fn: the forward run once per batch to fire the hooks (default: the module's
+            ``per_example_loss``, else the task's loss).
+        targets_fn: an explicit override of the targets, ``targets_fn(batch) -> Targets``.
+        task: gives the targets and their label convention (``task.targets``), e.g.
+            ``CausalLMTask(labels="hf" | "shifted")`` or ``ClassificationTask()``; default: the task
+            recorded in the store, else the module's own ``targets(batch)`` (a module that declares
+            none raises a ``ConfigError`` naming these tasks). Recorded in ``stride/<step>``.
         overwrite: replace operators already stored for the step.
 
     Returns:
@@ -457,114 +520,92 @@ def fit(
             f"{reader.path} holds no complete checkpoint to fit STRIDE at; train with the "
             "GradientLogger until it logs one (or resume the interrupted fit)"
         )
-    n = reader.num_examples
-    config.validate(n)
+    config.validate(reader.num_examples)
     steps = _resolve_steps(reader, checkpoint, checkpoints)
+    task = resolve_task(task, None, store_task(reader))
+    check_targets_declared(model, task, targets_fn)  # before anything is written
     design = _ensure_design(reader, config)
-    fn = resolve_loss_fn(model, loss_fn)
     output = config.output_module or output_module_name(model)
     layer = config.layer or default_layer(model, output)
-    results = []
-    for s in steps:
-        results.append(
-            _fit_one(
-                reader,
-                model,
-                train_data,
-                config,
-                design,
-                s,
-                layer,
-                output,
-                fn,
-                targets_fn,
-                collate_fn,
-                trainer_kwargs,
-                ckpt_path,
-                overwrite,
-            )
-        )
+    forward = feature_forward(model, task, loss_fn)
+    job = _FitJob(
+        reader, model, train_data, config, design, layer, output, forward, task, targets_fn,
+        collate_fn, trainer_kwargs, ckpt_path, overwrite,
+    )  # fmt: skip
+    results = [_fit_one(job, s) for s in steps]
     if any(r is None for r in results):
         return None
     return results if checkpoints is not None else results[0]
 
 
-def _fit_one(
-    reader,
-    model,
-    data,
-    config,
-    design,
-    step,
-    layer,
-    output,
-    fn,
-    targets_fn,
-    collate_fn,
-    trainer_kwargs,
-    ckpt_path,
-    overwrite,
-):
-    t0 = time.perf_counter()
-    if exists(reader.path, step) and not overwrite:
+def _fit_one(job: _FitJob, step: int) -> StrideResult | None:
+    """Fit, choose the Lasso penalty and save the operators at ``step`` (``None`` off rank zero)."""
+    t0, reader, config, design = time.perf_counter(), job.reader, job.config, job.design
+    if exists(reader.path, step) and not job.overwrite:
         raise StoreError(
             f"{reader.path} already holds STRIDE operators for checkpoint {step}; pass overwrite=True"
         )
     torch.manual_seed(config.seed)
-    with loaded_state(model, reader.state(step)):
+    with loaded_state(job.model, reader.state(step)):
         source = FeatureSource(
-            model,
-            data,
-            reader.example_ids,
-            layer,
-            output,
-            fn,
-            targets_fn,
-            config.batch_size,
-            collate_fn,
-            config.cache_bytes,
-        )
+            job.model, job.data, reader.example_ids, job.layer, job.output, job.forward,
+            job.targets_fn, config.batch_size, job.collate_fn, config.cache_bytes, task=job.task,
+        )  # fmt: skip
         ops = SteeringOperators(
             config.num_subsets, source.d_h, source.num_outputs, config.rank, config.head_rank
         )
-        holdout = torch.from_numpy(
-            np.sort(
-                np.random.default_rng(config.seed).permutation(design.num_examples)[
-                    : config.holdout
-                ]
-            )
-        )
+        perm = np.random.default_rng(config.seed).permutation(design.num_examples)
+        holdout = torch.from_numpy(np.sort(perm[: config.holdout]))
         module = StrideFitModule(ops, source, design, config, holdout)
-        kw = dict(
-            max_steps=config.steps,
-            max_epochs=-1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=True,
-            num_sanity_val_steps=0,
-        )
-        kw.update(trainer_kwargs or {})
-        trainer = pl.Trainer(**kw)
-        trainer.fit(module, ckpt_path=ckpt_path)
+        trainer = _trainer(config, job.trainer_kwargs)
+        trainer.fit(module, ckpt_path=job.ckpt_path)
         if not trainer.is_global_zero:
             return None
         ops = module.operators.cpu().eval()
         alpha, scores = config.alpha, {}
         if alpha is None:
-            if len(holdout) < 2:
-                raise ValueError("choosing alpha needs StrideConfig.holdout >= 2 held-out examples")
-            y = torch.cat(
-                [ops.measure(source.get(holdout[i : i + 64])) for i in range(0, len(holdout), 64)]
-            )
-            alpha, scores = choose_alpha(
-                design.matrix, y, config.alpha_grid, positive=config.positive, seed=config.seed
-            )
+            alpha, scores = _choose_alpha(ops, source, design, config, holdout)
+    settings = job.task.settings()
+    if job.targets_fn is not None:
+        settings = {**settings, "targets_fn": getattr(job.targets_fn, "__qualname__", "custom")}
     res = StrideResult(
-        step, ops, design, config, layer, output, float(alpha), scores, time.perf_counter() - t0
-    )
-    save(reader.path, res, overwrite)
+        step, ops, design, config, job.layer, job.output, float(alpha), scores,
+        time.perf_counter() - t0, settings,
+    )  # fmt: skip
+    save(reader.path, res, job.overwrite)
     return res
+
+
+def _trainer(config: StrideConfig, trainer_kwargs: dict[str, Any] | None) -> pl.Trainer:
+    kw = dict(
+        max_steps=config.steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=True,
+        num_sanity_val_steps=0,
+    )
+    kw.update(trainer_kwargs or {})
+    return pl.Trainer(**kw)
+
+
+def _choose_alpha(
+    ops: SteeringOperators,
+    source: FeatureSource,
+    design: SubsetDesign,
+    config: StrideConfig,
+    holdout: torch.Tensor,
+) -> tuple[float, dict[float, float]]:
+    """The Lasso penalty fraction chosen on the held-out training examples' measurements."""
+    if len(holdout) < 2:
+        raise ValueError("choosing alpha needs StrideConfig.holdout >= 2 held-out examples")
+    y = torch.cat(
+        [ops.measure(source.get(holdout[i : i + 64])) for i in range(0, len(holdout), 64)]
+    )
+    return choose_alpha(
+        design.matrix, y, config.alpha_grid, positive=config.positive, seed=config.seed
+    )
 
 
 def exists(path: str | os.PathLike, step: int) -> bool:
@@ -599,6 +640,8 @@ def save(path: str | os.PathLike, res: StrideResult, overwrite: bool = False) ->
         sg.attrs["num_outputs"] = res.operators.num_outputs
         sg.attrs["design_seed"] = res.design.seed
         sg.attrs["fit_seconds"] = res.fit_seconds
+        if res.task is not None:
+            sg.attrs["task"] = json.dumps(res.task, sort_keys=True)
         ext.publish(name)
 
 
@@ -637,4 +680,5 @@ def load(path: str | os.PathLike, step: int) -> StrideResult:
             float(g.attrs["alpha"]),
             scores,
             float(g.attrs["fit_seconds"]),
+            json.loads(str(g.attrs["task"])) if "task" in g.attrs else None,
         )

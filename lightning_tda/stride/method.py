@@ -5,6 +5,10 @@ Unlike the gradient methods it measures queries with the model itself: it is a
 calls :meth:`Stride.scores` instead of computing projected query gradients. Checkpoint-aware: with
 several fitted checkpoints the recovered influences are combined with weights proportional to each
 checkpoint's learning-rate sum (``lr_weights``, averaged over groups).
+
+The queries' targets come from a task, never from the batch's shape: ``Stride(task=...)``, else the
+``task=`` given to ``attribute``, else the task recorded when the operators were fitted
+(``stride/<step>``), else the store's recorded task, else the module's own ``targets(batch)``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from torch import nn
 
 from lightning_tda.capture.query_spec import QuerySpec
 from lightning_tda.capture.replay import loaded_state
+from lightning_tda.capture.task import LossFnTask, Task, task_from_settings
 from lightning_tda.errors import StoreError
 from lightning_tda.methods.base import Interval, ModelMethod, lr_weights
 from lightning_tda.store.reader import CheckpointInfo, StoreReader
-from lightning_tda.stride.fit import fitted_steps, load
-from lightning_tda.stride.operator import TargetsFn, extract
+from lightning_tda.stride.fit import StrideResult, fitted_steps, load, store_task
+from lightning_tda.stride.operator import TargetsFn, extract, feature_forward
 from lightning_tda.stride.recover import SparseOperator, recover
 
 
@@ -36,7 +41,9 @@ class Stride(ModelMethod):
             held-out training examples).
         positive: non-negative Lasso (default: as fitted).
         interval: which learning-rate sum weighs a checkpoint (see ``lr_weights``).
-        targets_fn: ``targets_fn(batch) -> Tensor`` for batches that are not ``(x, y)`` / ``labels``.
+        targets_fn: an explicit override of the task's targets, ``targets_fn(batch) -> Targets``.
+        task: gives the queries' targets and their label convention (default: see the module
+            docstring; the fitted one is the natural choice).
     """
 
     checkpoints: list[int] | str | None = None
@@ -44,6 +51,7 @@ class Stride(ModelMethod):
     positive: bool | None = None
     interval: Interval = "previous"
     targets_fn: TargetsFn | None = None
+    task: Task | None = None
 
     name: ClassVar[str] = "stride"
     supports_self_influence: ClassVar[bool] = False
@@ -91,20 +99,34 @@ class Stride(ModelMethod):
         step: int,
         spec: QuerySpec | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(y [Q, K], query ids)`` at one fitted checkpoint (``spec``: batching and loss)."""
+        """``(y [Q, K], query ids)`` at one fitted checkpoint (``spec``: batching and task)."""
         spec = QuerySpec() if spec is None else spec
         res = load(store.path, step)
-        fn = spec.loss_for(model)
+        task = self.targets_task(store, res, spec)
+        fn = feature_forward(model, spec.task_or(task), spec.loss_fn)
         ys, ids = [], []
         with loaded_state(model, store.state(step)):
             for batch in spec.loader(queries):
-                f = extract(model, batch, res.layer, res.output_module, fn, self.targets_fn)
+                f = extract(
+                    model, batch, res.layer, res.output_module, fn, self.targets_fn, task=task
+                )
                 ys.append(res.operators.measure(f))
                 ids.append(f.ids)
         if not ys:
             raise ValueError("the query data is empty")
         qids = None if any(i is None for i in ids) else torch.cat(ids)
         return torch.cat(ys), qids
+
+    def targets_task(self, store: StoreReader, res: StrideResult, spec: QuerySpec) -> Task:
+        """The task whose ``targets`` the queries are measured against (module docstring order)."""
+        if self.task is not None:
+            return self.task
+        if spec.task is not None and not isinstance(spec.task, LossFnTask):
+            return spec.task
+        fitted = task_from_settings(res.task) if res.task is not None else None
+        if fitted is not None or res.task is not None:
+            return Task() if fitted is None else fitted
+        return store_task(store)
 
     def scores(
         self,

@@ -7,8 +7,16 @@ large (LM vocabularies), ``a_k = c_k W`` is factored through a shared ``[r', C]`
 per-subset ``[r, r']`` cores ``c_k`` (zero-initialised).
 
 Features are normalised to a token axis: classifiers give ``h [B, 1, d_h]``, ``o [B, 1, C]``,
-``targets [B, 1]``; causal LMs give ``[B, T-1, ·]`` (next-token shift) with ``-100`` masks. A
-per-example loss is the SUM over supervised tokens (methods.md §14.4).
+``targets [B, 1]``; causal LMs give ``[B, T', ·]`` with ``-100`` masks. A per-example loss is the SUM
+over supervised tokens (methods.md §14.4).
+
+The targets and their alignment are never guessed from the batch: they come from
+``task.targets(model, batch) -> Targets(values, shift)`` (:mod:`lightning_tda.capture.task`).
+``values [B]`` are class ids; ``values [B, T]`` with ``shift=True`` are Hugging Face labels (the output
+at ``t`` predicts ``values[:, t + 1]``, so ``T' = T - 1``), with ``shift=False`` they are already aligned
+with the outputs (nanoGPT ``(x, y)``, ``T' = T``). A module that declares nothing, with no task, is
+a :class:`~lightning_tda.errors.ConfigError` naming ``task=CausalLMTask(labels='hf' | 'shifted')`` /
+``ClassificationTask()``.
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tda.capture.losses import LossFn
+from lightning_tda.capture.task import LossFnTask, Targets, Task, missing_targets_error
 from lightning_tda.data.indexed import EXAMPLE_ID_KEY
+from lightning_tda.errors import ConfigError
 
 IGNORE = -100
 INPUT_SUFFIX = ":input"
-TargetsFn = Callable[[Any], torch.Tensor]
+TargetsFn = Callable[[Any], Targets]
+"""An explicit override of the task's targets: ``targets_fn(batch) -> Targets(values, shift)``."""
 
 
 def _is_projectable(m: nn.Module) -> bool:
@@ -57,19 +68,71 @@ def default_layer(model: nn.Module, output: str) -> str:
     return names[min(len(names) - 1, round(2 * len(names) / 3) - 1)]
 
 
-def batch_targets(batch: Any) -> tuple[torch.Tensor, bool]:
-    """``(targets, is_lm)``: ``labels`` of a mapping batch (causal LM) or the last field of ``(x, y)``."""
-    if isinstance(batch, Mapping):
-        if "labels" in batch:
-            return batch["labels"], True
-        raise ValueError("a mapping batch without 'labels': pass targets_fn=lambda batch: ...")
-    data = batch.data if hasattr(batch, "_fields") and hasattr(batch, "data") else batch
-    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[-1], torch.Tensor):
-        return data[-1], False
-    raise ValueError(
-        "cannot find the targets of this batch (expected (x, y) or a mapping with 'labels'); "
-        "pass targets_fn=lambda batch: targets"
-    )
+def batch_targets(
+    model: nn.Module, batch: Any, task: Task | None = None, targets_fn: TargetsFn | None = None
+) -> Targets:
+    """The targets of ``batch`` with their alignment: ``targets_fn(batch)`` (an explicit override)
+    if given, else ``task.targets(model, batch)`` (default: the module's own ``targets(batch)``,
+    which raises naming ``task=`` when the module declares none). Never inferred from the batch."""
+    if targets_fn is None:
+        return (Task() if task is None else task).targets(model, batch)
+    out = targets_fn(batch)
+    if not isinstance(out, Targets):
+        raise ConfigError(
+            f"targets_fn(batch) must return lightning_tda.Targets(values, shift), got "
+            f"{type(out).__name__}: a plain tensor is ambiguous ([B, T] token ids may be Hugging Face "
+            "labels, shift=True, or targets already aligned with the outputs, shift=False). Return "
+            "Targets(values, shift=...), or pass task=CausalLMTask(labels='hf' | 'shifted') / "
+            "ClassificationTask() instead."
+        )
+    return out
+
+
+def check_targets_declared(
+    model: nn.Module, task: Task | None, targets_fn: TargetsFn | None = None
+) -> None:
+    """Raise before any work when nothing says the targets: no ``targets_fn``, the module's own task
+    (or a ``loss_fn`` one) and a module without ``targets(batch)``."""
+    own = task is None or type(task) in (Task, LossFnTask)
+    if targets_fn is None and own and not callable(getattr(model, "targets", None)):
+        raise missing_targets_error(model)
+
+
+def feature_forward(model: nn.Module, task: Task | None, loss_fn: LossFn | None = None) -> LossFn:
+    """What STRIDE runs once per batch so its hooks read ``h`` and the logits: ``loss_fn`` if given,
+    a ``loss_fn`` task's function, else the module's own ``per_example_loss`` (the forward it was
+    trained with) when it has one, else the task's training loss."""
+    if loss_fn is not None:
+        return loss_fn
+    if isinstance(task, LossFnTask):
+        return task.loss_fn
+    if task is None or callable(getattr(model, "per_example_loss", None)):
+        return Task().per_example_loss
+    return task.per_example_loss
+
+
+def align(
+    h: torch.Tensor, o: torch.Tensor, targets: Targets
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h [B, T', d_h], o [B, T', C], targets [B, T'])`` on a common token axis (see the module
+    docstring): class ids get ``T' = 1``; token targets are shifted only when ``targets.shift``."""
+    t = torch.as_tensor(targets.values)
+    if t.dim() == 1 and o.dim() == 2:
+        return h.reshape(h.shape[0], 1, -1), o.unsqueeze(1), t.reshape(-1, 1)
+    if t.dim() != 2 or h.dim() != 3 or o.dim() != 3:
+        raise ConfigError(
+            f"targets of shape {tuple(t.shape)} need [B] class ids (logits [B, C]) or [B, T] token "
+            f"ids (activations and logits [B, T, .]); got activations {tuple(h.shape)} and logits "
+            f"{tuple(o.shape)}"
+        )
+    if targets.shift:
+        h, o, t = h[:, :-1], o[:, :-1], t[:, 1:]
+    if tuple(t.shape) != tuple(o.shape[:2]):
+        raise ConfigError(
+            f"token targets {tuple(t.shape)} (shift={targets.shift}) do not line up with the logits "
+            f"{tuple(o.shape[:2])} [B, T]; check the task's label convention"
+        )
+    return h, o, t
 
 
 def batch_ids(batch: Any) -> torch.Tensor | None:
@@ -119,8 +182,11 @@ def extract(
     output: str,
     loss_fn: LossFn,
     targets_fn: TargetsFn | None = None,
+    *,
+    task: Task | None = None,
 ) -> Features:
-    """Run ``loss_fn(model, batch)`` once and read ``h`` and the logits ``o`` by hooks."""
+    """Run ``loss_fn(model, batch)`` once, read ``h`` and the logits ``o`` by hooks, and align them
+    with the batch's targets (:func:`batch_targets`: ``targets_fn``, else ``task``'s)."""
     was = model.training
     model.eval()
     try:
@@ -131,18 +197,8 @@ def extract(
     if "h" not in got or "o" not in got:
         raise RuntimeError(f"the forward pass did not run through {layer!r} and {output!r}")
     h, o = got["h"].detach().float(), got["o"].detach().float()
-    if targets_fn is not None:
-        t = targets_fn(batch)
-        is_lm = t.dim() == 2
-    else:
-        t, is_lm = batch_targets(batch)
-    if is_lm:
-        if h.dim() != 3 or o.dim() != 3:
-            raise ValueError(f"LM batch but activations {tuple(h.shape)} / logits {tuple(o.shape)}")
-        h, o, t = h[:, :-1], o[:, :-1], t[:, 1:]
-    else:
-        h, o, t = h.reshape(h.shape[0], 1, -1), o.reshape(o.shape[0], 1, -1), t.reshape(-1, 1)
-    return Features(h, o, t.long(), batch_ids(batch))
+    h, o, t = align(h, o, batch_targets(model, batch, task, targets_fn))
+    return Features(h, o, t.to(o.device).long(), batch_ids(batch))
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
