@@ -229,6 +229,12 @@ class FitContext:
                 positional=positional,
             )
 
+    def progress(self, trainer: pl.Trainer, description: str, total: int, unit: str):
+        """A transient bar in (or beside) the trainer's own (see :mod:`lightning_tda.progress`)."""
+        return progress_bar(
+            description, total, unit=unit, verbose=self.verbose, transient=True, trainer=trainer
+        )
+
 
 def _check_module_loss(task: Task, module: pl.LightningModule) -> None:
     """The module default task needs ``per_example_loss`` on the module: refused at ``setup``."""
