@@ -16,6 +16,7 @@ from lightning_tda.capture.basis import Bases
 from lightning_tda.capture.checks import _check_finite, _check_losses
 from lightning_tda.capture.dense import DenseProjector
 from lightning_tda.capture.hooks import LayerGradientHooks, Scales
+from lightning_tda.capture.in_flight import capture_paused
 from lightning_tda.capture.layers import DENSE, LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
@@ -136,12 +137,13 @@ def preserved_training_state(model: nn.Module) -> Iterator[None]:
     """Run a block in eval mode and give back exactly the RNG streams and module modes it found.
 
     Restores the python, numpy, torch CPU and CUDA RNG states and every module's ``training``
-    flag, so a sweep in the middle of ``fit`` cannot change what training does next.
+    flag, so a sweep in the middle of ``fit`` cannot change what training does next; in-flight
+    capture ignores the block's forwards (:func:`~lightning_tda.capture.in_flight.capture_paused`).
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with preserved_rng():
+        with preserved_rng(), capture_paused():
             yield
     finally:
         for m, mode in modes:
