@@ -136,7 +136,9 @@ def _assert_same_store(got: AttributionStore, ref: AttributionStore) -> None:
     assert torch.equal(got.example_ids, ref.example_ids)
     for s in ref.steps:
         for name in ("train", "train_precond", "loss", "ids"):
-            assert torch.equal(torch.as_tensor(got.read(s, name)), torch.as_tensor(ref.read(s, name))), (s, name)
+            assert torch.equal(
+                torch.as_tensor(got.read(s, name)), torch.as_tensor(ref.read(s, name))
+            ), (s, name)
 
 
 def _assert_same_scores(got, ref, queries_got, queries_ref, model_got, model_ref, methods) -> None:
@@ -166,7 +168,9 @@ def test_batches_with_their_own_ids_equal_the_indexed_path(
     tmp_path, indexed_user_ids, module_cls, data_cls, example_ids
 ):
     ref, ref_model = indexed_user_ids
-    store, model, _ = _fit(tmp_path, "u.h5", module_cls, data_cls(X, Y, IDS), example_ids=example_ids)
+    store, model, _ = _fit(
+        tmp_path, "u.h5", module_cls, data_cls(X, Y, IDS), example_ids=example_ids
+    )
     assert sorted(store.example_ids.tolist()) == sorted(IDS)
     _assert_same_store(store, ref)
     queries = data_cls(QX, QY, list(range(NQ)))
@@ -282,7 +286,12 @@ def test_in_flight_without_ids_fails_before_the_first_step(tmp_path):
 def test_wrong_position_fails_before_the_first_step(tmp_path):
     data = TupleData(X, Y, IDS)
     _fails_before_the_first_step(
-        tmp_path, TupleMLP(), data, MissingExampleIdsError, "1-D integer", mode="in_flight",
+        tmp_path,
+        TupleMLP(),
+        data,
+        MissingExampleIdsError,
+        "1-D integer",
+        mode="in_flight",
         example_ids=0,  # x [B, 8], not ids
     )
 
@@ -300,7 +309,7 @@ class NaNLoss(PlainMLP):
 @pytest.mark.parametrize("mode", ["sweep", "in_flight"])
 def test_wrong_loss_fails_before_the_first_step(tmp_path, mode):
     data = TensorDataset(X, Y)
-    kw = dict(attribution_data=data) if mode == "sweep" else dict(example_ids=lambda b: None)
+    kw = dict(attribution_data=data)  # a sweep: plain data, numbered by position
     if mode == "in_flight":  # in flight the batches need ids: tuples with a position
         data, kw = TupleData(X, Y, IDS), dict(example_ids=2)
 
@@ -319,8 +328,14 @@ def test_wrong_loss_fails_before_the_first_step(tmp_path, mode):
         tmp_path, mean_cls(), data, ValueError, r"1-D tensor \[B\]", mode=mode, **kw
     )
     _fails_before_the_first_step(
-        tmp_path, nan_cls(), data, NonFiniteError, "non-finite per-example loss",
-        mode=mode, overwrite=True, **kw
+        tmp_path,
+        nan_cls(),
+        data,
+        NonFiniteError,
+        "non-finite per-example loss",
+        mode=mode,
+        overwrite=True,
+        **kw,
     )
 
 
@@ -346,8 +361,13 @@ def test_a_layer_the_loss_never_reaches_fails_before_the_first_step(tmp_path):
 
     data = TensorDataset(X, Y)
     _fails_before_the_first_step(
-        tmp_path, Unused(), data, ValueError, r"does not reach 1 captured layer\(s\) \(aux\)",
-        attribution_data=data, preset="fast",
+        tmp_path,
+        Unused(),
+        data,
+        ValueError,
+        r"does not reach 1 captured layer\(s\) \(aux\)",
+        attribution_data=data,
+        preset="fast",
     )
 
 

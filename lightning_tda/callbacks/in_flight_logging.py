@@ -80,7 +80,9 @@ class InFlightLogging(LoggingStrategy):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Fail in seconds on the first training batch: its ids, the task's loss and the projection."""
-        ids = self.ctx.example_ids(batch)  # MissingExampleIdsError naming example_ids= / IndexedDataset
+        ids = self.ctx.example_ids(
+            batch
+        )  # MissingExampleIdsError naming example_ids= / IndexedDataset
         with preserved_training_state(pl_module):
             self.ctx.check_batch(trainer, pl_module, batch, ids)
 

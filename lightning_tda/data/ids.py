@@ -154,7 +154,9 @@ def _as_ids(raw: Any, label: str) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError):
         ids = None
     if ids is None or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        what = f"shape {tuple(ids.shape)} and dtype {ids.dtype}" if ids is not None else repr(raw)[:80]
+        what = (
+            f"shape {tuple(ids.shape)} and dtype {ids.dtype}" if ids is not None else repr(raw)[:80]
+        )
         raise MissingExampleIdsError(
             f"example ids must be a 1-D integer tensor [B], got {what} (read with {label}); point "
             f"{FIX} at integer ids, or use IndexedDataset and the default collate_fn."
