@@ -207,9 +207,14 @@ def with_positions(loader: DataLoader) -> DataLoader:
             f"a loader without batching); say where the ids are, {FIX}, or wrap a map-style dataset in "
             "lightning_tda.IndexedDataset."
         )
+    batching: dict[str, Any] = (
+        {"batch_size": loader.batch_size, "sampler": loader.sampler, "drop_last": loader.drop_last}
+        if loader.batch_size is not None
+        else {"batch_sampler": loader.batch_sampler}
+    )
     return DataLoader(
         _Positioned(ds),
-        batch_sampler=loader.batch_sampler,
+        **batching,
         collate_fn=_PositionCollate(loader.collate_fn),
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
