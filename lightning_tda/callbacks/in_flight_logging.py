@@ -80,9 +80,8 @@ class InFlightLogging(LoggingStrategy):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Fail in seconds on the first training batch: its ids, the task's loss and the projection."""
-        ids = self.ctx.example_ids(
-            batch
-        )  # MissingExampleIdsError naming example_ids= / IndexedDataset
+        # MissingExampleIdsError naming GradientLogger(example_ids=...) and IndexedDataset:
+        ids = self.ctx.example_ids(batch)
         with preserved_training_state(pl_module):
             self.ctx.check_batch(trainer, pl_module, batch, ids)
 

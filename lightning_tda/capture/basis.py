@@ -102,9 +102,8 @@ def fit_pca_bases(
     seen = 0
     with torch.enable_grad(), _CovarianceHooks(model, layers) as hooks:
         for item in batches:
-            ids, batch = split_ids(
-                item, example_ids
-            )  # the sweep's clear errors, on the first batch
+            # the sweep's clear errors, on the first batch:
+            ids, batch = split_ids(item, example_ids)
             ctx = forward_context() if forward_context is not None else contextlib.nullcontext()
             with ctx:
                 losses = loss_fn(model, batch)
