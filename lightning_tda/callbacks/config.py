@@ -26,6 +26,8 @@ from lightning_tda.capture.in_flight import Reduction, check_reduction
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.capture.query_spec import QuerySpec
+from lightning_tda.capture.task import Task, resolve_task
+from lightning_tda.data.ids import ExampleIds, IdsSpec
 from lightning_tda.errors import ConfigError
 from lightning_tda.store import schema
 
@@ -94,8 +96,15 @@ class CaptureConfig:
         curvature: accumulate each layer's projected K-FAC factors during the sweep.
         save_state: save trainable parameters and buffers at each checkpoint.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
+            A shorthand of ``task=LossFnTask(loss_fn)`` (give one of the two).
         batch_size: sweep batch size of a Dataset (``None``: the train loader's, else 64).
         collate_fn: collate function of a Dataset.
+        example_ids: where the user's batches keep their example ids: a tuple position, a mapping key,
+            ``fn(batch) -> Tensor[B]`` or an :class:`~lightning_tda.data.ids.ExampleIds`; ``None``:
+            ``Indexed`` batches and the keys ``example_id``, ``idx``, ``index``, ``id`` (sweep data
+            without any id is numbered by position).
+        task: the :class:`~lightning_tda.capture.task.Task` whose ``per_example_loss`` every row is the
+            gradient of; ``None``: ``loss_fn``, else the module's own ``per_example_loss``.
     """
 
     modules: Sequence[str] | None = None
@@ -106,9 +115,11 @@ class CaptureConfig:
     loss_fn: LossFn | None = None
     batch_size: int | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
+    example_ids: IdsSpec | ExampleIds = None
+    task: Task | None = None
 
     may_change_on_resume: ClassVar[frozenset[str]] = frozenset(
-        {"loss_fn", "batch_size", "collate_fn"}
+        {"loss_fn", "batch_size", "collate_fn", "task"}
     )
 
     def __post_init__(self) -> None:
@@ -120,15 +131,27 @@ class CaptureConfig:
             v = getattr(self, name)
             if v is not None and not callable(v):
                 raise ConfigError(f"{name} must be callable, got {type(v).__name__}")
+        self.ids()  # validates example_ids
+        self.resolved_task()  # task= or loss_fn=, not both
+
+    def ids(self) -> ExampleIds:
+        """The :class:`~lightning_tda.data.ids.ExampleIds` reading the ids of the user's batches."""
+        return ExampleIds.resolve(self.example_ids)
+
+    def resolved_task(self) -> Task:
+        """``task``, else ``loss_fn`` as a ``LossFnTask``, else the module's own ``Task()``."""
+        return resolve_task(self.task, self.loss_fn)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["loss_fn"], d["collate_fn"] = describe(self.loss_fn), describe(self.collate_fn)
+        d["example_ids"], d["task"] = self.ids().describe(), self.resolved_task().settings()
         return d
 
     def query_spec(self) -> QuerySpec:
         """The loss and batching of a Dataset sweep as a :class:`QuerySpec` (batch size 64 when unset)."""
-        return QuerySpec(self.loss_fn, self.batch_size or 64, self.collate_fn)
+        loss = self.loss_fn if self.task is None else self.task.per_example_loss
+        return QuerySpec(loss, self.batch_size or 64, self.collate_fn)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tda.callbacks.config import LoggerConfig
-from lightning_tda.capture.featurize import FeatureBatch, Featurizer
+from lightning_tda.capture.featurize import FeatureBatch, Featurizer, preserved_rng
+from lightning_tda.capture.first_batch import check_first_batch
 from lightning_tda.capture.layers import LayerSpec, discover_layers
-from lightning_tda.capture.losses import LossFn, resolve_loss_fn
+from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.lowrank import FactorLayout
+from lightning_tda.capture.task import Task
+from lightning_tda.data.ids import ExampleIds, PositionedBatch, with_positions
 from lightning_tda.errors import ConfigError
 from lightning_tda.progress import progress_bar
 from lightning_tda.store.writer import StoreWriter
@@ -93,6 +96,10 @@ class FitContext:
     factors: FactorLayout | None
     state: RunState
     verbose: bool
+    task: Task = field(default_factory=Task)
+    example_ids: ExampleIds = field(default_factory=ExampleIds)
+    positional: bool | None = None
+    """Whether the attribution data carries no ids and is numbered by position (``None``: not known yet)."""
 
     @classmethod
     def build(
@@ -104,9 +111,10 @@ class FitContext:
         state: RunState,
         verbose: bool,
     ) -> FitContext:
-        """Discover the captured layers of ``pl_module`` and resolve its per-example loss."""
+        """Discover the captured layers of ``pl_module`` and resolve its task (per-example loss)."""
         cap = config.capture
-        loss_fn = resolve_loss_fn(pl_module, cap.loss_fn)
+        task = cap.resolved_task()
+        _check_module_loss(task, pl_module)
         layers, other = discover_layers(pl_module, config.projection, cap.modules, cap.exclude)
         if not layers:
             raise ConfigError(
@@ -121,7 +129,10 @@ class FitContext:
             else None
         )
         _explain_layout(layers, other, factors, storage.lorif_rank)
-        return cls(config, writer, *data, loss_fn, layers, other, factors, state, verbose)
+        loss_fn = task.per_example_loss
+        return cls(
+            config, writer, *data, loss_fn, layers, other, factors, state, verbose, task, cap.ids()
+        )
 
     @property
     def path(self) -> Path:
@@ -149,15 +160,90 @@ class FitContext:
                 kwargs["collate_fn"] = self.config.capture.collate_fn
         return DataLoader(data, **kwargs)
 
+    def attribution_loader(self, trainer: pl.Trainer) -> DataLoader:
+        """The attribution data in order; numbered by position (batches :class:`PositionedBatch`) when
+        its batches carry no ids and ``example_ids`` was not given."""
+        loader = self.loader(trainer, self.attribution_data)
+        if self.positional is None:
+            self.positional = self._without_ids(loader)
+        return with_positions(loader) if self.positional else loader
+
+    def _without_ids(self, loader: DataLoader) -> bool:
+        with preserved_rng():  # a DataLoader iterator draws its base seed from torch's generator
+            first = next(iter(loader), None)
+        if first is None:
+            return False
+        if not self.example_ids.is_default:
+            self.example_ids(first)  # an explicit spec must find its ids: the clear error otherwise
+            return False
+        return self.example_ids.find(first) is None
+
+    def ids_record(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The ``example_ids`` root attribute: the spec and where this run's ids come from."""
+        source = "batch"
+        if self.config.mode == "sweep":
+            self.attribution_loader(trainer)
+            source = "position" if self.positional else "batch"
+        return {**self.example_ids.describe(), "source": source}
+
+    def split(self, batch: Any) -> tuple[torch.Tensor | None, Any]:
+        """``(ids or None, the user's batch)``: the library's positions split off, else ``None`` (the
+        featurizer reads the ids from the batch)."""
+        if isinstance(batch, PositionedBatch):
+            return batch.ids, batch.batch
+        return None, batch
+
     def featurize(self, trainer: pl.Trainer, feat: Featurizer, batch: Any) -> FeatureBatch:
+        ids, batch = self.split(batch)
         batch = trainer.strategy.batch_to_device(batch)
         with trainer.precision_plugin.forward_context():
-            return feat(batch)
+            return feat(batch, ids)
+
+    def device_batches(self, trainer: pl.Trainer, loader: DataLoader):
+        """``loader``'s batches on the device, the library's positions kept beside them."""
+        for batch in loader:
+            ids, user = self.split(batch)
+            user = trainer.strategy.batch_to_device(user)
+            yield user if ids is None else PositionedBatch(ids, user)
+
+    def check_batch(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        ids: torch.Tensor,
+        positional: bool = False,
+    ) -> None:
+        """The first-batch check (:func:`~lightning_tda.capture.first_batch.check_first_batch`) of the
+        user's device ``batch`` with its ``[B]`` ``ids`` (``positional``: numbered by the library). The
+        caller preserves the training state."""
+        with trainer.precision_plugin.forward_context():
+            check_first_batch(
+                pl_module,
+                self.layers,
+                self.config.projection,
+                self.loss_fn,
+                batch,
+                ids,
+                pl_module.device,
+                positional=positional,
+            )
 
     def progress(self, trainer: pl.Trainer, description: str, total: int, unit: str):
         """A transient bar in (or beside) the trainer's own (see :mod:`lightning_tda.progress`)."""
         return progress_bar(
             description, total, unit=unit, verbose=self.verbose, transient=True, trainer=trainer
+        )
+
+
+def _check_module_loss(task: Task, module: pl.LightningModule) -> None:
+    """The module default task needs ``per_example_loss`` on the module: refused at ``setup``."""
+    if type(task) is Task and not callable(getattr(module, "per_example_loss", None)):
+        raise ConfigError(
+            f"{type(module).__name__} has no per_example_loss(batch) -> Tensor[B]. Define it on the "
+            "LightningModule (sequence losses summed over supervised tokens; see lightning_tda.capture.losses "
+            "helpers), pass a task (task=ClassificationTask() / CausalLMTask(labels='hf' | 'shifted')) or "
+            "loss_fn=lambda model, batch: ... to GradientLogger / AttributionStore.attribute."
         )
 
 

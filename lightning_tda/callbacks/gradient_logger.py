@@ -45,6 +45,8 @@ from lightning_tda.callbacks.sweep import SweepLogging
 from lightning_tda.capture.in_flight import Reduction
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import Basis, Distribution, ProjectionConfig, ProjectionKind
+from lightning_tda.capture.task import Task
+from lightning_tda.data.ids import IdsSpec
 from lightning_tda.errors import ConfigError, StoreError
 from lightning_tda.store.writer import StoreWriter
 
@@ -87,6 +89,12 @@ class GradientLogger(pl.Callback):
     merges the shards into ``path``: the store equals a single-process one (docs/store.md "Distributed
     (DDP) fits"). In-flight mode, FSDP and DeepSpeed are refused with a clear error.
 
+    Fail in seconds: at the first ``on_train_batch_start`` of a fit, before any optimizer step, one
+    batch is checked (in flight the training batch, in a sweep the first batch of ``attribution_data``):
+    its example ids are readable, the task's loss is a finite ``[B]`` tensor, it reaches every captured
+    layer and the projected rows are finite (:mod:`lightning_tda.capture.first_batch`). The check runs in
+    eval mode with RNG streams and modes restored, so training is unchanged.
+
     Settings are grouped in typed configs (:mod:`lightning_tda.callbacks.config`), each validated when
     built (:class:`~lightning_tda.errors.ConfigError`) and saved in the store's ``logger_config``
     root attribute; a resumed fit whose settings differ in one that shapes the rows is refused, naming
@@ -109,9 +117,11 @@ class GradientLogger(pl.Callback):
 
     Args:
         path: the ``.h5`` store to write (checked now; directories are created at ``setup``).
-        attribution_data: Dataset or DataLoader of training examples to attribute (items must carry
-            example ids: wrap the dataset in :class:`~lightning_tda.IndexedDataset`). ``None`` sweeps the
-            trainer's training set (in order, without shuffling).
+        attribution_data: Dataset or DataLoader of training examples to attribute, read in dataset
+            order. Its batches keep their ids where ``example_ids`` says; data without any id is
+            numbered by position (``0..N-1``) by the logger, which strips what it added, so the loss
+            always sees the batches as the data yields them. ``None`` sweeps the trainer's training
+            set (in order, without shuffling).
         query_data: optional Dataset/DataLoader of queries known in advance; logged at every checkpoint.
         every_n_train_steps: log after every n-th optimizer step.
         every_n_epochs: log at the end of every n-th epoch (the default, ``1``, when no trigger is given).
@@ -138,7 +148,16 @@ class GradientLogger(pl.Callback):
             ``influence(mode="ekfac")`` and ``source``.
         save_state: save trainable parameters and buffers at each checkpoint (needed to recompute query
             gradients later).
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``; a
+            shorthand of ``task=LossFnTask(loss_fn)``.
+        task: a :class:`~lightning_tda.capture.task.Task` (``ClassificationTask()``,
+            ``CausalLMTask(labels=...)``, ...) whose ``per_example_loss`` every row differentiates (sweep,
+            PCA basis, dense block, queries, the first-batch check); recorded as the store's ``task``
+            root attribute. ``None``: ``loss_fn``, else the module's own ``per_example_loss``.
+        example_ids: where the user's batches keep their example ids: a tuple position (``2`` for
+            ``(x, y, idx)``), a mapping key (``"idx"``) or ``fn(batch) -> Tensor[B]``; ``None`` recognises
+            ``Indexed`` batches and the keys ``example_id``, ``idx``, ``index``, ``id``. Recorded as the
+            ``example_ids`` root attribute. In flight the training batches must carry ids.
         batch_size: sweep batch size when ``attribution_data``/``query_data`` is a Dataset (default 64).
         collate_fn: collate function for Dataset inputs.
         dtype: storage dtype of rows: ``"float16"``, ``"bfloat16"`` or ``"float32"``; default from
@@ -171,7 +190,8 @@ class GradientLogger(pl.Callback):
             step ``t`` means the weights after ``t`` optimizer steps, ``t = 0, n, 2n, ...``), takes no
             ``attribution_data``/``every_n_epochs``/``log_at_fit_*``, and supports neither ``dense_dim``,
             ``basis="pca"`` nor ``storage="lorif"``; it writes no optimizer moments, curvature or losses.
-            Training must use automatic optimization and batches must carry example ids.
+            Training must use automatic optimization and batches must carry example ids
+            (``example_ids``).
         in_flight_reduction: how ``training_step``'s loss reduces ``per_example_loss`` over a (micro-)batch:
             ``"mean"`` (default: ``c = 1/B``), ``"sum"`` (``c = 1``) or ``fn(batch) -> c`` with
             ``loss = c · Σ_b per_example_loss_b`` (e.g. :func:`~lightning_tda.capture.in_flight.token_mean`
@@ -208,6 +228,8 @@ class GradientLogger(pl.Callback):
     loss_fn = _Setting("capture", "loss_fn")
     batch_size = _Setting("capture", "batch_size")
     collate_fn = _Setting("capture", "collate_fn")
+    example_ids = _Setting("capture", "example_ids")
+    task = _Setting("capture", "task")
     in_flight_reduction = _Setting("in_flight", "reduction")
     flush_every = _Setting("in_flight", "flush_every")
 
@@ -244,6 +266,8 @@ class GradientLogger(pl.Callback):
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        example_ids: IdsSpec = None,
+        task: Task | None = None,
         dtype: StorageDtype | None = None,
         lorif_rank: int = 1,
         overwrite: bool = False,
@@ -329,6 +353,7 @@ class GradientLogger(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._strategy.first_batch(trainer, pl_module, batch)  # fail in seconds, once per fit
         self._strategy.batch_start(trainer, pl_module, batch)
 
     def on_before_backward(

@@ -20,7 +20,7 @@ from lightning_tda.capture.checks import _check_finite
 from lightning_tda.capture.in_flight import InFlightCapture, Reduction, reduction_factor
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.projection import ProjectionConfig
-from lightning_tda.data.indexed import get_example_ids
+from lightning_tda.data.ids import ExampleIds
 from lightning_tda.errors import NonFiniteError
 
 
@@ -59,10 +59,13 @@ class InFlightRecorder:
     Args:
         reduction: how ``training_step``'s loss reduces ``per_example_loss`` over a micro-batch
             (see :func:`lightning_tda.capture.in_flight.reduction_factor`).
+        example_ids: where the training batches keep their ids (``GradientLogger(example_ids=...)``);
+            the batch itself is left as the user's loader yields it.
     """
 
-    def __init__(self, reduction: Reduction) -> None:
+    def __init__(self, reduction: Reduction, example_ids: ExampleIds | None = None) -> None:
         self.reduction = reduction
+        self.example_ids = example_ids if example_ids is not None else ExampleIds()
         self.capture: InFlightCapture | None = None
         self._window: int | None = None  # global step of the accumulation window being recorded
         self._ids: list[torch.Tensor] = []
@@ -99,7 +102,7 @@ class InFlightRecorder:
             self._window, self._dropped, self.micro_batches = step, False, 0
             self._ids.clear()
             self._rows.clear()
-        ids = get_example_ids(batch)
+        ids = self.example_ids(batch)
         self._batch_ids = ids.cpu()
         self._c = reduction_factor(self.reduction, batch, len(ids))
         self._scale = 1.0

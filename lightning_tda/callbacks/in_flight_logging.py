@@ -60,6 +60,7 @@ class InFlightLogging(LoggingStrategy):
                 "this module uses manual optimization. Use mode='sweep'."
             )
         super().bind(ctx, pl_module)
+        self.recorder.example_ids = ctx.example_ids
 
     def run_metadata(self, trainer: pl.Trainer) -> dict[str, Any]:
         return {
@@ -76,6 +77,13 @@ class InFlightLogging(LoggingStrategy):
         self.recorder.attach(
             pl_module, self.ctx.layers, self.ctx.config.projection, pl_module.device
         )
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Fail in seconds on the first training batch: its ids, the task's loss and the projection."""
+        # MissingExampleIdsError naming GradientLogger(example_ids=...) and IndexedDataset:
+        ids = self.ctx.example_ids(batch)
+        with preserved_training_state(pl_module):
+            self.ctx.check_batch(trainer, pl_module, batch, ids)
 
     # -- the recorder's hooks -------------------------------------------------------------
     def batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -165,6 +173,7 @@ class InFlightLogging(LoggingStrategy):
             ctx.loss_fn,
             pl_module.device,
             require_ids=False,
+            example_ids=ctx.example_ids,
         )
         rows, losses, ids = [], [], []
         with preserved_training_state(pl_module):

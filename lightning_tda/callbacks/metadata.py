@@ -50,6 +50,8 @@ def run_metadata(
             {"modules": config.capture.modules, "exclude": config.capture.exclude}
         ),
         "loss_reduction": "per-example loss; sequence losses summed over supervised tokens",
+        "task": schema.to_json(ctx.task.settings()),
+        "example_ids": schema.to_json(ctx.ids_record(trainer)),
         schema.LOGGING_MODE: config.mode,
         "optimizers": schema.to_json(optimizer_summary(trainer.optimizers)),
         "schedule": schema.to_json(config.schedule.to_dict()),

@@ -49,6 +49,8 @@ SHORTHANDS: dict[str, tuple[str, str]] = {
             "loss_fn",
             "batch_size",
             "collate_fn",
+            "example_ids",
+            "task",
         )
     },
     "in_flight_reduction": ("in_flight", "reduction"),

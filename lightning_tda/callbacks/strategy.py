@@ -25,6 +25,7 @@ class LoggingStrategy:
 
     def __init__(self) -> None:
         self._ctx: FitContext | None = None
+        self._checked = False
 
     @property
     def ctx(self) -> FitContext:
@@ -35,6 +36,7 @@ class LoggingStrategy:
     def bind(self, ctx: FitContext, pl_module: pl.LightningModule) -> None:
         """Start a fit with ``ctx`` (``setup``); raise here for a model this mode cannot log."""
         self._ctx = ctx
+        self._checked = False
 
     def run_metadata(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The mode's root attributes, beyond the shared ones."""
@@ -45,6 +47,15 @@ class LoggingStrategy:
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``on_train_start``, after the run metadata is written."""
+
+    def first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """``on_train_batch_start``: run :meth:`check` on the fit's first batch (once per fit)."""
+        if not self._checked:
+            self._checked = True
+            self.check(trainer, pl_module, batch)
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Fail in seconds: ids, loss and projection on one batch, before the first optimizer step."""
 
     def batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         pass

@@ -68,6 +68,20 @@ class SweepLogging(LoggingStrategy):
         if self.ctx.config.schedule.log_at_fit_end:
             self.log(trainer, pl_module, "fit_end")
 
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Fail in seconds on the first batch of the attribution data (not the training batch): its
+        ids (or positions), the task's loss and the projection, at the starting weights."""
+        ctx = self.ctx
+        with preserved_training_state(pl_module):
+            first = next(iter(ctx.attribution_loader(trainer)), None)
+            if first is None:
+                return
+            ids, user = ctx.split(first)
+            user = trainer.strategy.batch_to_device(user)
+            positional = ids is not None
+            ids = ids if positional else ctx.example_ids(user)
+            ctx.check_batch(trainer, pl_module, user, ids, positional)
+
     # -- one checkpoint -------------------------------------------------------------------
     def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
         """Sweep and write the checkpoint of the current global step (once per step)."""
@@ -80,7 +94,7 @@ class SweepLogging(LoggingStrategy):
 
     def _log_single(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
         ctx, step, t0 = self.ctx, trainer.global_step, time.perf_counter()
-        loader = ctx.loader(trainer, ctx.attribution_data)
+        loader = ctx.attribution_loader(trainer)
         qloader = ctx.loader(trainer, ctx.query_data) if ctx.query_data is not None else None
         scales = self._scales(trainer, pl_module)
         feat = self._featurizer(
@@ -115,7 +129,7 @@ class SweepLogging(LoggingStrategy):
             time.perf_counter(),
         )
         rank, world, zero = trainer.global_rank, trainer.world_size, trainer.is_global_zero
-        full = ctx.loader(trainer, ctx.attribution_data)
+        full = ctx.attribution_loader(trainer)
         loader = shard_loader(full, rank, world, ctx.config.capture.batch_size or 64)
         scales = self._scales(trainer, pl_module)
         feat = self._featurizer(pl_module, scales, self._shared_bases(trainer, pl_module, full))
@@ -239,6 +253,7 @@ class SweepLogging(LoggingStrategy):
             dense_scales=scales[1] if scales else None,
             bases=bases,
             covariances=ctx.config.capture.curvature,
+            example_ids=ctx.example_ids,
         )
 
     def _shared_bases(
@@ -266,14 +281,14 @@ class SweepLogging(LoggingStrategy):
             self._bases = ctx.writer.read_bases()
         if self._bases is None:
             with preserved_training_state(pl_module):
-                batches = (trainer.strategy.batch_to_device(b) for b in loader)
                 self._bases = fit_pca_bases(
                     pl_module,
-                    batches,
+                    ctx.device_batches(trainer, loader),
                     ctx.layers,
                     ctx.loss_fn,
                     ctx.config.projection.basis_examples,
                     trainer.precision_plugin.forward_context,
+                    example_ids=ctx.example_ids,
                 )
             ctx.writer.write_bases(self._bases)
         return self._bases

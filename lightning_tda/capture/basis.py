@@ -20,7 +20,7 @@ from torch import nn
 from lightning_tda.capture.checks import _check_losses
 from lightning_tda.capture.layers import DENSE, LayerSpec
 from lightning_tda.capture.losses import LossFn
-from lightning_tda.data.indexed import get_example_ids
+from lightning_tda.data.ids import ExampleIds, split_ids
 
 Bases = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 """``{layer: (P_out [O, k_out] or None, P_in [I(+1), k_in] or None)}``; ``None`` = exact side."""
@@ -91,15 +91,19 @@ def fit_pca_bases(
     loss_fn: LossFn,
     max_examples: int,
     forward_context: Callable[[], Any] | None = None,
+    example_ids: ExampleIds | None = None,
 ) -> Bases:
     """Accumulate the K-FAC factors over up to ``max_examples`` examples and take top eigenvectors.
 
-    The caller sets eval mode and device placement; ``batches`` yields ready batches.
+    The caller sets eval mode and device placement; ``batches`` yields ready batches: the user's own
+    (ids read with ``example_ids``) or :class:`~lightning_tda.data.ids.PositionedBatch` es (ids the
+    library added; the loss gets the batch inside). ``loss_fn`` may be a Task's ``per_example_loss``.
     """
     seen = 0
     with torch.enable_grad(), _CovarianceHooks(model, layers) as hooks:
-        for batch in batches:
-            ids = get_example_ids(batch)  # the same clear errors as the sweep, on the first batch
+        for item in batches:
+            # the sweep's clear errors, on the first batch:
+            ids, batch = split_ids(item, example_ids)
             ctx = forward_context() if forward_context is not None else contextlib.nullcontext()
             with ctx:
                 losses = loss_fn(model, batch)

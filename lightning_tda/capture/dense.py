@@ -17,13 +17,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig, projection_matrix
+from lightning_tda.capture.task import Task
 
 
 class _LossModule(nn.Module):
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+    """``forward(batch)``: the task's per-example loss ``[B]`` of the wrapped model."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | Task) -> None:
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss_fn = loss_fn.per_example_loss if isinstance(loss_fn, Task) else loss_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
@@ -58,7 +61,7 @@ class DenseProjector:
         )
 
     def __call__(
-        self, loss_fn: LossFn, batch: Any, scales: dict[str, torch.Tensor] | None = None
+        self, loss_fn: LossFn | Task, batch: Any, scales: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(rows, scaled_rows)``, each ``[B, k]``; ``scales[name]`` multiplies that gradient."""
         wrapper = _LossModule(self.model, loss_fn)

@@ -16,10 +16,12 @@ from lightning_tda.capture.basis import Bases
 from lightning_tda.capture.checks import _check_finite, _check_losses
 from lightning_tda.capture.dense import DenseProjector
 from lightning_tda.capture.hooks import LayerGradientHooks, Scales
+from lightning_tda.capture.in_flight import capture_paused
 from lightning_tda.capture.layers import DENSE, LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
-from lightning_tda.data.indexed import get_example_ids
+from lightning_tda.capture.task import Task
+from lightning_tda.data.ids import ExampleIds
 
 
 @dataclass
@@ -46,13 +48,16 @@ class Featurizer:
         model: the model to differentiate (left in whatever mode the caller set).
         layers: the layout (from :func:`discover_layers` or a store).
         config: the projection configuration.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``, or a :class:`~lightning_tda.capture.task.Task`
+            (its ``per_example_loss``).
         device: where projections live (the model's device).
         scales: optional factor-wise preconditioner per layer, plus ``"<dense>:<param>"`` entries
             (full-shape tensors) for dense parameters.
         require_ids: raise when a batch has no example ids.
         bases: stored projection bases (``ProjectionConfig.basis == "pca"``).
         covariances: accumulate projected K-FAC factors over every batch (see :meth:`take_covariances`).
+        example_ids: where a batch keeps its ids (default: ``Indexed`` batches and the keys
+            ``example_id``, ``idx``, ``index``, ``id``); ids passed to :meth:`__call__` win.
     """
 
     def __init__(
@@ -60,17 +65,19 @@ class Featurizer:
         model: nn.Module,
         layers: list[LayerSpec],
         config: ProjectionConfig,
-        loss_fn: LossFn,
+        loss_fn: LossFn | Task,
         device: torch.device,
         scales: Scales | None = None,
         dense_scales: dict[str, torch.Tensor] | None = None,
         require_ids: bool = True,
         bases: Bases | None = None,
         covariances: bool = False,
+        example_ids: ExampleIds | None = None,
     ) -> None:
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss_fn = as_loss_fn(loss_fn)
         self.require_ids = require_ids
+        self.example_ids = example_ids if example_ids is not None else ExampleIds()
         self.hooks = LayerGradientHooks(model, layers, config, device, scales, bases, covariances)
         dense = [s for s in layers if s.kind == DENSE]
         self.dense = DenseProjector(model, dense[0], config, device) if dense else None
@@ -88,13 +95,20 @@ class Featurizer:
                 out[f"{name}/A"], out[f"{name}/S"] = c.means()
         return out
 
-    def __call__(self, batch: Any) -> FeatureBatch:
-        ids = None
+    def ids_of(self, batch: Any) -> torch.Tensor | None:
+        """``[B]`` ids of the user's ``batch`` (``None`` when it has none and none are required)."""
+        if self.require_ids:
+            return self.example_ids(batch)
         try:
-            ids = get_example_ids(batch)
-        except ValueError:
-            if self.require_ids:
-                raise
+            return self.example_ids.find(batch)
+        except (ValueError, KeyError, IndexError, TypeError):  # queries need no ids
+            return None
+
+    def __call__(self, batch: Any, ids: torch.Tensor | None = None) -> FeatureBatch:
+        """Rows of the user's ``batch`` (as its data yields it); ``ids``: its ``[B]`` ids when the
+        library numbered the items itself, else they are read from the batch."""
+        if ids is None:
+            ids = self.ids_of(batch)
         with torch.enable_grad(), self.hooks:
             losses = self.loss_fn(self.model, batch)
             _check_losses(losses, ids)
@@ -113,13 +127,33 @@ class Featurizer:
         return FeatureBatch(ids, losses.detach().float(), rows, scaled)
 
 
+def as_loss_fn(loss: LossFn | Task) -> LossFn:
+    """``loss_fn(model, batch) -> Tensor[B]`` of a task (its ``per_example_loss``) or a loss function."""
+    return loss.per_example_loss if isinstance(loss, Task) else loss
+
+
 @contextlib.contextmanager
 def preserved_training_state(model: nn.Module) -> Iterator[None]:
     """Run a block in eval mode and give back exactly the RNG streams and module modes it found.
 
     Restores the python, numpy, torch CPU and CUDA RNG states and every module's ``training``
-    flag, so a sweep in the middle of ``fit`` cannot change what training does next.
+    flag, so a sweep in the middle of ``fit`` cannot change what training does next; in-flight
+    capture ignores the block's forwards (:func:`~lightning_tda.capture.in_flight.capture_paused`).
     """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with preserved_rng(), capture_paused():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Give back the python, numpy, torch CPU and CUDA RNG states a block found (e.g. a DataLoader
+    iterator draws its base seed from torch's global generator)."""
     py_state = random.getstate()
     np_state = np.random.get_state()
     cpu_state = torch.get_rng_state()
@@ -128,13 +162,9 @@ def preserved_training_state(model: nn.Module) -> Iterator[None]:
         if torch.cuda.is_available() and torch.cuda.is_initialized()
         else None
     )
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
         yield
     finally:
-        for m, mode in modes:
-            m.training = mode
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(cpu_state)

@@ -16,8 +16,9 @@ over its tokens), exactly what a sweep stores.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,18 @@ Reduction = str | Callable[[Any], float | torch.Tensor]
 """``"mean"``, ``"sum"`` or ``fn(batch) -> c`` with training loss ``= c · Σ_b per_example_loss_b``."""
 
 REDUCTIONS = ("mean", "sum")
+_PAUSED = [0]  # > 0 while a library pass (sweep, first-batch check, queries) runs inside a fit
+
+
+@contextlib.contextmanager
+def capture_paused() -> Iterator[None]:
+    """No in-flight capture records the forwards of this block (they are the library's own passes,
+    e.g. another logger's sweep or first-batch check during ``on_train_batch_start``, not training)."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
 
 
 def token_mean(
@@ -172,6 +185,7 @@ class InFlightCapture:
             rows = self._rows
             if (
                 rows is None
+                or _PAUSED[0]
                 or not torch.is_grad_enabled()
                 or not isinstance(output, torch.Tensor)
                 or not output.requires_grad

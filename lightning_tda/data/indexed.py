@@ -79,27 +79,16 @@ class IndexedDataset(Dataset):
 def get_example_ids(batch: Any) -> torch.Tensor:
     """Return the example ids of a collated batch as an int64 tensor ``[B]``.
 
+    The default recognition of :class:`lightning_tda.data.ids.ExampleIds`: ``Indexed`` batches, then
+    the keys ``example_id``, ``idx``, ``index``, ``id``.
+
     Raises:
-        MissingExampleIdsError: the batch carries no ids (wrap the dataset in ``IndexedDataset``).
+        MissingExampleIdsError: the batch carries no ids (wrap the dataset in ``IndexedDataset``, or
+            say where they are with ``GradientLogger(example_ids=...)``).
     """
-    ids = None
-    if isinstance(batch, Indexed):
-        ids = batch.example_id
-    elif isinstance(batch, Mapping) and EXAMPLE_ID_KEY in batch:
-        ids = batch[EXAMPLE_ID_KEY]
-    if ids is None:
-        raise MissingExampleIdsError(
-            "This batch carries no example ids, so its rows cannot be tied to training examples. "
-            "Wrap the dataset in lightning_tda.IndexedDataset (items become Indexed(example_id, data) "
-            "or dicts with an 'example_id' key) and keep that field through any custom collate_fn."
-        )
-    ids = torch.as_tensor(ids)
-    if ids.dim() != 1 or ids.dtype.is_floating_point:
-        raise MissingExampleIdsError(
-            f"example ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} and dtype {ids.dtype}; "
-            "use IndexedDataset and the default collate_fn."
-        )
-    return ids.to(torch.int64)
+    from lightning_tda.data.ids import ExampleIds  # ids.py builds on Indexed (same layer)
+
+    return ExampleIds()(batch)
 
 
 def strip_example_ids(batch: Any) -> Any:
