@@ -10,7 +10,7 @@ from helpers import trainer
 from torch.func import functional_call, grad
 from torch.utils.data import DataLoader
 
-from lightning_tda import AttributionStore, GradientLogger
+from lightning_tda import AttributionStore, GradientLogger, Task
 from lightning_tda.capture.layers import ProjectionMismatchError
 from lightning_tda.integrations.transformers import (
     CausalLMModule,
@@ -204,7 +204,9 @@ def test_merged_weights_matter(run):
     pre_lm, ft_lm, pre, ft, queries, _ = run
     src = Source(segments=1)
     merged = source_pretrain_then_lora(pre, ft, queries, ft_lm, pretrain_source=src, top_k=None)
-    unmerged = pre.attribute(queries, model=pre_lm, method=src, top_k=None)
+    # the pre-training store was logged with a loss_fn (not rebuildable from the file): say that
+    # the queries measure the module's own loss, as the merged path does
+    unmerged = pre.attribute(queries, model=pre_lm, method=src, top_k=None, task=Task())
     n1 = pre.num_examples
     ref = merged.scores[:, :n1].double()
     assert (unmerged.scores.double() - ref).norm() > 0.2 * ref.norm()

@@ -85,7 +85,7 @@ class SweepReader(TinyMLP):
         self.snapshots: list[dict] = []
 
     def per_example_loss(self, batch):
-        if self.path.exists():
+        if self.path.exists() and self.trainer.global_step > 0:  # not the first-batch check
             s = AttributionStore(self.path)
             self.snapshots.append(
                 {
