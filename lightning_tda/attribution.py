@@ -25,13 +25,13 @@ from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.progress import progress_bar
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
+from lightning_tda.store.fingerprints import check_model_matches
 from lightning_tda.store.members import (
     member_dataset,
     member_loss_dataset,
     order_rows,
     write_checkpoint_rows,
 )
-from lightning_tda.store.fingerprints import check_model_matches
 from lightning_tda.store.reader import StoreReader
 
 

@@ -47,7 +47,7 @@ MAX_ENTRIES_CHARS = 32_000
 attribute holds at most 64 KiB)."""
 
 
-def _digest(chunks: Iterable[bytes]) -> str:
+def _digest(chunks: Iterable[Any]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for c in chunks:
         h.update(c)
@@ -60,7 +60,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     if t.is_meta:
         return _digest([head, b"meta"])
     flat = t.detach().reshape(-1).contiguous().cpu()
-    return _digest([head, flat.view(torch.uint8).numpy().tobytes()])
+    return _digest([head, flat.view(torch.uint8).numpy()])  # the buffer, not a copy
 
 
 def block_of(name: str) -> str:
@@ -229,4 +229,3 @@ def parse(attrs: Mapping[str, Any], key: str) -> Fingerprint | None:
     """The fingerprint stored under root attribute ``key``, or ``None`` (an older store)."""
     text = attrs.get(key)
     return None if text is None else Fingerprint.from_json(str(text))
-
