@@ -11,7 +11,7 @@ from helpers import TinyMLP, loader, make_classification, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tda import AttributionStore, GradientLogger
-from lightning_tda.errors import ConfigError
+from lightning_tda.errors import ConfigError, StoreError
 from lightning_tda.posthoc import (
     APPROXIMATE,
     LOGGED_FROM_CHECKPOINTS,
@@ -196,3 +196,11 @@ def test_refusals(tmp_path, linear_run):
         log_checkpoints(tmp_path / "x.h5", model, ckpts)
     with pytest.raises(ConfigError, match="no Lightning checkpoint"):
         log_checkpoints(tmp_path / "x.h5", model, tmp_path / "none", train_dataloaders=[])
+    weights_only = tmp_path / "w.ckpt"
+    torch.save({"global_step": 4, "epoch": 0, "state_dict": model.state_dict()}, weights_only)
+    with pytest.raises(ConfigError, match="save_weights_only"):
+        log_checkpoints(tmp_path / "x.h5", model, weights_only, train_dataloaders=[])
+    with pytest.raises(StoreError, match="overwrite=True"):  # the logger's own refusal
+        log_checkpoints(live.path, model, ckpts, train_dataloaders=loader(make_classification(48)))
+    with pytest.raises(StoreError, match="no training batch"):  # Lightning skips an empty fit
+        log_checkpoints(tmp_path / "x.h5", model, ckpts, train_dataloaders=[])

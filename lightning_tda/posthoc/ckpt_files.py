@@ -46,6 +46,12 @@ class CheckpointFile:
                 f"{path} is not a Lightning training checkpoint (no global_step/state_dict); "
                 "pass the .ckpt files ModelCheckpoint saved during the fit"
             )
+        if "optimizer_states" not in ckpt or "loops" not in ckpt:
+            raise ConfigError(
+                f"{path} holds the weights only (ModelCheckpoint(save_weights_only=True)): "
+                "log_checkpoints restores the optimizer state, schedulers and loop counters of every "
+                "checkpoint like a resumed fit; save full checkpoints (the default)"
+            )
         lrs = tuple(
             float(g["lr"]) for opt in ckpt.get("optimizer_states", []) for g in opt["param_groups"]
         )

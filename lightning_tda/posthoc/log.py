@@ -232,5 +232,8 @@ def log_checkpoints(
                 warnings.filterwarnings("ignore", message=message)
             trainer.fit(model, train_dataloaders, datamodule=datamodule, ckpt_path=str(ck.path))
         if ck.global_step not in run.logged:
-            raise StoreError(f"checkpoint {ck.path} was restored but not swept")
+            raise StoreError(
+                f"the fit restored from {ck.path} did not start, so nothing was swept: the training "
+                "data has no training batch (an empty train_dataloaders, limit_train_batches=0?)"
+            )
     return run.path
