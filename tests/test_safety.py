@@ -7,6 +7,8 @@ import copy
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from lightning_tda.integrations.transformers import (
     prompt_completion_dataset,
     train_bpe_tokenizer,
 )
+from lightning_tda.methods.base import ModelMethod
 from lightning_tda.store import open_for_update
 from lightning_tda.store.fingerprints import model_differences
 
@@ -228,3 +231,32 @@ def test_large_models_are_fingerprinted_by_block(lora_run, monkeypatch):
     with torch.no_grad():
         moved.model.base_model.model.transformer.h[1].mlp.c_fc.weight.add_(1e-3)
     assert fp.frozen_mismatches(stored, moved) == ["model.base_model.model.transformer.h.1"]
+
+
+@dataclass
+class _ModelMeasuring(ModelMethod):
+    """A model method (``kind = "model"``, as STRIDE) that records the model it was handed."""
+
+    name: ClassVar[str] = "model_measuring"
+    seen: list = field(default_factory=list)
+
+    def used_checkpoints(self, store):
+        return list(store.checkpoints)
+
+    def scores(self, store, queries, model, spec=None):
+        self.seen.append(model)
+        return torch.zeros(len(queries), store.num_examples), None
+
+
+def test_model_methods_are_checked_too(frozen_mlp_run):
+    model, store, queries = frozen_mlp_run
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.net[0].bias[0] += 1e-3
+    method = _ModelMeasuring()
+    with pytest.raises(StoreError, match=OVERRIDE):
+        store.attribute(queries, model=moved, method=method)
+    assert method.seen == []  # refused before the method measured anything
+    store.attribute(queries, model=moved, method=method, check_model=False)
+    store.attribute(queries, model=model, method=method)
+    assert method.seen == [moved, model]
