@@ -25,6 +25,7 @@ from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.progress import progress_bar
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
+from lightning_tda.store.fingerprints import check_model_matches
 from lightning_tda.store.members import (
     member_dataset,
     member_loss_dataset,
@@ -57,6 +58,7 @@ class AttributionStore(StoreReader):
         batch_size: int | None = None,
         collate_fn: Any = None,
         block_rows: int | None = None,
+        check_model: bool = True,
         **method_kwargs: Any,
     ) -> AttributionResult:
         """Score every training example for every query.
@@ -84,6 +86,8 @@ class AttributionStore(StoreReader):
             batch_size: batch size of the query sweep when ``queries`` is a Dataset (default 64).
             collate_fn: collate function for a query Dataset.
             block_rows: rows read per block (default: about 256 MB of fp32 per block).
+            check_model: first compare ``model``'s frozen weights and architecture with the store's
+                fingerprints (a ``StoreError`` naming what differs); ``False`` skips it.
             **method_kwargs: hyper-parameters of the method (e.g. ``checkpoints=[...]``, ``interval="next"``).
 
         Returns:
@@ -96,9 +100,13 @@ class AttributionStore(StoreReader):
         m, settings = _method(method, block_rows, method_kwargs, self)
         steps = [c.global_step for c in m.used_checkpoints(self)]
         if m.kind == "model":  # e.g. STRIDE: measures the queries with the model itself
+            if check_model and model is not None:
+                check_model_matches(self, model)
             dense, qids = m.scores(self, queries, model, spec)
             return _result(m.name, dense, top_k, self.example_ids, qids, steps, settings)
-        qvecs, qids = self.query_vectors(queries, model, m.query_steps(self), query_spec=spec)
+        qvecs, qids = self.query_vectors(
+            queries, model, m.query_steps(self), query_spec=spec, check_model=check_model
+        )
         terms = m.score_terms(self, qvecs)
         out = stream_scores(self, terms, top_k, block_rows, description=f"scoring {m.name}")
         ids = self.example_ids
@@ -157,6 +165,7 @@ class AttributionStore(StoreReader):
         batch_size: int | None = None,
         collate_fn: Any = None,
         overwrite: bool = False,
+        check_model: bool = True,
     ) -> None:
         """Add dropout-ensemble members (methods.md §10) to checkpoints of this store.
 
@@ -177,13 +186,14 @@ class AttributionStore(StoreReader):
                 gradients of; default: the store's recorded task, as for :meth:`attribute`.
             query_spec: batching and task of the sweep (``task``, ``loss_fn``, ``batch_size``,
                 ``collate_fn``: shorthands overriding its fields, as for :meth:`attribute`).
+            check_model: compare ``model`` with the store's fingerprints first, as for :meth:`attribute`.
         """
         if not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be a positive int, got {members!r}")
         if not 0.0 < p < 1.0:
             raise ValueError(f"p must be in (0, 1), got {p!r}")
         spec = self._bound_spec(model, query_spec, task, loss_fn, batch_size, collate_fn)
-        self._check_model(model)
+        self._check_model(model, check_model)
         steps = [self.checkpoint(None).global_step] if steps is None else [int(s) for s in steps]
         jobs = [(step, m) for step in steps for m in range(members)]
         with progress_bar("dropout ensemble", len(jobs), unit="members") as bar:
@@ -260,12 +270,14 @@ class AttributionStore(StoreReader):
         spec.measurement_for(model)  # the module default without per_example_loss raises here
         return spec
 
-    def _check_model(self, model: nn.Module) -> None:
+    def _check_model(self, model: nn.Module, check_model: bool = True) -> None:
         selection = json.loads(self.attrs.get("capture_selection", "{}"))
         layers, _ = discover_layers(
             model, self.projection, selection.get("modules"), selection.get("exclude")
         )
         check_layers_match(self.layers, layers)
+        if check_model:  # the same layout: is it the logged model (frozen weights, classes)?
+            check_model_matches(self, model, layers)
 
     def query_vectors(
         self,
@@ -278,6 +290,7 @@ class AttributionStore(StoreReader):
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
         collate_fn: Any = None,
+        check_model: bool = True,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Projected query gradients ``{step: [Q, D]}`` at the given checkpoints, and query ids.
 
@@ -285,7 +298,8 @@ class AttributionStore(StoreReader):
         featurised with ``query_spec``; ``task``, ``loss_fn``, ``batch_size``, ``collate_fn`` are
         shorthands overriding its fields; default task as for :meth:`attribute`), ``"logged"``, or
         precomputed ``{step: Tensor[Q, D]}`` (checked and passed through). A ``(step, member)`` entry
-        of ``steps`` asks for a dropout-ensemble member's gradients.
+        of ``steps`` asks for a dropout-ensemble member's gradients. ``check_model``: as for
+        :meth:`attribute`.
 
         Returns a :class:`~lightning_tda.methods.influence.QueryVectors` (a dict that also carries the
         query losses per step when they are known)."""
@@ -297,7 +311,7 @@ class AttributionStore(StoreReader):
             raise ValueError(
                 "pass model= (the trained model class) so query gradients can be recomputed"
             )
-        self._check_model(model)
+        self._check_model(model, check_model)
         spec = self._bound_spec(model, query_spec, task, loss_fn, batch_size, collate_fn)
         return self._recomputed_query_vectors(queries, model, steps, spec)
 

@@ -245,6 +245,7 @@ def source_pretrain_then_lora(
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     collate_fn: Any = None,
+    check_model: bool = True,
 ) -> AttributionResult:
     """SOURCE scores of pre-training AND LoRA fine-tuning examples for the final fine-tuned model.
 
@@ -267,6 +268,8 @@ def source_pretrain_then_lora(
         loss_fn: query loss ``loss_fn(model, batch) -> Tensor[B]`` (shorthand of a task).
         batch_size: batch size of the query sweeps.
         collate_fn: collate function for a query Dataset.
+        check_model: compare ``lora_model`` with the LoRA store's fingerprints (frozen base,
+            architecture) first, as ``AttributionStore.attribute`` does; ``False`` skips it.
 
     Returns:
         An :class:`AttributionResult` over the union of examples: ``example_ids`` are the
@@ -297,7 +300,9 @@ def source_pretrain_then_lora(
         lora_targets=adapter_targets(ft),
         **kw,
     )
-    ft_res = ft.attribute(queries, model=lora_model, method=ft_src, top_k=top_k, **kw)
+    ft_res = ft.attribute(
+        queries, model=lora_model, method=ft_src, top_k=top_k, check_model=check_model, **kw
+    )
     pre_res = pre.attribute(qvecs, method=pre_src, top_k=top_k)
     qids = ft_res.query_ids if ft_res.query_ids is not None else qids
     return _join(pre_res, ft_res, ids, qids, top_k, int(lora_id_offset))

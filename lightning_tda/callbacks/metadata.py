@@ -17,6 +17,7 @@ import torch
 from lightning_tda._version import __version__
 from lightning_tda.callbacks.context import FitContext
 from lightning_tda.callbacks.optimizer_state import optimizer_summary, param_group_index
+from lightning_tda.capture.fingerprint import fingerprint_attrs
 from lightning_tda.errors import StoreError
 from lightning_tda.store import schema
 from lightning_tda.store.writer import ReadFile
@@ -62,6 +63,7 @@ def run_metadata(
             else {}
         ),
         SAVED_ARGUMENTS: schema.to_json(config.saved_arguments()),
+        **fingerprint_attrs(pl_module, ctx.layers),  # frozen_fingerprint, architecture_fingerprint
     }
 
 
