@@ -6,6 +6,7 @@ from lightning_tda.callbacks import GradientLogger
 from lightning_tda.capture.losses import causal_lm_loss, classification_loss
 from lightning_tda.capture.task import CausalLMTask, ClassificationTask, Targets, Task
 from lightning_tda.data import Indexed, IndexedDataset
+from lightning_tda.data.ids import ExampleIds
 from lightning_tda.errors import (
     MissingExampleIdsError,
     NonFiniteError,
@@ -14,6 +15,7 @@ from lightning_tda.errors import (
     StoreError,
 )
 from lightning_tda.integrations.influence_panels import InfluencePanels
+from lightning_tda.posthoc import log_checkpoints
 from lightning_tda.results import AttributionResult
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "AttributionStore",
     "CausalLMTask",
     "ClassificationTask",
+    "ExampleIds",
     "GradientLogger",
     "InfluencePanels",
     "Indexed",
@@ -35,4 +38,5 @@ __all__ = [
     "__version__",
     "causal_lm_loss",
     "classification_loss",
+    "log_checkpoints",
 ]

@@ -18,6 +18,7 @@ items carry ids, a DataLoader over one, or a collated batch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from lightning_tda.attribution import AttributionStore
 from lightning_tda.capture.task import Task
-from lightning_tda.data.indexed import EXAMPLE_ID_KEY, Indexed, get_example_ids, strip_example_ids
+from lightning_tda.data.ids import ExampleIds, IdsSpec, recorded_ids
+from lightning_tda.data.indexed import Indexed, strip_example_ids
 from lightning_tda.methods import METHODS, AttributionMethod
 from lightning_tda.results import AttributionResult
 
@@ -50,9 +52,19 @@ class ExampleLookup:
         what: the argument's name in the ``TypeError`` raised for data that cannot be indexed.
         strict: :meth:`find` raises ``KeyError`` (as :meth:`by_id`) for an id the data lacks,
             instead of returning ``None``.
+        example_ids: where the items keep their ids (as ``GradientLogger(example_ids=)``), or a
+            store's ``example_ids`` record (:func:`~lightning_tda.data.ids.recorded_ids`; data the
+            logger numbered by position is looked up by position).
     """
 
-    def __init__(self, data: Any, what: str = "data", *, strict: bool = False) -> None:
+    def __init__(
+        self,
+        data: Any,
+        what: str = "data",
+        *,
+        strict: bool = False,
+        example_ids: ExampleIds | IdsSpec | Mapping[str, Any] = None,
+    ) -> None:
         if isinstance(data, DataLoader):
             data = data.dataset
         self.batch = _is_batch(data)
@@ -65,6 +77,10 @@ class ExampleLookup:
             )
         self.data = data
         self.strict = strict
+        if isinstance(example_ids, Mapping):  # a store's record
+            self.example_ids, self.positional = recorded_ids(example_ids)
+        else:
+            self.example_ids, self.positional = ExampleIds.resolve(example_ids), False
         self._ids: list[int] | None = None
         self._pos: dict[int, int] | None = None
         self._scanned = False
@@ -73,7 +89,11 @@ class ExampleLookup:
     def ids(self) -> list[int] | None:
         """``[N]`` example id of each position, or ``None`` when the items carry no ids."""
         if not self._scanned:
-            self._ids = _data_ids(self.data, self.batch)
+            self._ids = (
+                list(range(len(self.data)))
+                if self.positional and not self.batch
+                else _data_ids(self.data, self.batch, self.example_ids)
+            )
             self._pos = None if self._ids is None else {i: p for p, i in enumerate(self._ids)}
             self._scanned = True
         return self._ids
@@ -121,35 +141,41 @@ class ExampleLookup:
         return p
 
 
-def _data_ids(data: Any, batch: bool) -> list[int] | None:
+def ids_record(store: Any) -> dict[str, Any] | None:
+    """The store's ``example_ids`` record (how its examples carry their ids), for
+    ``ExampleLookup(example_ids=...)``; ``None`` without a store, without the record, or for ids
+    read by a function (not rebuildable: the lookup then recognises ids by default)."""
+    raw = None if store is None else getattr(store, "attrs", {}).get("example_ids")
+    record = json.loads(raw) if raw else None
+    if record and str(record.get("where", "")).startswith("callable:"):
+        return None
+    return record
+
+
+def query_ids_spec(store: Any) -> ExampleIds:
+    """How query items carry ids: the store's spec (queries are never numbered by position)."""
+    record = ids_record(store)
+    return recorded_ids(record)[0] if record else ExampleIds()
+
+
+def _data_ids(data: Any, batch: bool, spec: ExampleIds) -> list[int] | None:
     if batch:
-        return get_example_ids(data).tolist() if _has_ids(data) else None
+        found = spec.find(data)
+        return None if found is None else found.tolist()
     ids = getattr(data, "ids", None)
-    if ids is not None and len(ids) == len(data):
+    if spec.is_default and ids is not None and len(ids) == len(data):
         return [int(i) for i in ids]
     try:
-        found = [_item_id(data[p]) for p in range(len(data))]
-    except (TypeError, ValueError):
+        found = [spec.item_id(data[p]) for p in range(len(data))]
+    except (TypeError, ValueError, KeyError, IndexError):
         return None
     return None if any(i is None for i in found) else found  # type: ignore[misc]
-
-
-def _item_id(item: Any) -> int | None:
-    if isinstance(item, Indexed):
-        return int(item.example_id)
-    if isinstance(item, Mapping) and EXAMPLE_ID_KEY in item:
-        return int(item[EXAMPLE_ID_KEY])
-    return None
 
 
 def _is_batch(data: Any) -> bool:
     if isinstance(data, Indexed):
         return torch.is_tensor(data.example_id) and data.example_id.dim() == 1
     return isinstance(data, Mapping)
-
-
-def _has_ids(batch: Any) -> bool:
-    return isinstance(batch, Indexed) or (isinstance(batch, Mapping) and EXAMPLE_ID_KEY in batch)
 
 
 def _batch_len(batch: Any) -> int:

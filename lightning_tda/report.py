@@ -38,6 +38,8 @@ from lightning_tda.explain import (
     RankedExample,
     SelfInfluenceOutliers,
     explain,
+    ids_record,
+    query_ids_spec,
     store_self_influence,
     task_rendering,
 )
@@ -269,6 +271,17 @@ def _as_dataset(data: Any, what: str) -> tuple[Dataset, Any]:
 # -- the report --------------------------------------------------------------------------------
 
 
+def _lookups(
+    store: AttributionStore, train_data: Any, queries: Any
+) -> tuple[ExampleLookup | None, ExampleLookup]:
+    """Id lookups of the training data (as the store records its ids) and of the queries."""
+    record = ids_record(store)
+    train = (
+        None if train_data is None else ExampleLookup(train_data, "train_data", example_ids=record)
+    )
+    return train, ExampleLookup(queries, "queries", example_ids=query_ids_spec(store))
+
+
 def write_report(
     store_or_path: AttributionStore | str | os.PathLike,
     queries: Any,
@@ -331,14 +344,15 @@ def write_report(
     if len(qdata) == 0:
         raise ValueError("queries is empty; pass at least one query example")
     qdata = Subset(qdata, range(min(len(qdata), max_queries)))
-    train = None if train_data is None else ExampleLookup(train_data, "train_data")
+    train, query_lookup = _lookups(store, train_data, qdata)
     m = auto_method(store)[0] if method == AUTO else get_method(method)
     res = store.attribute(qdata, model=model, method=m, top_k=None, collate_fn=collate_fn)
     si, si_name, note = (
         store_self_influence(store, m, self_influence, model) if self_influence else (None, "", "")
     )
     ex = explain(
-        res, top_k=top_k, train=train, queries=ExampleLookup(qdata, "queries"),
+        res, top_k=top_k, train=train,
+        queries=query_lookup,
         self_influence=si, self_influence_ids=store.example_ids, self_influence_method=si_name,
         self_influence_note=note, num_outliers=num_outliers, task=task,
     )  # fmt: skip

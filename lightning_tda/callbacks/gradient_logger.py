@@ -329,6 +329,8 @@ class GradientLogger(pl.Callback):
             self.config, self._writer, pl_module, data, self._run, self.verbose
         )
         self._strategy.bind(self._ctx, pl_module)
+        if self.stride is not None:  # a post-fit stage that cannot run should fail now, not after
+            self.stride.check_before_fit(pl_module, task=self.config.capture.resolved_task())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         zero = trainer.is_global_zero  # under DDP rank zero alone writes the main file
@@ -415,6 +417,7 @@ class GradientLogger(pl.Callback):
             trainer_kwargs=self.stride_trainer_kwargs,
             loss_fn=self.loss_fn,
             collate_fn=self.collate_fn,
+            task=self.task,
         )
 
     # -- the store at fit start ---------------------------------------------------------------

@@ -20,7 +20,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -111,6 +111,21 @@ class ExampleIds:
         w = self.where
         shown = repr(w) if isinstance(w, (int, str)) else getattr(w, "__qualname__", repr(w))
         return f"example_ids={shown}"
+
+    def item_id(self, item: Any) -> int | None:
+        """The id of ONE dataset item (before collation: a scalar where a batch holds ``[B]``), or
+        ``None`` when the item has none where this spec looks.
+
+        >>> ExampleIds(2).item_id((torch.zeros(3), 1, torch.tensor(7)))
+        7
+        """
+        raw = self._raw(item)
+        if raw is _MISSING or raw is None:
+            return None
+        value = torch.as_tensor(raw)
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            return None
+        return int(value.reshape(()))
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description, recorded in the store (``example_ids`` root attribute)."""
@@ -233,11 +248,54 @@ def split_ids(
     return (spec(batch) if required else spec.find(batch)), batch
 
 
+def recorded_ids(record: Mapping[str, Any] | None) -> tuple[ExampleIds, bool]:
+    """``(spec, positional)`` from a store's ``example_ids`` record (``ExampleIds.describe`` plus
+    ``source``): how later passes over the same data (STRIDE, reports) find each example's id.
+
+    A recorded callable cannot be rebuilt from the file: the caller must pass ``example_ids=`` again.
+    A store without the record (older stores, in-flight) recognises ids by default.
+
+    >>> recorded_ids({"where": 2, "source": "batch"})
+    (ExampleIds(where=2), False)
+    >>> recorded_ids({"where": "default", "source": "position"})
+    (ExampleIds(where=None), True)
+    """
+    if not record:
+        return ExampleIds(), False
+    where = record.get("where", "default")
+    if isinstance(where, str) and where.startswith("callable:"):
+        raise ConfigError(
+            f"the store's example ids were read by a function ({where[len('callable:') :]}), which "
+            "cannot be rebuilt from the file; pass the same example_ids= again"
+        )
+    spec = ExampleIds(None if where == "default" else where)
+    return spec, record.get("source") == "position"
+
+
+def batches_with_ids(
+    loader: DataLoader | list, example_ids: ExampleIds | None = None, positional: bool = False
+) -> Iterator[tuple[torch.Tensor | None, Any]]:
+    """``(ids [B] or None, the user's batch)`` for each batch of ``loader``, the ids read by
+    ``example_ids`` or, with ``positional``, each item's index in the loader's dataset (as a sweep
+    of data without ids numbered it)."""
+    if positional:
+        if not isinstance(loader, DataLoader):
+            raise MissingExampleIdsError(
+                "this store numbered its examples by position; pass the training data as a Dataset "
+                "or DataLoader (in the order it was logged), not a single batch"
+            )
+        loader = with_positions(loader)
+    for batch in loader:
+        yield split_ids(batch, example_ids, required=False)
+
+
 __all__ = [
     "DEFAULT_KEYS",
     "ExampleIds",
     "IdsSpec",
     "PositionedBatch",
+    "batches_with_ids",
+    "recorded_ids",
     "split_ids",
     "with_positions",
 ]

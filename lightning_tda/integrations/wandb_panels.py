@@ -32,6 +32,8 @@ from lightning_tda.explain import (
     Explanation,
     checkpoint_shares,
     explain,
+    ids_record,
+    query_ids_spec,
     task_rendering,
 )
 from lightning_tda.results import AttributionResult
@@ -316,8 +318,12 @@ def log_influence_panels(
     ex = explain(
         result,
         top_k=top_k,
-        train=None if train_data is None else ExampleLookup(train_data, "train_data", strict=True),
-        queries=None if query_data is None else ExampleLookup(query_data, "query_data"),
+        train=None
+        if train_data is None
+        else ExampleLookup(train_data, "train_data", strict=True, example_ids=ids_record(store)),
+        queries=None
+        if query_data is None
+        else ExampleLookup(query_data, "query_data", example_ids=query_ids_spec(store)),
         self_influence=None if self_influence is None else _self_influence(self_influence, store),
         self_influence_ids=None if store is None else store.example_ids,
         num_outliers=self_influence_top,

@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
 from lightning_tda.capture.task import Task, resolve_task, task_from_settings
+from lightning_tda.data.ids import ExampleIds, IdsSpec, batches_with_ids, recorded_ids
 from lightning_tda.errors import StoreError
 from lightning_tda.store.extension import ExtensionGroup
+from lightning_tda.store.fingerprints import check_model_matches
 from lightning_tda.store.reader import StoreReader
 from lightning_tda.store.writer import open_for_reading
 from lightning_tda.stride.design import GROUP, SubsetDesign
@@ -189,9 +191,11 @@ class FeatureSource:
         cache_bytes: int,
         *,
         task: Task | None = None,
+        ids: tuple[ExampleIds, bool] | None = None,
     ) -> None:
         self.model, self.layer, self.output = model, layer, output
         self.loss_fn, self.targets_fn, self.task = loss_fn, targets_fn, task
+        self.example_ids, positional = ids if ids is not None else (ExampleIds(), False)
         self.device = model_device(model)
         self.collate = collate_fn or getattr(data, "collate_fn", None) or default_collate
         self.dataset = data.dataset if isinstance(data, DataLoader) else data
@@ -199,11 +203,14 @@ class FeatureSource:
         pos = {int(i): r for r, i in enumerate(store_ids.tolist())}
         hs, os_, ts, ids = [], [], [], []
         self.cached = True
-        for batch in as_loader(data, batch_size, collate_fn):
-            f = self._extract(batch)
+        batches = batches_with_ids(as_loader(data, batch_size, collate_fn), None, positional)
+        for given, batch in batches:
+            f = self._extract(batch, given)
             if f.ids is None:
                 raise StoreError(
-                    "the training data carries no example ids; wrap it in IndexedDataset"
+                    "the training data carries no example ids where the store's record says; pass "
+                    "example_ids= (a tuple position, a key or batch -> Tensor[B]) or wrap it in "
+                    "IndexedDataset"
                 )
             if not hs:
                 per = f.h.shape[1] * (f.h.shape[2] + f.o.shape[2]) * 2
@@ -221,7 +228,7 @@ class FeatureSource:
             self.h, self.o, self.t = self.h[order], self.o[order], self.t[order]
             self.d_h, self.num_outputs = self.h.shape[-1], self.o.shape[-1]
         else:
-            ds_ids = getattr(self.dataset, "ids", None)
+            ds_ids = range(len(self.dataset)) if positional else getattr(self.dataset, "ids", None)
             if ds_ids is None:
                 raise ValueError(
                     "features exceed cache_bytes and the data has no .ids to look examples up by id; "
@@ -232,9 +239,13 @@ class FeatureSource:
             self.d_h, self.num_outputs = f.h.shape[-1], f.o.shape[-1]
         del pos
 
-    def _extract(self, batch: Any) -> Features:
+    def _extract(self, batch: Any, ids: torch.Tensor | None = None) -> Features:
+        """Features of the user's ``batch``; its ids are ``ids`` (the library's positions) or read
+        with the store's ``example_ids`` spec (``None`` when the batch holds none)."""
+        if ids is None:
+            ids = self.example_ids.find(batch)
         batch = move_data_to_device(batch, self.device)
-        return extract(
+        f = extract(
             self.model,
             batch,
             self.layer,
@@ -243,6 +254,8 @@ class FeatureSource:
             self.targets_fn,
             task=self.task,
         )
+        f.ids = None if ids is None else ids.reshape(-1).cpu()
+        return f
 
     def get(self, positions: torch.Tensor) -> Features:
         """Features (fp32, CPU) of store rows ``positions`` (1-D)."""
@@ -463,6 +476,15 @@ class _FitJob:
     trainer_kwargs: dict[str, Any] | None
     ckpt_path: str | None
     overwrite: bool
+    ids: tuple[ExampleIds, bool] = (ExampleIds(), False)
+
+
+def _data_ids(reader: StoreReader, example_ids: ExampleIds | IdsSpec) -> tuple[ExampleIds, bool]:
+    """``(spec, positional)``: ``example_ids`` as given, else the store's record."""
+    if example_ids is not None:
+        return ExampleIds.resolve(example_ids), False
+    record = reader.attrs.get("example_ids")
+    return recorded_ids(json.loads(record) if record else None)
 
 
 def store_task(reader: StoreReader) -> Task:
@@ -488,6 +510,8 @@ def fit(
     collate_fn: Any = None,
     overwrite: bool = False,
     task: Task | None = None,
+    example_ids: ExampleIds | IdsSpec = None,
+    check_model: bool = True,
 ) -> StrideResult | list[StrideResult] | None:
     """Fit STRIDE operators at one checkpoint (default: the last) or at each of ``checkpoints``.
 
@@ -509,6 +533,11 @@ def fit(
             recorded in the store, else the module's own ``targets(batch)`` (a module that declares
             none raises a ``ConfigError`` naming these tasks). Recorded in ``stride/<step>``.
         overwrite: replace operators already stored for the step.
+        example_ids: where ``train_data``'s batches keep their ids (as ``GradientLogger(example_ids=)``);
+            default: as the store records it (``example_ids`` root attribute), including data the
+            logger numbered by position.
+        check_model: first compare ``model``'s frozen weights and architecture with the store's
+            fingerprints (a ``StoreError`` naming what differs); ``False`` skips it.
 
     Returns:
         A :class:`StrideResult` (a list with ``checkpoints=``); ``None`` on non-zero ranks.
@@ -521,6 +550,8 @@ def fit(
             "GradientLogger until it logs one (or resume the interrupted fit)"
         )
     config.validate(reader.num_examples)
+    if check_model:
+        check_model_matches(reader, model)
     steps = _resolve_steps(reader, checkpoint, checkpoints)
     task = resolve_task(task, None, store_task(reader))
     check_targets_declared(model, task, targets_fn)  # before anything is written
@@ -530,7 +561,7 @@ def fit(
     forward = feature_forward(model, task, loss_fn)
     job = _FitJob(
         reader, model, train_data, config, design, layer, output, forward, task, targets_fn,
-        collate_fn, trainer_kwargs, ckpt_path, overwrite,
+        collate_fn, trainer_kwargs, ckpt_path, overwrite, _data_ids(reader, example_ids),
     )  # fmt: skip
     results = [_fit_one(job, s) for s in steps]
     if any(r is None for r in results):
@@ -550,6 +581,7 @@ def _fit_one(job: _FitJob, step: int) -> StrideResult | None:
         source = FeatureSource(
             job.model, job.data, reader.example_ids, job.layer, job.output, job.forward,
             job.targets_fn, config.batch_size, job.collate_fn, config.cache_bytes, task=job.task,
+            ids=job.ids,
         )  # fmt: skip
         ops = SteeringOperators(
             config.num_subsets, source.d_h, source.num_outputs, config.rank, config.head_rank
