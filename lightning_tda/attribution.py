@@ -16,6 +16,7 @@ from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.query_spec import QuerySpec
 from lightning_tda.capture.replay import Quantity, featurize_data, loaded_state, model_device
 from lightning_tda.capture.task import Task, recorded_task
+from lightning_tda.data.ids import ExampleIds, recorded_ids
 from lightning_tda.errors import ConfigError, ProjectionMismatchError, StoreError
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method, method_settings
@@ -203,8 +204,9 @@ class AttributionStore(StoreReader):
                     dropout_member(model, self.layers, p, seed, m),
                 ):
                     rows, ids, losses = self._featurize(
-                        model, data, spec, f"member {m + 1}/{members} @ step {step}", of="loss"
-                    )
+                        model, data, spec, f"member {m + 1}/{members} @ step {step}", of="loss",
+                        ids=self.recorded_ids(),
+                    )  # fmt: skip
                 attrs = {"dropout_p": p, "dropout_seed": seed, "member": m}
                 for name, values in ((member_dataset(m), rows), (member_loss_dataset(m), losses)):
                     write_checkpoint_rows(
@@ -232,9 +234,11 @@ class AttributionStore(StoreReader):
         spec: QuerySpec,
         description: str = "query gradients",
         of: Quantity = "measurement",
+        ids: tuple[ExampleIds, bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(rows [Q, D], ids, values [Q])`` of ``data`` at the model's current weights: gradients
-        of the task's query measurement (``of="loss"``: its training loss)."""
+        of the task's query measurement (``of="loss"``: its training loss); ``ids`` as for
+        :func:`~lightning_tda.capture.replay.featurize_data`."""
         return featurize_data(
             model,
             data,
@@ -244,7 +248,14 @@ class AttributionStore(StoreReader):
             query_spec=spec,
             of=of,
             description=description,
+            ids=ids,
         )
+
+    def recorded_ids(self) -> tuple[ExampleIds, bool]:
+        """``(spec, positional)``: how the logged training data carries its example ids (the store's
+        ``example_ids`` record; data the logger numbered by position is numbered the same way)."""
+        raw = self.attrs.get("example_ids")
+        return recorded_ids(json.loads(raw) if raw else None)
 
     def recorded_task(self) -> Task:
         """The task an entry point uses when given neither ``task=`` nor ``loss_fn=``: the built-in

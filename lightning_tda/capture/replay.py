@@ -18,6 +18,7 @@ from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.capture.query_spec import QuerySpec, as_loader
 from lightning_tda.capture.task import Task
+from lightning_tda.data.ids import ExampleIds, batches_with_ids
 from lightning_tda.progress import progress_bar
 
 Quantity = Literal["measurement", "loss"]
@@ -72,8 +73,12 @@ def featurize_data(
     task: Task | None = None,
     of: Quantity = "measurement",
     description: str = "query gradients",
+    ids: tuple[ExampleIds, bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Projected gradients of every example in ``data`` at the model's current weights.
+
+    ``ids``: ``(spec, positional)``, how the items carry their ids (a store's record,
+    :func:`~lightning_tda.data.ids.recorded_ids`); default: recognised, never positional.
 
     ``query_spec`` says how ``data`` is batched and which task describes it; ``task``, ``loss_fn``,
     ``batch_size`` and ``collate_fn`` are shorthands that override its fields
@@ -93,17 +98,23 @@ def featurize_data(
         raise ValueError(f"of must be 'measurement' or 'loss', got {of!r}")
     fn = spec.measurement_for(model) if of == "measurement" else spec.loss_for(model)
     device = model_device(model)
-    feat = Featurizer(model, layers, config, fn, device, require_ids=False, bases=bases)
+    spec_ids, positional = ids if ids is not None else (ExampleIds(), False)
+    feat = Featurizer(
+        model, layers, config, fn, device, require_ids=False, bases=bases, example_ids=spec_ids
+    )
     rows, ids, losses = [], [], []
-    batches = spec.loader(data)
-    total = _num_batches(batches)
+    loader = spec.loader(data)
+    total = _num_batches(loader)
+    batches = (
+        batches_with_ids(loader, None, positional) if positional else ((None, b) for b in loader)
+    )
     show = total is None or total > 1
     with (
         preserved_training_state(model),
         progress_bar(description, total, unit="batches", verbose=show, transient=True) as bar,
     ):
-        for batch in batches:
-            fb = feat(move_data_to_device(batch, device))
+        for given, batch in batches:
+            fb = feat(move_data_to_device(batch, device), given)
             rows.append(fb.rows)
             losses.append(fb.losses)
             ids.append(fb.ids)
