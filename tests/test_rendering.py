@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import Subset
 
 from lightning_tda import AttributionResult, AttributionStore, ClassificationTask, IndexedDataset
-from lightning_tda.capture.task import Task
+from lightning_tda.capture.task import Task, task_from_settings
 from lightning_tda.cli import main
 from lightning_tda.data.digits import DigitsDataModule
 from lightning_tda.data.text import pydoc_bpe_tokenizer, pydoc_topics
@@ -180,3 +180,27 @@ def test_panel_image_cells_are_the_un_standardised_digits(tmp_path, monkeypatch,
     assert [r["label"] for r in wb.rows("tda/influence")][:1] == [
         int(train[train.ids.index(art[0]["example_id"])].data[1])
     ]
+
+
+def test_causal_lm_task_renders_text_through_its_tokenizer():
+    """The task description carries the tokenizer: report rows are ``tokenizer.decode`` of the
+    attended tokens, with no ``tokenizer=`` passed to the report."""
+    from lightning_tda import CausalLMTask
+
+    tok = pydoc_bpe_tokenizer(256)
+    ids = torch.tensor(tok(pydoc_topics()["if"][:200])["input_ids"][:30])
+    padded = torch.cat([ids, torch.ones(4, dtype=torch.long)])
+    mask = torch.cat([torch.ones(30, dtype=torch.long), torch.zeros(4, dtype=torch.long)])
+    item = {"input_ids": padded, "attention_mask": mask, "labels": padded}
+    train = IndexedDataset([item, {**item, "attention_mask": torch.ones(34, dtype=torch.long)}])
+    res = AttributionResult(
+        "tracin", torch.tensor([[1.0, -1.0]]), None, None, None, torch.tensor([0, 1]), None, [3]
+    )
+    task = CausalLMTask(labels="hf", tokenizer=tok)
+    page = report_html(explain(res, top_k=1, train=ExampleLookup(train), task=task), "s")
+    assert html.escape(tok.decode(ids.tolist())) in page  # row 0: padding dropped by the mask
+    assert html.escape(tok.decode(padded.tolist())) in page  # row 1: every token attended
+    assert "tokens: " not in page and "tokens: " in report_html(
+        explain(res, top_k=1, train=ExampleLookup(train)), "s"
+    )
+    assert "tokenizer" not in task.settings() and task_from_settings(task.settings()) == task

@@ -178,7 +178,11 @@ class _FieldTask(Task):
         return getattr(out, "logits", out)
 
     def settings(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "forward"}
+        values = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("forward", "tokenizer")
+        }
         custom = self.forward is not None
         return {"task": self.name, **values, **({"forward": "custom"} if custom else {})}
 
@@ -250,7 +254,8 @@ class CausalLMTask(_FieldTask):
             ``batch[label_key]`` are already aligned with the outputs (``y = x`` shifted by one).
         inputs, label_key: where the token ids and the labels are (defaults: ``"input_ids"`` /
             ``"labels"`` for ``"hf"``, ``0`` / ``1`` for ``"shifted"``).
-        tokenizer_name: recorded only; the report decodes text with the tokenizer you pass it.
+        tokenizer: decodes an example's token ids for the report and the W&B panels
+            (``tokenizer.decode``; padding dropped by ``attention_mask``); not recorded in the store.
         forward: ``forward(model, batch) -> logits [B, T, V]`` when ``model(inputs)`` is not it
             (``"hf"`` default: ``model(input_ids=..., attention_mask=...)``).
     """
@@ -258,6 +263,7 @@ class CausalLMTask(_FieldTask):
     labels: LabelConvention | None = None
     inputs: Field | None = None
     label_key: Field | None = None
+    tokenizer: Any = field(default=None, kw_only=True, compare=False)
     name: ClassVar[str] = "causal_lm"
 
     def __post_init__(self) -> None:
@@ -283,6 +289,16 @@ class CausalLMTask(_FieldTask):
             out = model(**kwargs)
             return getattr(out, "logits", out)
         return super().logits(model, batch)
+
+    def render(self, item: Any) -> Any | None:
+        """The example's text through the tokenizer (``None`` without one: default rendering)."""
+        if self.tokenizer is None:
+            return None
+        data = _user_batch(item)
+        ids = torch.as_tensor(_field(data, self.inputs, "inputs")).reshape(-1)
+        if isinstance(data, Mapping) and "attention_mask" in data:
+            ids = ids[torch.as_tensor(data["attention_mask"]).reshape(-1).bool()]
+        return self.tokenizer.decode(ids.tolist())
 
     def per_example_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         t = self.targets(model, batch)
