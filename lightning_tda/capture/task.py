@@ -263,7 +263,7 @@ class CausalLMTask(_FieldTask):
     labels: LabelConvention | None = None
     inputs: Field | None = None
     label_key: Field | None = None
-    tokenizer: Any = field(default=None, kw_only=True, compare=False)
+    tokenizer: Any = field(default=None, kw_only=True, compare=False, repr=False)
     name: ClassVar[str] = "causal_lm"
 
     def __post_init__(self) -> None:
