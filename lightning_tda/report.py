@@ -321,14 +321,13 @@ def write_report(
             and ``tokenizer``.
         task: a :class:`~lightning_tda.capture.task.Task`: examples are drawn as ``task.render(item)``
             when it returns something (``ClassificationTask(image_shape=(8, 8), mean=..., std=...)``:
-            the un-standardised ``x * std + mean``), else by :func:`default_render`.
+            the un-standardised ``x * std + mean``), else by :func:`default_render`; the queries
+            are measured with it too (``None``: the task the store records).
         tokenizer: decodes token-id examples (``tokenizer.decode``) in the default rendering.
         self_influence: ``True`` for the self-influence of ``method`` (``"tracin"`` when the method
             defines none, e.g. STRIDE), a method name for another, ``False`` to leave it out.
-        max_queries: queries reported at most.
-        num_outliers: self-influence outliers listed.
-        title: page title.
-        queries_note: a sentence saying where the queries come from.
+        max_queries, num_outliers: queries reported and self-influence outliers listed, at most.
+        title, queries_note: the page title, and a sentence saying where the queries come from.
 
     Returns:
         The path of the written HTML file.
@@ -346,7 +345,9 @@ def write_report(
     qdata = Subset(qdata, range(min(len(qdata), max_queries)))
     train, query_lookup = _lookups(store, train_data, qdata)
     m = auto_method(store)[0] if method == AUTO else get_method(method)
-    res = store.attribute(qdata, model=model, method=m, top_k=None, collate_fn=collate_fn)
+    res = store.attribute(
+        qdata, model=model, method=m, top_k=None, collate_fn=collate_fn, task=task
+    )
     si, si_name, note = (
         store_self_influence(store, m, self_influence, model) if self_influence else (None, "", "")
     )
