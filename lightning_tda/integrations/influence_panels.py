@@ -37,6 +37,7 @@ def attribute_by_checkpoint(
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     collate_fn: Any = None,
+    task: Task | None = None,
     **method_kwargs: Any,
 ) -> tuple[AttributionResult, dict[int, torch.Tensor]]:
     """A TracIn-family attribution and each checkpoint's own dense scores, from one query sweep.
@@ -49,7 +50,7 @@ def attribute_by_checkpoint(
         model: the trained model class.
         method: ``"tracin"``, ``"tracin_adam"`` or a :class:`~lightning_tda.methods.TracIn` instance.
         top_k: proponents/opponents kept in the returned result (``None``: dense).
-        loss_fn, batch_size, collate_fn: as for :meth:`AttributionStore.attribute`.
+        loss_fn, batch_size, collate_fn, task: as for :meth:`AttributionStore.attribute`.
         **method_kwargs: hyper-parameters of the method (e.g. ``checkpoints=[...]``).
 
     Returns:
@@ -68,6 +69,7 @@ def attribute_by_checkpoint(
         loss_fn=loss_fn,
         batch_size=batch_size,
         collate_fn=collate_fn,
+        task=task,
     )
     vectors = dict(qvecs)
     result = store.attribute(vectors, method=m, top_k=top_k)
@@ -204,6 +206,8 @@ class InfluencePanels(pl.Callback):
                 "log_at_fit_end=True or every_n_epochs=1)"
             )
         sweep = dict(loss_fn=self.loss_fn, batch_size=self.batch_size, collate_fn=self.collate_fn)
+        if self.loss_fn is None:  # the task that renders the examples measures the queries too
+            sweep["task"] = self.task
         parts = None
         if self.checkpoint_breakdown:
             self.result, parts = attribute_by_checkpoint(
