@@ -108,7 +108,8 @@ class InfluencePanels(pl.Callback):
         render: how examples show in tables (``"auto"``, ``"image"``, ``"text"`` or a callable).
         tokenizer: decodes token-id examples.
         task: a :class:`~lightning_tda.capture.task.Task` whose ``render(item)`` draws the examples
-            (e.g. ``ClassificationTask(image_shape=(8, 8), mean=..., std=...)``: un-standardised).
+            (e.g. ``ClassificationTask(image_shape=(8, 8), mean=..., std=...)``: un-standardised)
+            and measures the queries (unless ``loss_fn`` is given; ``None``: the store's task).
         self_influence_top: rows of the self-influence table.
         prefix: W&B key prefix.
         loss_fn, batch_size, collate_fn: query sweep settings, as for ``AttributionStore.attribute``.
