@@ -98,6 +98,16 @@ def loader(ds, batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> Dat
     )
 
 
+def tiny_gpt2_config(vocab: int, n_positions: int = 64, n_embd: int = 16):
+    """A config-built 2-layer GPT-2 (Conv1D layers), dropout off, token 0 as bos/eos."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+
+
 class TinyGPT(pl.LightningModule):
     """Config-built GPT-2 (Conv1D layers) on right-padded token sequences with -100 labels."""
 
@@ -105,20 +115,9 @@ class TinyGPT(pl.LightningModule):
         self, vocab: int = 50, n_embd: int = 16, lr: float = 0.05, attn: str = "eager"
     ) -> None:
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
 
-        cfg = GPT2Config(
-            vocab_size=vocab,
-            n_positions=16,
-            n_embd=n_embd,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
+        cfg = tiny_gpt2_config(vocab, n_positions=16, n_embd=n_embd)
         cfg._attn_implementation = attn
         self.lm = GPT2LMHeadModel(cfg)
         self.lr = lr

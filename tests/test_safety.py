@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import TinyMLP, fit_logged, make_classification, trainer
+from helpers import TinyMLP, fit_logged, make_classification, tiny_gpt2_config, trainer
 from torch.utils.data import DataLoader
 
 from lightning_tda import AttributionStore, GradientLogger
@@ -43,18 +43,7 @@ OVERRIDE = "check_model=False"
 def gpt2(vocab: int, seed: int):
     """The config-built GPT-2 base of tests/test_transformers.py, initialised from ``seed``."""
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=64,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    cfg = tiny_gpt2_config(vocab)
     return transformers.GPT2LMHeadModel(cfg)
 
 

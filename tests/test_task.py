@@ -22,6 +22,7 @@ from helpers import (
     causal_lm_loss,
     fit_logged,
     fit_logged_mlp,
+    tiny_gpt2_config,
 )
 from oracles import reference_rows
 from torch import nn
@@ -122,20 +123,9 @@ class UserGPT(pl.LightningModule):
 
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
 
-        cfg = GPT2Config(
-            vocab_size=50,
-            n_positions=16,
-            n_embd=16,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
+        cfg = tiny_gpt2_config(50, n_positions=16)
         cfg._attn_implementation = "eager"
         self.model = GPT2LMHeadModel(cfg)  # the attribute name CausalLMModule uses too
         self.lr = lr
