@@ -62,9 +62,8 @@ def test_unwrapped_attribution_data_names_indexed_dataset(tmp_path):
     path = tmp_path / "tda.h5"
     with pytest.raises(MissingExampleIdsError, match="IndexedDataset"):
         _fit(tmp_path, TinyMLP(), data, _logger(path, plain, preset="fast"))
-    store = AttributionStore(
-        path
-    )  # still readable: the first-batch check refused before any checkpoint
+    # still readable: the first-batch check refused before any checkpoint
+    store = AttributionStore(path)
     assert store.checkpoints == []
     assert store.incomplete == []
     # the default PCA basis pass meets the batch first: the same error, before the checkpoint opens
