@@ -290,6 +290,9 @@ def _patch_optimizer(m: Meter) -> list:
     return [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
 
 
+SWEEP = {"basis": "random", "batch_size": None}  # set by main: --sweep-basis, --sweep-batch-size
+
+
 def _fit(task: Task, m: Meter, mode: str, steps: int, path: Path, sweep_batches: int) -> None:
     from lightning_tda import GradientLogger
 
@@ -302,14 +305,14 @@ def _fit(task: Task, m: Meter, mode: str, steps: int, path: Path, sweep_batches:
     if mode == "in_flight":
         cbs = [GradientLogger(path, mode="in_flight", rank=16, overwrite=True, verbose=False)]
     elif mode == "sweep":
-        bs = task.recipe.batch_size
+        bs = SWEEP["batch_size"] or task.recipe.batch_size
         cbs = [
             GradientLogger(
                 path,
                 attribution_data=Subset(task.train, range(bs * sweep_batches)),
                 batch_size=bs,
                 rank=16,
-                basis="random",
+                basis=SWEEP["basis"],
                 dtype="float16",
                 at_steps=[steps],
                 overwrite=True,
@@ -399,7 +402,32 @@ def _median_phases(recs: list[dict]) -> tuple[float, dict[str, float], dict[str,
     return statistics.median(r["total_ms"] for r in recs), ms, calls
 
 
-def summarize(raw: dict, steps: int, batch_size: int) -> dict:
+def _checkpoint_summary(rec: dict, steps: int, med) -> dict:
+    """The sweep fit's last step holds the whole checkpoint: its fixed cost beyond the batches."""
+    rows = []
+    for x in rec["sweep"]:
+        if x["step"] != steps - 1:
+            continue
+        batches = [b["total_ms"] for b in rec["sweep_batch"] if b["repeat"] == x["repeat"]]
+        rows.append(
+            {
+                "step_ms": x["total_ms"],
+                "batches_ms": sum(batches),
+                "batches": len(batches),
+                "fixed_ms": x["total_ms"] - sum(batches) - med("plain", x["repeat"]),
+                "calls": x["calls"],
+            }
+        )
+    return {
+        "step_ms": statistics.median(r["step_ms"] for r in rows),
+        "batches_ms": statistics.median(r["batches_ms"] for r in rows),
+        "batches": rows[0]["batches"],
+        "fixed_ms": statistics.median(r["fixed_ms"] for r in rows),
+        "calls": rows[0]["calls"],
+    }
+
+
+def summarize(raw: dict, steps: int, batch_size: int, sweep_batch_size: int | None = None) -> dict:
     """Medians per phase (steps after the first of each fit) and per-repeat logged/plain ratios."""
     rec = raw["records"]
     steady = {
@@ -431,7 +459,9 @@ def summarize(raw: dict, steps: int, batch_size: int) -> dict:
         for r in repeats
     )
     out["flush_ms_per_logged_step"] = statistics.median(flush.values())
-    out["sweep_examples_per_s"] = batch_size / out["sweep_batch"]["total_ms"] * 1e3
+    out["sweep_checkpoint"] = _checkpoint_summary(rec, steps, med)
+    sweep_bs = sweep_batch_size or batch_size
+    out["sweep_examples_per_s"] = sweep_bs / out["sweep_batch"]["total_ms"] * 1e3
     out["plain_examples_per_s"] = batch_size / out["plain"]["total_ms"] * 1e3
     return out
 
@@ -505,6 +535,8 @@ def task_markdown(res: dict) -> str:
     for label, prefixes in COUNTED.items():
         per = _count(fl["calls"], prefixes) + _count(flush["calls"], prefixes) / n
         out.append(f"| {label} | {per:g} | {_count(plain['calls'], prefixes):g} |")
+    ck = s["sweep_checkpoint"]
+    sbs = res.get("sweep_batch_size", res["batch_size"])
     srows = [("**one sweep batch, total**", plain["total_ms"], sw["total_ms"], 1)]
     srows += [
         (k, plain["ms"].get(k, 0.0), v, sw["calls"].get(k, 0))
@@ -513,11 +545,19 @@ def task_markdown(res: dict) -> str:
     ]
     out += [
         "",
-        f"**One sweep batch ({res['batch_size']} examples) {sw['total_ms']:.1f} ms vs one plain training "
-        f"step on a batch of the same size {plain['total_ms']:.1f} ms: x{s['ratio_sweep_batch_to_plain_step']:.2f} "
-        f"({s['sweep_examples_per_s']:.0f} vs {s['plain_examples_per_s']:.0f} examples/s).**",
+        f"**One sweep batch ({sbs} examples) {sw['total_ms']:.1f} ms vs one plain training "
+        f"step ({res['batch_size']} examples) {plain['total_ms']:.1f} ms: "
+        f"{s['sweep_examples_per_s']:.0f} vs {s['plain_examples_per_s']:.0f} examples/s, "
+        f"x{s['plain_examples_per_s'] / s['sweep_examples_per_s']:.2f} the training time per example.**",
         "",
         *_phase_table(srows, sw["total_ms"], "plain step"),
+        "",
+        f"The whole sweep checkpoint ({ck['batches']} batches, basis `{res.get('sweep_basis', 'random')}`, "
+        f"batch {res.get('sweep_batch_size', res['batch_size'])}): its training step took {ck['step_ms']:.0f} ms, "
+        f"of which {ck['batches_ms']:.0f} ms were the batches above and **{ck['fixed_ms']:.0f} ms "
+        f"per-checkpoint fixed cost** beyond a plain step (open, metadata, basis, state, commit; "
+        f"{ck['calls'].get('h5: create_dataset', 0)} datasets created, "
+        f"{ck['calls'].get('h5: attrs set', 0)} attributes set).",
         "",
         "Top operators (self CPU) of one in-flight fit under torch.profiler: "
         + ", ".join(
@@ -533,7 +573,9 @@ def render() -> str:
     """The BENCHMARKS.md section from every ``benchmarks/results/profile_*.json``."""
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("profile_*.json"))]
     for res in results:  # re-derived from the raw records: the section follows this file's code
-        res["summary"] = summarize(res, res["steps"], res["batch_size"])
+        res["summary"] = summarize(
+            res, res["steps"], res["batch_size"], res.get("sweep_batch_size")
+        )
     head = [
         "## Profile of one logged step and one sweep batch",
         "",
@@ -581,6 +623,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--sweep-batches", type=int, default=4, help="batches the sweep checkpoint featurizes"
     )
+    ap.add_argument("--sweep-basis", choices=["random", "pca"], default="random")
+    ap.add_argument(
+        "--sweep-batch-size", type=int, default=None, help="default: the training batch size"
+    )
     ap.add_argument("--render", action="store_true", help="only rewrite the BENCHMARKS.md section")
     args = ap.parse_args(argv)
     if not args.render:
@@ -589,10 +635,18 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch.set_num_threads(2)
         task = TASKS[args.task]()
+        SWEEP.update(basis=args.sweep_basis, batch_size=args.sweep_batch_size)
         command = (
             f"python -m benchmarks.profile_step --task {args.task} --steps {args.steps} "
             f"--repeats {args.repeats} --sweep-batches {args.sweep_batches}"
         )
+        variant = ""
+        if args.sweep_basis != "random":
+            command += f" --sweep-basis {args.sweep_basis}"
+            variant += f"_{args.sweep_basis}"
+        if args.sweep_batch_size:
+            command += f" --sweep-batch-size {args.sweep_batch_size}"
+            variant += f"_b{args.sweep_batch_size}"
         with tempfile.TemporaryDirectory() as tmp:
             raw = run(task, args.steps, args.repeats, args.sweep_batches, Path(tmp))
         res = {
@@ -602,6 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": task.recipe.batch_size,
             "steps": args.steps,
             "repeats": args.repeats,
+            "sweep_basis": args.sweep_basis,
+            "sweep_batch_size": args.sweep_batch_size or task.recipe.batch_size,
             "command": command,
             "machine": {
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -611,11 +667,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "torch": torch.__version__,
                 "load_average": os.getloadavg(),
             },
-            "summary": summarize(raw, args.steps, task.recipe.batch_size),
+            "summary": summarize(raw, args.steps, task.recipe.batch_size, args.sweep_batch_size),
             **raw,
         }
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"profile_{task.name}.json").write_text(json.dumps(res, indent=1, default=float))
+        (RESULTS / f"profile_{task.name}{variant}.json").write_text(
+            json.dumps(res, indent=1, default=float)
+        )
         print(task_markdown(res))
     update_section(render())
     print("wrote BENCHMARKS.md (section 'Profile of one logged step and one sweep batch')")
