@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from benchmarks.common import RESULTS, fit_logged, update_benchmarks_md
-from benchmarks.tasks import Task, digits_task, tinygpt_task
+from benchmarks.tasks import Task, digits_task, gpt10m_task, tinygpt_task
 from lightning_tda import AttributionStore, GradientLogger, IndexedDataset
 from lightning_tda.store import schema
 from lightning_tda.store.writer import StoreWriter
@@ -579,6 +579,23 @@ def short_gpt(epochs: int) -> Task:
     return task
 
 
+DEFAULT_TASKS = ("digits", "tinygpt")
+EXTRA_TASKS = {"gpt10m": gpt10m_task}  # >= 10 M parameters; selected with --tasks gpt10m
+
+
+def perf_task(name: str, gpt_epochs: int) -> Task:
+    """A task of (i) and (ii): ``digits``, ``tinygpt`` (``gpt_epochs`` epochs) or ``gpt10m``."""
+    if name == "digits":
+        return digits_task()
+    if name == "tinygpt":
+        return short_gpt(gpt_epochs)
+    if name in EXTRA_TASKS:
+        return EXTRA_TASKS[name]()
+    raise ValueError(
+        f"unknown perf task {name!r}; choose from digits, tinygpt, {', '.join(EXTRA_TASKS)}"
+    )
+
+
 def run_suite(
     workdir: Path,
     repeats: int = 3,
@@ -587,26 +604,18 @@ def run_suite(
     scoring_rows: int = 50_000,
     memory_rows: int = 20_000,
     save: Callable[[dict], None] | None = None,
+    tasks: Sequence[str] = DEFAULT_TASKS,
 ) -> dict:
-    """All four measurements, the quick ones first; ``save(results)`` runs after every stage."""
+    """All four measurements, the quick ones first; ``save(results)`` runs after every stage.
+
+    With ``tasks`` other than the default only (i) and (ii) run, on those tasks.
+    """
     save = save or (lambda results: None)
     results: dict[str, Any] = {}
-    print("(iii) query throughput, read bandwidth, memory ...", flush=True)
-    store = synthetic_store(workdir / "scoring.h5", scoring_rows, workdir, dtype="float32")
-    results["query_throughput"] = query_throughput(store, 100, repeats)
-    results["hdf5_read"] = hdf5_read_bandwidth(store, repeats=repeats)
-    (workdir / "scoring.h5").unlink()
-    print(f"    {results['query_throughput']['ratio']:.3f} of matmul", flush=True)
-    results["scoring_memory"] = scoring_memory(workdir, memory_rows)
-    print(f"    memory {results['scoring_memory']}", flush=True)
-    save(results)
-
-    print("(iv) bytes per example ...", flush=True)
-    results["bytes_per_example"] = storage_bytes(digits_task(), workdir)
-    save(results)
-
+    if tuple(tasks) == DEFAULT_TASKS:
+        _scoring_stages(results, workdir, repeats, scoring_rows, memory_rows, save)
     results["logging_overhead"], results["featurization"] = [], []
-    for task in (digits_task(), short_gpt(gpt_epochs)):
+    for task in (perf_task(name, gpt_epochs) for name in tasks):
         print(f"(i) logging overhead on {task.name} ...", flush=True)
         ov = logging_overhead(task, workdir, repeats)
         results["logging_overhead"].append(ov)
@@ -615,6 +624,7 @@ def run_suite(
             f"in-flight x{ov['ratio_in_flight']:.3f}",
             flush=True,
         )
+        results.setdefault("bytes_per_example", [])
         results["bytes_per_example"] += [
             _bytes_row(
                 task.name, "sweep kronecker r16 pca float16", AttributionStore(ov["sweep_store"])
@@ -634,11 +644,40 @@ def run_suite(
     return results
 
 
+def _scoring_stages(
+    results: dict,
+    workdir: Path,
+    repeats: int,
+    scoring_rows: int,
+    memory_rows: int,
+    save: Callable[[dict], None],
+) -> None:
+    """(iii) query throughput, read bandwidth and scoring memory; (iv) bytes per example."""
+    print("(iii) query throughput, read bandwidth, memory ...", flush=True)
+    store = synthetic_store(workdir / "scoring.h5", scoring_rows, workdir, dtype="float32")
+    results["query_throughput"] = query_throughput(store, 100, repeats)
+    results["hdf5_read"] = hdf5_read_bandwidth(store, repeats=repeats)
+    (workdir / "scoring.h5").unlink()
+    print(f"    {results['query_throughput']['ratio']:.3f} of matmul", flush=True)
+    results["scoring_memory"] = scoring_memory(workdir, memory_rows)
+    print(f"    memory {results['scoring_memory']}", flush=True)
+    save(results)
+
+    print("(iv) bytes per example ...", flush=True)
+    results["bytes_per_example"] = storage_bytes(digits_task(), workdir)
+    save(results)
+
+
 def featurization(task: Task, ov: dict, repeats: int, num_train: int | None) -> dict:
     """Our sweep's examples/s next to every peer's on the same model (checkpoint of ``ov``'s store)."""
     sweep = AttributionStore(ov["sweep_store"])
     names = LM_PEERS if task.name == "tinygpt" else DIGITS_PEERS
-    peers = peer_featurization(task, sweep, names, repeats, num_train=num_train)
+    # the peers' adapters are built for the digits MLP and the tiny GPT: none on the other tasks
+    peers = (
+        peer_featurization(task, sweep, names, repeats, num_train=num_train)
+        if task.name in DEFAULT_TASKS
+        else []
+    )
     lds = quality_lds(task.name)
     ours = our_featurization(ov)
     ours["lds"] = lds.get(("lightning_tda", "best method on the kronecker r16 pca store"))
@@ -840,6 +879,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--scoring-rows", type=int, default=50_000)
     ap.add_argument("--memory-rows", type=int, default=20_000)
     ap.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help="comma-separated tasks of (i) and (ii): digits, tinygpt, gpt10m; other than the default, "
+        "only (i) and (ii) run and the results go to benchmarks/results/perf_<tasks>.json "
+        "(perf.json and BENCHMARKS.md are left as they are)",
+    )
+    ap.add_argument(
         "--render",
         action="store_true",
         help="only recompute ratios/targets from benchmarks/results/perf.json and rewrite the section",
@@ -876,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if getattr(defaults, k) != v and k not in ("render", "memory_only")
     ]
     command += "".join(" " + c for c in changed)
+    tasks = tuple(args.tasks.split(","))
+    out = RESULTS / ("perf.json" if tasks == DEFAULT_TASKS else f"perf_{'_'.join(tasks)}.json")
 
     def save(results: dict) -> None:
         results["repeats"] = args.repeats
@@ -891,8 +939,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
         results["suite_seconds"] = time.perf_counter() - t0
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "perf.json").write_text(json.dumps(results, indent=1, default=float))
-        update_benchmarks_md(write_markdown(results, command), marker="perf")
+        out.write_text(json.dumps(results, indent=1, default=float))
+        if tasks == DEFAULT_TASKS:
+            update_benchmarks_md(write_markdown(results, command), marker="perf")
 
     with tempfile.TemporaryDirectory() as tmp:
         results = run_suite(
@@ -903,11 +952,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args.scoring_rows,
             args.memory_rows,
             save=save,
+            tasks=tasks,
         )
     save(results)
-    print(
-        f"wrote BENCHMARKS.md and benchmarks/results/perf.json ({results['suite_seconds']:.0f} s)"
-    )
+    print(f"wrote {out} ({results['suite_seconds']:.0f} s)")
     return results
 
 

@@ -7,6 +7,9 @@
 (d) ``digits_short``: the digits MLP deliberately under-trained (2 epochs), checkpoints every 8 steps.
 (e) ``digits_two_stage``: the digits MLP trained 10 epochs on half A of the training set, then 10
     epochs on the disjoint half B (one fit, same optimizer; :class:`~lightning_tda.data.StagedDataModule`).
+(f) ``gpt10m``: a byte-level GPT-2 of 10.8 M parameters (6 layers, 6 heads, d=384, context 64) on the
+    same pydoc blocks (512 train / 100 held-out), AdamW, batch 8, 1 epoch: a perf task whose per-step
+    compute is not dominated by the fixed per-step costs of the tiny GPT (no retrain bank).
 """
 
 from __future__ import annotations
@@ -297,10 +300,70 @@ def tinygpt_task(num_subsets: int = 64, num_seeds: int = 2) -> Task:
     )
 
 
+# -- (f) gpt10m: a >= 10 M-parameter GPT-2 for the perf suite -----------------------------------
+
+
+def byte_gpt2_10m(vocab: int = 256) -> torch.nn.Module:
+    """A config-built GPT-2 LM: 6 layers, 6 heads, d=384, context ``BLOCK``, no dropout, eager attention.
+
+    10,770,432 parameters with the byte vocabulary (tied LM head): 6 x 1.77 M per block + embeddings.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=BLOCK,
+        n_embd=384,
+        n_layer=6,
+        n_head=6,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    cfg._attn_implementation = "eager"
+    return GPT2LMHeadModel(cfg)
+
+
+class Byte10MGPT(TinyByteGPT):
+    """:class:`TinyByteGPT`'s recipe (per-example summed byte loss, AdamW, linear decay) on
+    :func:`byte_gpt2_10m`."""
+
+    def __init__(self, lr: float = 6e-4) -> None:
+        pl.LightningModule.__init__(self)
+        self.lm = byte_gpt2_10m()
+        self.lr = lr
+
+
+def gpt10m_factory() -> Byte10MGPT:
+    return Byte10MGPT()
+
+
+def gpt10m_task(num_subsets: int = 16, num_seeds: int = 1) -> Task:
+    """Perf task: the 10.8 M-parameter byte GPT-2, 512 train / 100 held-out blocks, batch 8, 1 epoch."""
+    train, test = pydoc_blocks(num_train=512, num_queries=100)
+    return Task(
+        name="gpt10m",
+        train=IndexedDataset(TensorDataset(train)),
+        queries=IndexedDataset(TensorDataset(test), ids=range(100000, 100000 + len(test))),
+        factory=gpt10m_factory,
+        measure=lm_measure,
+        measurements={"loss": "loss"},
+        primary="loss",
+        recipe=RetrainRecipe(max_epochs=1, batch_size=8),
+        spec=BankSpec(num_subsets=num_subsets, alpha=0.5, num_seeds=num_seeds, base_seed=0),
+        log_every_n_epochs=1,
+        describe="byte-level GPT-2 6x384 (10.8 M parameters) from scratch on pydoc topics, 512 train / "
+        "100 held-out 64-byte blocks, AdamW lr 6e-4 decayed linearly to 0, 1 epoch, batch 8",
+    )
+
+
 TASKS: dict[str, Callable[[], Task]] = {
     "digits": digits_task,
     "tinygpt": tinygpt_task,
     "mislabel": mislabel_task,
     "digits_short": digits_short_task,
     "digits_two_stage": digits_two_stage_task,
+    "gpt10m": gpt10m_task,
 }
