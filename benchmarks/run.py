@@ -647,7 +647,7 @@ def main() -> None:
     ):  # the performance suite has its own options (python -m benchmarks.perf -h)
         from benchmarks.perf import main as perf_main
 
-        perf_main(rest)
+        perf_main(rest + (["--tasks", args.tasks] if args.tasks else []))
         return
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
