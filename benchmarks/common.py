@@ -13,6 +13,16 @@ import torch
 from benchmarks.tasks import Task
 from lightning_tda import AttributionStore, GradientLogger
 
+QUIET_CPU = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "accelerator": "cpu",
+    "devices": 1,
+}
+"""Trainer keywords of every benchmark fit: one CPU process, no logging, checkpoints or bars."""
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
@@ -35,12 +45,7 @@ def fit_logged(
     trainer_kwargs, fit_kwargs = task.fit_setup(seed)
     trainer = pl.Trainer(
         callbacks=[logger],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
+        **QUIET_CPU,
         **trainer_kwargs,
     )
     t0 = time.perf_counter()

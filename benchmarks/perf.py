@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from benchmarks.common import RESULTS, fit_logged, update_benchmarks_md
+from benchmarks.common import QUIET_CPU, RESULTS, fit_logged, update_benchmarks_md
 from benchmarks.tasks import Task, digits_task, gpt10m_task, tinygpt_task
 from lightning_tda import AttributionStore, GradientLogger, IndexedDataset
 from lightning_tda.store import schema
@@ -74,12 +74,7 @@ def _trainer(task: Task, callbacks: Sequence[pl.Callback], seed: int) -> tuple[p
     trainer_kwargs, fit_kwargs = task.fit_setup(seed)
     trainer = pl.Trainer(
         callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
+        **QUIET_CPU,
         **trainer_kwargs,
     )
     return trainer, fit_kwargs

@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import Subset
 
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import QUIET_CPU, RESULTS, ROOT
 from benchmarks.tasks import TASKS, Task
 
 MARKER = "profile"
@@ -321,12 +321,7 @@ def _fit(task: Task, m: Meter, mode: str, steps: int, path: Path, sweep_batches:
         ]
     trainer = pl.Trainer(
         callbacks=[StepStart(m), *cbs, StepEnd(m, mode)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
+        **QUIET_CPU,
         max_steps=steps,
         max_epochs=-1,
         **trainer_kwargs,

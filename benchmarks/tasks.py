@@ -225,16 +225,19 @@ def pydoc_blocks(
     return data[perm[:num_train]], data[perm[num_train : num_train + num_queries]]
 
 
-def byte_gpt2(vocab: int = 256) -> torch.nn.Module:
-    """A config-built GPT-2 LM (2 layers, 4 heads, d=64, context ``BLOCK``, no dropout, eager attention)."""
+def byte_gpt2(
+    vocab: int = 256, n_embd: int = 64, n_layer: int = 2, n_head: int = 4
+) -> torch.nn.Module:
+    """A config-built GPT-2 LM (default 2 layers, 4 heads, d=64), context ``BLOCK``, no dropout, eager
+    attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
         vocab_size=vocab,
         n_positions=BLOCK,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -252,9 +255,9 @@ class TinyByteGPT(pl.LightningModule):
     last batches than on its data (runs on the same subset disagreed: split-half reliability < 0).
     """
 
-    def __init__(self, lr: float = 2e-3) -> None:
+    def __init__(self, lr: float = 2e-3, **size: int) -> None:
         super().__init__()
-        self.lm = byte_gpt2()
+        self.lm = byte_gpt2(**size)  # n_embd / n_layer / n_head (default 64 / 2 / 4)
         self.lr = lr
 
     def per_example_loss(self, batch) -> torch.Tensor:
@@ -303,41 +306,13 @@ def tinygpt_task(num_subsets: int = 64, num_seeds: int = 2) -> Task:
 # -- (f) gpt10m: a >= 10 M-parameter GPT-2 for the perf suite -----------------------------------
 
 
-def byte_gpt2_10m(vocab: int = 256) -> torch.nn.Module:
-    """A config-built GPT-2 LM: 6 layers, 6 heads, d=384, context ``BLOCK``, no dropout, eager attention.
-
-    10,770,432 parameters with the byte vocabulary (tied LM head): 6 x 1.77 M per block + embeddings.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=BLOCK,
-        n_embd=384,
-        n_layer=6,
-        n_head=6,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    cfg._attn_implementation = "eager"
-    return GPT2LMHeadModel(cfg)
+GPT10M_SIZE = {"n_embd": 384, "n_layer": 6, "n_head": 6}
+"""10,770,432 parameters with the byte vocabulary (tied LM head): 6 x 1.77 M per block + embeddings."""
 
 
-class Byte10MGPT(TinyByteGPT):
-    """:class:`TinyByteGPT`'s recipe (per-example summed byte loss, AdamW, linear decay) on
-    :func:`byte_gpt2_10m`."""
-
-    def __init__(self, lr: float = 6e-4) -> None:
-        pl.LightningModule.__init__(self)
-        self.lm = byte_gpt2_10m()
-        self.lr = lr
-
-
-def gpt10m_factory() -> Byte10MGPT:
-    return Byte10MGPT()
+def gpt10m_factory() -> TinyByteGPT:
+    """:class:`TinyByteGPT`'s recipe (per-example summed byte loss, AdamW, linear decay) at 6x384."""
+    return TinyByteGPT(lr=6e-4, **GPT10M_SIZE)
 
 
 def gpt10m_task(num_subsets: int = 16, num_seeds: int = 1) -> Task:

@@ -16,7 +16,7 @@ from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.query_spec import QuerySpec
 from lightning_tda.capture.replay import Quantity, featurize_data, loaded_state, model_device
 from lightning_tda.capture.task import Task, recorded_task
-from lightning_tda.data.ids import ExampleIds, recorded_ids
+from lightning_tda.data.ids import ExampleIds
 from lightning_tda.errors import ConfigError, ProjectionMismatchError, StoreError
 from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method, method_settings
@@ -251,17 +251,11 @@ class AttributionStore(StoreReader):
             ids=ids,
         )
 
-    def recorded_ids(self) -> tuple[ExampleIds, bool]:
-        """``(spec, positional)``: how the logged training data carries its example ids (the store's
-        ``example_ids`` record; data the logger numbered by position is numbered the same way)."""
-        raw = self.attrs.get("example_ids")
-        return recorded_ids(json.loads(raw) if raw else None)
-
     def recorded_task(self) -> Task:
         """The task an entry point uses when given neither ``task=`` nor ``loss_fn=``: the built-in
         task recorded in the store's ``task`` attribute, else the module's own
         (:func:`~lightning_tda.capture.task.recorded_task`; raises for a recorded ``loss_fn``)."""
-        return recorded_task(self.attrs.get("task"), where=str(self.path))
+        return recorded_task(self.record("task"), where=str(self.path))
 
     def _bound_spec(
         self,

@@ -18,7 +18,6 @@ items carry ids, a DataLoader over one, or a collated batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,8 +144,7 @@ def ids_record(store: Any) -> dict[str, Any] | None:
     """The store's ``example_ids`` record (how its examples carry their ids), for
     ``ExampleLookup(example_ids=...)``; ``None`` without a store, without the record, or for ids
     read by a function (not rebuildable: the lookup then recognises ids by default)."""
-    raw = None if store is None else getattr(store, "attrs", {}).get("example_ids")
-    record = json.loads(raw) if raw else None
+    record = None if store is None else store.record("example_ids")
     if record and str(record.get("where", "")).startswith("callable:"):
         return None
     return record

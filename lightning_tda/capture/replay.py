@@ -105,6 +105,7 @@ def featurize_data(
     rows, ids, losses = [], [], []
     loader = spec.loader(data)
     total = _num_batches(loader)
+    # the library's positions split off; other ids are read by the featurizer (queries may have none)
     batches = (
         batches_with_ids(loader, None, positional) if positional else ((None, b) for b in loader)
     )

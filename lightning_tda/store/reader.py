@@ -16,6 +16,7 @@ import torch
 from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.lowrank import FactorLayout
 from lightning_tda.capture.projection import ProjectionConfig
+from lightning_tda.data.ids import ExampleIds, recorded_ids
 from lightning_tda.errors import (
     SchemaVersionError,  # noqa: F401 (re-exported)
     StoreError,
@@ -176,6 +177,16 @@ class StoreReader:
         check_layout(self, f)
 
     # -- basic access ----------------------------------------------------------------------
+    def record(self, name: str) -> dict[str, Any] | None:
+        """A JSON root attribute (``task``, ``example_ids``, ...) parsed; ``None`` when absent."""
+        raw = self.attrs.get(name)
+        return json.loads(raw) if raw else None
+
+    def recorded_ids(self) -> tuple[ExampleIds, bool]:
+        """``(spec, positional)``: how the logged training data carries its example ids (the
+        ``example_ids`` record; data the logger numbered by position is numbered the same way)."""
+        return recorded_ids(self.record("example_ids"))
+
     @property
     def num_examples(self) -> int:
         return len(self.example_ids)

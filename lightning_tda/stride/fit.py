@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.replay import as_loader, loaded_state, model_device
 from lightning_tda.capture.task import Task, resolve_task, task_from_settings
-from lightning_tda.data.ids import ExampleIds, IdsSpec, batches_with_ids, recorded_ids
+from lightning_tda.data.ids import ExampleIds, IdsSpec, batches_with_ids
 from lightning_tda.errors import StoreError
 from lightning_tda.store.extension import ExtensionGroup
 from lightning_tda.store.fingerprints import check_model_matches
@@ -203,7 +203,8 @@ class FeatureSource:
         pos = {int(i): r for r, i in enumerate(store_ids.tolist())}
         hs, os_, ts, ids = [], [], [], []
         self.cached = True
-        batches = batches_with_ids(as_loader(data, batch_size, collate_fn), None, positional)
+        loader = as_loader(data, batch_size, collate_fn)
+        batches = batches_with_ids(loader, self.example_ids, positional)
         for given, batch in batches:
             f = self._extract(batch, given)
             if f.ids is None:
@@ -483,15 +484,14 @@ def _data_ids(reader: StoreReader, example_ids: ExampleIds | IdsSpec) -> tuple[E
     """``(spec, positional)``: ``example_ids`` as given, else the store's record."""
     if example_ids is not None:
         return ExampleIds.resolve(example_ids), False
-    record = reader.attrs.get("example_ids")
-    return recorded_ids(json.loads(record) if record else None)
+    return reader.recorded_ids()
 
 
 def store_task(reader: StoreReader) -> Task:
     """The task recorded in the store (a built-in rebuilt from its settings), else the module's own
     (STRIDE needs only targets, so a recorded ``loss_fn`` task means the module's own targets)."""
-    record = reader.attrs.get("task")
-    built = task_from_settings(json.loads(record)) if record else None
+    record = reader.record("task")
+    built = task_from_settings(record) if record else None
     return Task() if built is None else built
 
 
