@@ -75,6 +75,24 @@ def layer_input(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return x
 
 
+def project_input(
+    x: torch.Tensor, spec: LayerSpec, p_in: torch.Tensor | None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``([x, 1] ⊙ scale) P_in`` as ``[B, T, k_in]`` fp32 from a layer input ``x`` ``[B, ..., I]``.
+
+    One fused ``addmm`` per layer (``x P_in[:I] + P_in[I]``): the bias column is never materialised.
+    ``p_in=None`` (exact input side) returns ``[x, 1] ⊙ scale`` itself; ``scale``: ``[I (+1)]``.
+    """
+    if p_in is None:
+        full = layer_input(x, spec)
+        return full if scale is None else full * scale
+    w = p_in if scale is None else p_in * scale[:, None]
+    b = x.shape[0]
+    x2 = x.detach().reshape(-1, x.shape[-1]).to(w.dtype)
+    out = torch.addmm(w[-1], x2, w[:-1]) if spec.has_bias else x2 @ w
+    return out.reshape(b, -1, w.shape[1])
+
+
 def build_projectors(
     layers: list[LayerSpec],
     config: ProjectionConfig,
@@ -172,12 +190,11 @@ class LayerGradientHooks:
                 or not output.requires_grad
             ):
                 return
-            x = layer_input(inputs[0], spec)
+            x = inputs[0]
             xs = None
             if self.scales is not None:
-                xs = x * self.scales[spec.name][1]
-                xs = xs if proj.p_in is None else xs @ proj.p_in
-            xp = x if proj.p_in is None else x @ proj.p_in
+                xs = project_input(x, spec, proj.p_in, self.scales[spec.name][1])
+            xp = project_input(x, spec, proj.p_in)
             proj.records.append(_Record(xp, xs, output))
 
         return hook

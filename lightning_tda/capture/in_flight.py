@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tda.capture.hooks import LayerProjector, build_projectors, layer_input
+from lightning_tda.capture.hooks import LayerProjector, build_projectors, project_input
 from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
 from lightning_tda.capture.projection import ProjectionConfig
 
@@ -191,8 +191,7 @@ class InFlightCapture:
                 or not output.requires_grad
             ):
                 return
-            x = layer_input(inputs[0], spec)
-            xp = x if proj.p_in is None else x @ proj.p_in
+            xp = project_input(inputs[0], spec, proj.p_in)
             output.register_hook(partial(self._backward, proj, xp, rows))
 
         return hook
