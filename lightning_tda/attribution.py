@@ -385,8 +385,13 @@ class AttributionStore(StoreReader):
         losses: dict[int, torch.Tensor] = {}
         ids = None
         device = model_device(model)
+        done: dict[tuple[int, int | None], Any] = {}  # in-flight steps sharing one saved state
         for i, s in enumerate(steps):
             step, member = s if isinstance(s, tuple) else (s, None)
+            key = (self.state_step(step), member)
+            if key in done:
+                out[s], losses[s] = done[key]
+                continue
             sub = contextlib.nullcontext()
             if member is not None:
                 a = self.dataset_attrs(step, member_dataset(member))
@@ -398,6 +403,7 @@ class AttributionStore(StoreReader):
                     model, queries, spec, f"query gradients: checkpoint {i + 1}/{len(steps)}"
                 )
             out[s] = rows.to(device)
+            done[key] = (out[s], losses[s])
         return QueryVectors(out, losses), ids
 
     def summary(self) -> str:

@@ -161,6 +161,7 @@ def test_in_flight_rows_equal_the_sweep_at_the_same_weights(tmp_path, case):
     in_flight = FastLogger(
         tmp_path / "if.h5",
         mode="in_flight",
+        save_state=True,  # θ_t at every step (the default "auto" saves it only every few steps)
         **common,
         **(
             {"in_flight_reduction": kw["in_flight_reduction"]}

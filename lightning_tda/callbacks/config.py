@@ -94,7 +94,13 @@ class CaptureConfig:
         optimizer_state: record optimizer hyper-parameters, factored Adam second moments and
             preconditioned rows.
         curvature: accumulate each layer's projected K-FAC factors during the sweep.
-        save_state: save trainable parameters and buffers at each checkpoint.
+        save_state: save trainable parameters and buffers ``θ_t`` at each checkpoint (``True``), never
+            (``False``), or ``"auto"`` (default): at every sweep checkpoint; in flight, at a logged step
+            when the state's bytes do not exceed the row bytes logged since the last saved state (and at
+            the first logged step), so state never more than doubles what is written. Only query
+            gradients recomputed later (``attribute(queries, model=...)``), STRIDE and dropout
+            ensembles read it; a step without its own state uses the latest saved one before it
+            (its ``state_step`` attribute).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
             A shorthand of ``task=LossFnTask(loss_fn)`` (give one of the two).
         batch_size: sweep batch size of a Dataset (``None``: the train loader's, else 64).
@@ -111,7 +117,7 @@ class CaptureConfig:
     exclude: Sequence[str] | None = None
     optimizer_state: bool = True
     curvature: bool = True
-    save_state: bool = True
+    save_state: bool | Literal["auto"] = "auto"
     loss_fn: LossFn | None = None
     batch_size: int | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
@@ -127,6 +133,8 @@ class CaptureConfig:
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
         if self.batch_size is not None and not _positive_int(self.batch_size):
             raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.save_state not in (True, False, "auto"):
+            raise ConfigError(f"save_state must be True, False or 'auto', got {self.save_state!r}")
         for name in ("loss_fn", "collate_fn"):
             v = getattr(self, name)
             if v is not None and not callable(v):
@@ -161,13 +169,20 @@ class InFlightConfig:
     Args:
         reduction: how ``training_step``'s loss reduces ``per_example_loss`` over a (micro-)batch:
             ``"mean"`` (``c = 1/B``), ``"sum"`` (``c = 1``) or ``fn(batch) -> c``.
-        flush_every: logged steps written per file open.
+        flush_every: logged steps written per file open (one commit).
+        background: write on a background thread while training goes on (``False``: between steps).
+        max_pending: groups of ``flush_every`` steps that may wait for the background writer before
+            training waits for it (bounds the memory the rows and states of unwritten steps hold).
     """
 
     reduction: Reduction = "mean"
     flush_every: int = 16
+    background: bool = True
+    max_pending: int = 2
 
-    may_change_on_resume: ClassVar[frozenset[str]] = frozenset({"flush_every"})
+    may_change_on_resume: ClassVar[frozenset[str]] = frozenset(
+        {"flush_every", "background", "max_pending"}
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -176,9 +191,18 @@ class InFlightConfig:
             raise ConfigError(str(e)) from None
         if not _positive_int(self.flush_every):
             raise ConfigError(f"flush_every must be a positive int, got {self.flush_every!r}")
+        if not _positive_int(self.max_pending):
+            raise ConfigError(f"max_pending must be a positive int, got {self.max_pending!r}")
+        if not isinstance(self.background, bool):
+            raise ConfigError(f"background must be True or False, got {self.background!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"reduction": describe(self.reduction), "flush_every": self.flush_every}
+        return {
+            "reduction": describe(self.reduction),
+            "flush_every": self.flush_every,
+            "background": self.background,
+            "max_pending": self.max_pending,
+        }
 
 
 GROUPS: dict[str, type] = {

@@ -146,8 +146,10 @@ class GradientLogger(pl.Callback):
         curvature: accumulate each layer's projected K-FAC factors ``A' = E[x̃ x̃^T]`` and
             ``S' = E[δ̃ δ̃^T]`` during the sweep (``k_in² + k_out²`` floats per layer and checkpoint), for
             ``influence(mode="ekfac")`` and ``source``.
-        save_state: save trainable parameters and buffers at each checkpoint (needed to recompute query
-            gradients later).
+        save_state: save trainable parameters and buffers ``θ_t`` (needed to recompute query gradients
+            later): ``True`` at every checkpoint, ``False`` never, ``"auto"`` (default) at every sweep
+            checkpoint and, in flight, at logged steps such that the state written stays within the
+            rows written (``CaptureConfig.save_state``).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``; a
             shorthand of ``task=LossFnTask(loss_fn)``.
         task: a :class:`~lightning_tda.capture.task.Task` (``ClassificationTask()``,
@@ -262,7 +264,7 @@ class GradientLogger(pl.Callback):
         exclude: Sequence[str] | None = None,
         optimizer_state: bool = True,
         curvature: bool = True,
-        save_state: bool = True,
+        save_state: bool | str = "auto",
         loss_fn: LossFn | None = None,
         batch_size: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,

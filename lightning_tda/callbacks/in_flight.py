@@ -10,6 +10,7 @@ weights are still ``θ_t``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +54,38 @@ def merge_rows(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, tor
     return uniq, out
 
 
+@dataclass
+class StepRows:
+    """One optimizer step's rows as captured: ``ids [M]`` and ``rows [M, D]`` of its micro-batches, in
+    order, on the training device (an id twice when the window held the example twice); ``scaled``:
+    a loss scaler's scale was applied (a non-finite row then means the scaler skips the step)."""
+
+    ids: torch.Tensor
+    rows: torch.Tensor
+    scaled: bool
+
+
+def finished_rows(
+    step: int, ids: torch.Tensor, rows: torch.Tensor, scaled: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Merged host rows of a step, or ``None`` for a step a GradScaler skips (non-finite scaled rows).
+
+    Raises:
+        NonFiniteError: non-finite rows without a loss scaler (naming the examples).
+    """
+    try:
+        _check_finite(rows, ids, "in-flight gradient")
+    except NonFiniteError:
+        if scaled:  # the GradScaler skips this optimizer step: log nothing for it
+            rank_zero_info(
+                f"GradientLogger: step {step} has non-finite scaled gradients; the GradScaler skips it, "
+                "so it is not logged"
+            )
+            return None
+        raise
+    return merge_rows(ids, rows)
+
+
 class InFlightRecorder:
     """Per-micro-batch capture and per-optimizer-step rows for ``GradientLogger(mode="in_flight")``.
 
@@ -70,7 +103,7 @@ class InFlightRecorder:
         self._window: int | None = None  # global step of the accumulation window being recorded
         self._ids: list[torch.Tensor] = []
         self._rows: list[torch.Tensor] = []
-        self._dropped = False
+        self._scaled = False  # a micro-batch of the window ran under a loss scale != 1
         self._batch_ids: torch.Tensor | None = None
         self._c = 1.0
         self._scale = 1.0
@@ -99,11 +132,11 @@ class InFlightRecorder:
                 "GradientLogger(mode='in_flight') was not attached to the model"
             )
         if self._window != step:
-            self._window, self._dropped, self.micro_batches = step, False, 0
+            self._window, self._scaled, self.micro_batches = step, False, 0
             self._ids.clear()
             self._rows.clear()
         ids = self.example_ids(batch)
-        self._batch_ids = ids.cpu()
+        self._batch_ids = ids.detach()
         self._c = reduction_factor(self.reduction, batch, len(ids))
         self._scale = 1.0
         self.capture.start(len(ids), device)
@@ -113,24 +146,15 @@ class InFlightRecorder:
             self._scale = loss_scale(trainer)
 
     def after_backward(self, trainer: Any) -> None:
-        """Unscale and keep the micro-batch's rows: ``rows · A / (c · S)``."""
+        """Unscale and keep the micro-batch's rows ``rows · A / (c · S)`` (on the device; their
+        finiteness is checked by the writer, so no host synchronisation here)."""
         if self.capture is None or not self.capture.active:
             return
         factor = float(trainer.accumulate_grad_batches) / (self._c * self._scale)
         rows = self.capture.finish(factor)
         if rows is None:
             return
-        try:
-            _check_finite(rows, self._batch_ids, "in-flight gradient")
-        except NonFiniteError:
-            if self._scale != 1.0:  # the GradScaler skips this optimizer step: log nothing for it
-                self._dropped = True
-                rank_zero_info(
-                    f"GradientLogger: step {self._window} has non-finite scaled gradients (loss scale "
-                    f"{self._scale:g}); the GradScaler skips it, so it is not logged"
-                )
-                return
-            raise
+        self._scaled = self._scaled or self._scale != 1.0
         self._ids.append(self._batch_ids)
         self._rows.append(rows)
         self.micro_batches += 1
@@ -140,13 +164,13 @@ class InFlightRecorder:
         if self.capture is not None and self.capture.active:
             self.capture.abort()
 
-    def take_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The merged ``(ids [B], rows [B, D])`` of optimizer step ``step``'s window, or ``None``."""
-        if self._window != step or not self._rows or self._dropped:
+    def take_step(self, step: int) -> StepRows | None:
+        """The rows of optimizer step ``step``'s window (unmerged, on the device), or ``None``."""
+        if self._window != step or not self._rows:
             self._ids.clear()
             self._rows.clear()
             return None
-        ids, rows = merge_rows(torch.cat(self._ids), torch.cat(self._rows))
+        out = StepRows(torch.cat(self._ids), torch.cat(self._rows), self._scaled)
         self._ids.clear()
         self._rows.clear()
-        return ids, rows
+        return out

@@ -8,7 +8,6 @@ groups of ``flush_every`` steps (docs/store.md "In-flight stores").
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -18,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tda.callbacks.config import describe
 from lightning_tda.callbacks.context import FitContext, trainable_state
 from lightning_tda.callbacks.in_flight import InFlightRecorder
+from lightning_tda.callbacks.in_flight_steps import LoggedStep, StatePolicy, write_logged_steps
 from lightning_tda.callbacks.optimizer_state import current_lrs
 from lightning_tda.callbacks.strategy import LoggingStrategy
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
@@ -25,7 +25,8 @@ from lightning_tda.capture.in_flight import Reduction
 from lightning_tda.capture.layers import row_width
 from lightning_tda.errors import ConfigError
 from lightning_tda.store import schema
-from lightning_tda.store.batches import BatchStep, rebuild_example_ids, write_batch_steps
+from lightning_tda.store.background import BackgroundWriter
+from lightning_tda.store.batches import rebuild_example_ids
 
 
 class InFlightLogging(LoggingStrategy):
@@ -41,8 +42,10 @@ class InFlightLogging(LoggingStrategy):
     def __init__(self, reduction: Reduction) -> None:
         super().__init__()
         self.recorder = InFlightRecorder(reduction)
-        self._pending: list[BatchStep] = []
+        self._pending: list[LoggedStep] = []
         self._query_ids: Any = None
+        self._writer: BackgroundWriter | None = None
+        self._states = StatePolicy(False, 0, 0)
 
     @staticmethod
     def check_data(attribution_data: Any) -> None:
@@ -73,10 +76,15 @@ class InFlightLogging(LoggingStrategy):
             rebuild_example_ids(self.ctx.path)
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ctx = self.ctx
         self._pending.clear()
-        self.recorder.attach(
-            pl_module, self.ctx.layers, self.ctx.config.projection, pl_module.device
-        )
+        self.recorder.attach(pl_module, ctx.layers, ctx.config.projection, pl_module.device)
+        state_bytes = sum(t.numel() * t.element_size() for t in trainable_state(pl_module).values())
+        row_bytes = row_width(ctx.layers) * schema.storage_itemsize(ctx.writer.storage_dtype)
+        self._states = StatePolicy(ctx.config.capture.save_state, state_bytes, row_bytes)
+        flight = ctx.config.in_flight
+        self._close_writer()
+        self._writer = BackgroundWriter(flight.max_pending) if flight.background else None
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Fail in seconds on the first training batch: its ids, the task's loss and the projection."""
@@ -104,8 +112,10 @@ class InFlightLogging(LoggingStrategy):
 
     def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.batch_end()
+        if self._writer is not None:
+            self._writer.check()  # a failed write (or non-finite rows) surfaces here, lazily
         if len(self._pending) >= self.ctx.config.in_flight.flush_every:
-            self.flush()
+            self._submit()
 
     def on_exception(self) -> None:
         self.recorder.detach()
@@ -113,13 +123,17 @@ class InFlightLogging(LoggingStrategy):
             self.flush()  # the steps finished before the exception are valid
         except Exception:  # noqa: BLE001 - the original exception is the one to report
             rank_zero_info("GradientLogger: could not write the last in-flight steps")
+        finally:
+            self._close_writer(raise_error=False)
 
     def teardown(self) -> None:
         self.recorder.detach()
+        self._close_writer(raise_error=False)
 
     def train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.detach()
         self.flush()
+        self._close_writer()
 
     # -- steps ----------------------------------------------------------------------------
     def _due(self, step: int) -> bool:
@@ -132,32 +146,36 @@ class InFlightLogging(LoggingStrategy):
         return step % n == 0 if n is not None else schedule.step_due(step)
 
     def _keep_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Before the optimizer step: the weights are still ``θ_t``; keep the step's rows and state."""
+        """Before the optimizer step: the weights are still ``θ_t``; keep the step's rows and state
+        (host copies queued, no synchronisation with the device)."""
         ctx, step = self.ctx, trainer.global_step
         taken = self.recorder.take_step(step)
         if taken is None:
             return
-        ids, rows = taken
-        state = (
-            {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(pl_module).items()}
-            if ctx.config.capture.save_state
-            else None
-        )
+        save = self._states.due(step, taken.ids.shape[0])
+        state = trainable_state(pl_module) if save else None
         queries = self._queries(trainer, pl_module) if ctx.query_data is not None else None
+        self._pending.append(
+            LoggedStep.keep(step, taken, self._step_attrs(trainer, step), state, queries)
+        )
+        ctx.state.mark_logged(step)
+
+    def _step_attrs(self, trainer: pl.Trainer, step: int) -> dict[str, Any]:
         lrs = current_lrs(trainer.optimizers)
-        logged = ctx.state.logged_steps
+        logged = self.ctx.state.logged_steps
         attrs = {
             "epoch": trainer.current_epoch,
             "trigger": "in_flight",
             "lr_sum": lrs,  # this one step's learning rates: the rows stand for exactly its update
-            "lr_cumsum": list(ctx.state.lr_cumsum),
+            "lr_cumsum": list(self.ctx.state.lr_cumsum),
             "lr_at_checkpoint": lrs,
             "steps_since_previous": step - (logged[-1] if logged else -1),
             "micro_batches": self.recorder.micro_batches,
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         }
-        self._pending.append(BatchStep(step, ids.cpu(), rows.cpu(), attrs, state, queries))
-        ctx.state.mark_logged(step)
+        if self._states.last is not None and self._states.save_state is not False:
+            attrs[schema.STATE_STEP] = self._states.last
+        return attrs
 
     def _queries(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -179,8 +197,8 @@ class InFlightLogging(LoggingStrategy):
         with preserved_training_state(pl_module):
             for batch in qloader:
                 fb = ctx.featurize(trainer, feat, batch)
-                rows.append(fb.rows.cpu())
-                losses.append(fb.losses.cpu())
+                rows.append(fb.rows)
+                losses.append(fb.losses)
                 ids.append(fb.ids)
         if self._query_ids is None:
             n = sum(len(r) for r in rows)
@@ -189,17 +207,30 @@ class InFlightLogging(LoggingStrategy):
             )
         return torch.cat(rows), torch.cat(losses)
 
-    def flush(self) -> None:
-        """Write the pending in-flight steps (one file open)."""
+    def _submit(self) -> None:
+        """Hand the pending steps to the writer (or write them now without one): one commit."""
         if not self._pending:
             return
         ctx = self.ctx
         pending, self._pending = self._pending, []
-        t0 = time.perf_counter()
-        write_batch_steps(ctx.path, ctx.writer.storage_dtype, pending, self._query_ids)
-        if ctx.verbose:
-            rows = sum(len(p.ids) for p in pending)
-            rank_zero_info(
-                f"GradientLogger: in flight, steps {pending[0].step}..{pending[-1].step} ({len(pending)} steps, "
-                f"{rows} rows, D={row_width(ctx.layers)}), {time.perf_counter() - t0:.2f}s -> {ctx.path}"
-            )
+        job = (ctx.path, ctx.writer.storage_dtype, pending, self._query_ids, ctx.verbose)
+        if self._writer is None:
+            write_logged_steps(*job)
+        else:
+            self._writer.submit(write_logged_steps, *job)
+
+    def flush(self) -> None:
+        """Write the pending in-flight steps and wait until every logged step is on disk."""
+        self._submit()
+        if self._writer is not None:
+            self._writer.drain()
+
+    def _close_writer(self, raise_error: bool = True) -> None:
+        writer, self._writer = getattr(self, "_writer", None), None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception:
+            if raise_error:
+                raise

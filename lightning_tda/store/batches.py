@@ -25,7 +25,7 @@ from lightning_tda.errors import (
     StoreError,
 )
 from lightning_tda.store import schema
-from lightning_tda.store.writer import _attr, open_for_update
+from lightning_tda.store.writer import _attr, open_for_update, root_integrity, seal_group, seal_root
 
 
 @dataclass
@@ -60,9 +60,46 @@ def _encode(rows: torch.Tensor, encoding: str, step: int) -> np.ndarray:
     return schema.encode_rows(rows, encoding)
 
 
-def _write_rows(g: h5py.Group, name: str, rows: torch.Tensor, encoding: str, step: int) -> None:
-    ds = g.create_dataset(name, data=_encode(rows, encoding, step), track_times=False)
-    ds.attrs["encoding"] = encoding
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _step_arrays(s: BatchStep, storage_dtype: str) -> dict[str, np.ndarray]:
+    """Every dataset of one step's group, by name within the group, as written."""
+    ids = s.ids.detach().cpu().numpy().astype(np.int64)
+    if ids.ndim != 1 or len(ids) != s.rows.shape[0] or np.any(np.diff(ids) <= 0):
+        raise StoreError(f"step {s.step}: batch ids must be unique and ascending, one per row")
+    arrays = {schema.ROW_IDS: ids, schema.TRAIN: _encode(s.rows, storage_dtype, s.step)}
+    if s.queries is not None:
+        arrays[schema.QUERY] = _encode(s.queries[0], storage_dtype, s.step)
+        arrays[schema.QUERY_LOSS] = s.queries[1].detach().float().cpu().numpy()
+    for k, v in (s.state or {}).items():
+        arrays[f"{schema.STATE}/{k}"] = _host_array(v)
+    return arrays
+
+
+def _write_step(
+    f: h5py.File, s: BatchStep, storage_dtype: str, path: Any
+) -> tuple[h5py.Group, dict]:
+    """Create the group of one step with its datasets; returns it and the CRCs of their bytes."""
+    name = schema.checkpoint_name(s.step)
+    if name in f:
+        if f[name].attrs.get("complete", False):
+            raise StoreError(
+                f"checkpoint at step {s.step} already exists and is complete in {path}"
+            )
+        del f[name]
+    g = f.create_group(name)
+    g.attrs["global_step"] = int(s.step)
+    g.attrs[schema.ROWS_KIND] = schema.BATCH_ROWS
+    crcs = {}
+    for key, arr in _step_arrays(s, storage_dtype).items():
+        ds = g.create_dataset(key, data=arr, track_times=False)
+        if key in (schema.TRAIN, schema.QUERY):
+            ds.attrs["encoding"] = storage_dtype
+        crcs[key] = schema.crc_update(0, arr)
+    return g, crcs
 
 
 def write_batch_steps(
@@ -71,11 +108,12 @@ def write_batch_steps(
     steps: Sequence[BatchStep],
     query_ids: torch.Tensor | None = None,
 ) -> None:
-    """Append batch checkpoints to an existing store in one file open.
+    """Append batch checkpoints to an existing store in one file open and one commit.
 
-    Groups are created first, then ``examples/ids`` is extended to the union of every example id seen
-    (ascending), then each group is marked ``complete``: a crash at any point leaves complete checkpoints
-    whose ids are all in ``examples/ids``, and incomplete ones that the next writer deletes.
+    Each step's group gets its datasets, ``examples/ids`` is extended to the union of every example id
+    seen (ascending), then each group is marked ``complete`` and sealed (CRCs of its datasets and
+    attributes) and listed in the root seal; the journal makes all of it one atomic commit, so a crash
+    at any point leaves the store as of the previous commit.
 
     Raises:
         StoreError: a complete checkpoint already exists at one of the steps.
@@ -83,49 +121,16 @@ def write_batch_steps(
     if not steps:
         return
     with open_for_update(path) as f:
-        made = []
-        for s in steps:
-            ids = s.ids.detach().cpu().numpy().astype(np.int64)
-            if ids.ndim != 1 or len(ids) != s.rows.shape[0] or np.any(np.diff(ids) <= 0):
-                raise StoreError(
-                    f"step {s.step}: batch ids must be unique and ascending, one per row"
-                )
-            name = schema.checkpoint_name(s.step)
-            if name in f:
-                if f[name].attrs.get("complete", False):
-                    raise StoreError(
-                        f"checkpoint at step {s.step} already exists and is complete in {path}"
-                    )
-                del f[name]
-            g = f.create_group(name)
-            g.attrs["global_step"] = int(s.step)
-            g.attrs[schema.ROWS_KIND] = schema.BATCH_ROWS
-            g.create_dataset(schema.ROW_IDS, data=ids, track_times=False)
-            _write_rows(g, schema.TRAIN, s.rows, storage_dtype, s.step)
-            if s.queries is not None:
-                q_rows, q_losses = s.queries
-                _write_rows(g, schema.QUERY, q_rows, storage_dtype, s.step)
-                g.create_dataset(
-                    schema.QUERY_LOSS,
-                    data=q_losses.detach().float().cpu().numpy(),
-                    track_times=False,
-                )
-            if s.state is not None:
-                sg = g.create_group(schema.STATE)
-                for k, v in s.state.items():
-                    arr = v.detach().cpu()
-                    arr = arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
-                    sg.create_dataset(k, data=arr, track_times=False)
-            made.append((g, s))
+        made = [(*_write_step(f, s, storage_dtype, path), s) for s in steps]
         _extend_example_ids(f, np.concatenate([s.ids.cpu().numpy() for s in steps]))
         if query_ids is not None and schema.QUERY_IDS not in f:
             f.create_dataset(schema.QUERY_IDS, data=query_ids.cpu().numpy().astype(np.int64))
-        f.flush()
-        for g, s in made:
+        for g, crcs, s in made:
             for k, v in s.attrs.items():
                 g.attrs[k] = _attr(v)
             g.attrs["complete"] = True
-        f.flush()
+            seal_group(g, crcs)
+        seal_root(f, [*root_integrity(f).get("checkpoints", []), *(s.step for s in steps)])
 
 
 def _extend_example_ids(f: h5py.File, new: np.ndarray) -> None:

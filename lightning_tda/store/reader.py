@@ -331,8 +331,19 @@ class StoreReader:
                 if isinstance(scan, _Scan) and scan.done():
                     self._verify(scan.ds, crc=scan.crc)
 
+    def state_step(self, step: int) -> int:
+        """The checkpoint whose saved state stands for the weights at ``step``: ``step`` itself, or for
+        an in-flight step logged without its own state (``save_state="auto"``) the latest step before
+        it whose state was saved (its ``state_step`` attribute)."""
+        with self._h5() as f:
+            g = f.get(schema.checkpoint_name(step))
+            if g is None or schema.STATE in g:
+                return int(step)
+            return int(g.attrs.get(schema.STATE_STEP, step))
+
     def state(self, step: int) -> dict[str, torch.Tensor]:
-        """Trainable parameters and buffers saved at a checkpoint."""
+        """Trainable parameters and buffers saved at a checkpoint (see :meth:`state_step`)."""
+        step = self.state_step(step)
         with self._h5() as f:
             g = f.get(f"{schema.checkpoint_name(step)}/{schema.STATE}")
             if g is None:

@@ -38,6 +38,9 @@ QUERY_LOSS = "query_loss"  # [Q]
 OPTIMIZER = "optimizer"  # group: factored second moments per layer
 KFAC = "kfac"  # group: <layer>/A [k_in, k_in], <layer>/S [k_out, k_out] projected K-FAC factors
 STATE = "state"  # group: trainable parameters and buffers at this checkpoint
+STATE_STEP = (
+    "state_step"  # attr of an in-flight step: the step whose saved state stands for its θ_t
+)
 
 # in-flight logging (docs/store.md "In-flight stores")
 LOGGING_MODE = "logging_mode"  # root attr: "sweep" (absent = sweep) or "in_flight"
@@ -109,6 +112,11 @@ def dataset_encoding(ds: Any, default: str) -> str:
     """Encoding of a row dataset: its ``encoding`` attribute, else the store's storage dtype."""
     enc = ds.attrs.get("encoding")
     return str(enc) if enc is not None else default
+
+
+def storage_itemsize(storage: str) -> int:
+    """Bytes per stored value of the storage dtype."""
+    return 4 if storage == "float32" else 2
 
 
 def encode_rows(rows: torch.Tensor, storage: str) -> np.ndarray:

@@ -67,14 +67,18 @@ def _attr(v: Any) -> Any:
     return str(v) if isinstance(v, str) else v
 
 
-def seal_group(g: h5py.Group) -> None:
+def seal_group(g: h5py.Group, data_crcs: Mapping[str, int] | None = None) -> None:
     """Seal a finished group: a CRC on every dataset in it, and its ``integrity`` attribute (CRC of
-    its attributes, names of its datasets). Readers then refuse it if any of that changes."""
+    its attributes, names of its datasets). Readers then refuse it if any of that changes.
+
+    ``data_crcs``: the CRC of the raw bytes of datasets (by name within ``g``) already computed from
+    the arrays written, so they are not read back."""
     names: list[str] = []
+    known = data_crcs or {}
 
     def visit(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset):
-            obj.attrs[schema.CRC] = schema.dataset_crc(obj)
+            obj.attrs[schema.CRC] = schema.dataset_crc(obj, known.get(name))
             names.append(name)
 
     g.visititems(visit)
