@@ -38,6 +38,7 @@ import h5py
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -80,14 +81,30 @@ def _trainer(task: Task, callbacks: Sequence[pl.Callback], seed: int) -> tuple[p
     return trainer, fit_kwargs
 
 
-def plain_fit_seconds(task: Task, seed: int = 0) -> float:
-    """Wall seconds of the task's fit without any logger."""
+class ExamplesSeen(pl.Callback):
+    """Counts the training examples of every batch of a fit (for examples/s)."""
+
+    def __init__(self) -> None:
+        self.examples = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.examples += extract_batch_size(batch)
+
+
+def plain_fit(task: Task, seed: int = 0) -> tuple[float, int]:
+    """Wall seconds of the task's fit without any logger, and the examples it trained on."""
     pl.seed_everything(seed, verbose=False)
     model = task.factory()
-    trainer, fit_kwargs = _trainer(task, [], seed)
+    seen = ExamplesSeen()
+    trainer, fit_kwargs = _trainer(task, [seen], seed)
     t0 = time.perf_counter()
     trainer.fit(model, **fit_kwargs)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, seen.examples
+
+
+def plain_fit_seconds(task: Task, seed: int = 0) -> float:
+    """Wall seconds of the task's fit without any logger."""
+    return plain_fit(task, seed)[0]
 
 
 def in_flight_fit(
@@ -112,14 +129,17 @@ def logging_overhead(task: Task, workdir: Path, repeats: int = 3) -> dict:
     sweep_log: list[float] = []
     sweep_path, flight_path = workdir / f"{task.name}-sweep.h5", workdir / f"{task.name}-flight.h5"
     plain_fit_seconds(task)  # warm-up (imports, data, allocator): not timed
+    trained = 0
     for _ in range(repeats):
-        times["plain"].append(plain_fit_seconds(task))
+        secs, trained = plain_fit(task)
+        times["plain"].append(secs)
         _, store, secs = fit_logged(task, sweep_path, **SWEEP_CONFIG)
         times["sweep"].append(secs)
         sweep_log.append(sum(float(store.checkpoint_attrs(s)["seconds"]) for s in store.steps))
         times["in_flight"].append(in_flight_fit(task, flight_path)[1])
     med = {k: statistics.median(v) for k, v in times.items()}
     sweep = AttributionStore(sweep_path)
+    swept = sweep.num_examples * len(sweep.steps)
     return {
         "task": task.name,
         "describe": task.describe,
@@ -127,10 +147,27 @@ def logging_overhead(task: Task, workdir: Path, repeats: int = 3) -> dict:
         "all_seconds": times,
         **overhead_ratios(times),
         "sweep_logging_seconds": statistics.median(sweep_log),
+        "all_sweep_logging_seconds": sweep_log,
         "sweep_checkpoints": len(sweep.steps),
         "num_examples": sweep.num_examples,
+        "trained_examples": trained,
+        "swept_examples": swept,
+        **throughput_ratio(times["plain"], sweep_log, trained, swept),
         "sweep_store": str(sweep_path),
         "in_flight_store": str(flight_path),
+    }
+
+
+def throughput_ratio(
+    plain: Sequence[float], sweep_log: Sequence[float], trained: int, swept: int
+) -> dict:
+    """Sweep featurization examples/s ÷ plain training examples/s, median of per-repeat ratios."""
+    ratios = [(swept / s) / (trained / p) for s, p in zip(sweep_log, plain, strict=True)]
+    return {
+        "train_examples_per_s": trained / statistics.median(plain),
+        "sweep_examples_per_s": swept / statistics.median(sweep_log),
+        "ratio_sweep_throughput": statistics.median(ratios),
+        "all_ratio_sweep_throughput": ratios,
     }
 
 
@@ -574,8 +611,9 @@ def short_gpt(epochs: int) -> Task:
     return task
 
 
-DEFAULT_TASKS = ("digits", "tinygpt")
-EXTRA_TASKS = {"gpt10m": gpt10m_task}  # >= 10 M parameters; selected with --tasks gpt10m
+DEFAULT_TASKS = ("digits", "tinygpt", "gpt10m")
+PEER_TASKS = ("digits", "tinygpt")  # the peers' adapters exist for these models
+EXTRA_TASKS = {"gpt10m": gpt10m_task}  # >= 10 M parameters (GPT-2 6x384)
 
 
 def perf_task(name: str, gpt_epochs: int) -> Task:
@@ -670,7 +708,7 @@ def featurization(task: Task, ov: dict, repeats: int, num_train: int | None) -> 
     # the peers' adapters are built for the digits MLP and the tiny GPT: none on the other tasks
     peers = (
         peer_featurization(task, sweep, names, repeats, num_train=num_train)
-        if task.name in DEFAULT_TASKS
+        if task.name in PEER_TASKS
         else []
     )
     lds = quality_lds(task.name)
@@ -691,10 +729,19 @@ def featurization(task: Task, ov: dict, repeats: int, num_train: int | None) -> 
     }
 
 
+IN_FLIGHT_MAX, SWEEP_MIN, SCORING_MIN = 1.10, 0.5, 0.8
+OVERHEAD_TASKS = ("tinygpt", "gpt10m")  # the issue's targets are on these two
 TARGETS = {
-    "in_flight_overhead": "in-flight fit ≤ 1.15× the plain fit on the tiny GPT",
+    **{
+        f"in_flight_overhead_{t}": f"in-flight fit ≤ {IN_FLIGHT_MAX:.2f}× the plain fit ({t})"
+        for t in OVERHEAD_TASKS
+    },
+    **{
+        f"sweep_throughput_{t}": f"sweep featurization ≥ {SWEEP_MIN}× the plain training examples/s ({t})"
+        for t in OVERHEAD_TASKS
+    },
+    "scoring": f"scoring ≥ {SCORING_MIN}× the raw in-memory matmul throughput",
     "featurization": "sweep featurization ≥ 3× the fastest peer's examples/s",
-    "scoring": "scoring ≥ 0.5× the raw in-memory matmul throughput",
     "memory": "scoring memory bounded independent of N (4N rows ≤ 1.25× the growth of N rows)",
 }
 
@@ -702,10 +749,13 @@ TARGETS = {
 def targets(results: dict) -> dict[str, dict]:
     """Each measured target's value and whether it is met (targets not measured yet are left out)."""
     out = {}
-    gpt = [o for o in results.get("logging_overhead", []) if o["task"] == "tinygpt"]
-    if gpt:
-        r = gpt[0]["ratio_in_flight"]
-        out["in_flight_overhead"] = {"value": r, "met": r <= 1.15}
+    for o in results.get("logging_overhead", []):
+        if o["task"] in OVERHEAD_TASKS:
+            r = o["ratio_in_flight"]
+            out[f"in_flight_overhead_{o['task']}"] = {"value": r, "met": r <= IN_FLIGHT_MAX}
+            if "ratio_sweep_throughput" in o:
+                r = o["ratio_sweep_throughput"]
+                out[f"sweep_throughput_{o['task']}"] = {"value": r, "met": r >= SWEEP_MIN}
     feats = [
         f["ratio_vs_fastest"] for f in results.get("featurization", []) if f["ratio_vs_fastest"]
     ]
@@ -713,7 +763,7 @@ def targets(results: dict) -> dict[str, dict]:
         out["featurization"] = {"value": min(feats), "met": min(feats) >= 3.0}
     if "query_throughput" in results:
         r = results["query_throughput"]["ratio"]
-        out["scoring"] = {"value": r, "met": r >= 0.5}
+        out["scoring"] = {"value": r, "met": r >= SCORING_MIN}
     mem = results.get("scoring_memory", {})
     if "ratio_large_small" in mem:
         out["memory"] = {"value": mem["ratio_large_small"], "met": mem["ratio_large_small"] <= 1.25}
@@ -745,26 +795,36 @@ def write_markdown(results: dict, command: str) -> str:
         lines += [f"| {TARGETS[k]} | not measured (the run stopped early) | |" for k in missing]
     lines += ["", "### Logging overhead (fit wall time with the logger ÷ without)", ""]
     lines += [
-        "| task | plain fit s | sweep s (ratio) | in-flight s (ratio) | per-repeat ratios sweep; in-flight |",
-        "|---|---|---|---|---|",
+        "| task | plain fit s | sweep s (ratio) | in-flight s (ratio) | per-repeat ratios sweep; in-flight |"
+        " train ex/s | sweep ex/s (ratio) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for o in results.get("logging_overhead", []):
         s, t = o["seconds"], o["all_seconds"]
+        thr = (
+            f"{o['train_examples_per_s']:,.0f} | {o['sweep_examples_per_s']:,.0f} "
+            f"({o['ratio_sweep_throughput']:.2f}×)"
+            if "ratio_sweep_throughput" in o
+            else "n/a | n/a"
+        )
         lines.append(
             f"| {o['task']} | {s['plain']:.1f} | {s['sweep']:.1f} ({o['ratio_sweep']:.2f}×) | "
             f"{s['in_flight']:.1f} ({o['ratio_in_flight']:.2f}×) | "
             + ", ".join(f"{a / p:.2f}" for a, p in zip(t["sweep"], t["plain"], strict=True))
             + "; "
             + ", ".join(f"{a / p:.2f}" for a, p in zip(t["in_flight"], t["plain"], strict=True))
-            + " |"
+            + f" | {thr} |"
         )
     lines += [
         "",
         "Seconds are medians; a ratio is the median over the interleaved repeats of that "
         "repeat's logged ÷ plain time (cancels load changes between repeats). "
         "Sweep: the quality suite's `kronecker r16 pca` float16 logger at its schedule (digits every 4 "
-        'of 20 epochs, tiny GPT every 2 epochs); in-flight: `mode="in_flight", rank=16`, every '
-        "optimizer step. Tasks: "
+        'of 20 epochs, tiny GPT and gpt10m every 2 epochs); in-flight: `mode="in_flight", rank=16`, '
+        "every optimizer step, at its defaults (background writer, `flush_every=16`, "
+        '`save_state="auto"`). Train ex/s: examples the plain fit trained on ÷ its seconds; sweep '
+        "ex/s: N × checkpoints ÷ the seconds the sweep's checkpoints took (basis, rows, curvature, "
+        "optimizer state, state, HDF5), the ratio again a median of per-repeat ratios. Tasks: "
         + "; ".join(f"{o['task']}: {o['describe']}" for o in results.get("logging_overhead", []))
         + ".",
         "",
