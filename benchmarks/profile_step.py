@@ -49,7 +49,7 @@ FWD = "training_step (forward, incl. forward hooks)"
 BWD = "backward (incl. in-flight backward hooks)"
 UPDATE = "= rest of optimizer.step (AdamW update, zero_grad, Lightning's loop, the logger's hooks)"
 LIBRARY_IN_STEP = (
-    "keep_step (rows, state copy, lrs)",
+    "keep_step (host copies queued, state, lrs)",
     "recorder.after_backward",
     "recorder.batch_start (ids, zero rows)",
 )
@@ -158,9 +158,11 @@ def instrument(m: Meter) -> None:
     import lightning_tda.callbacks.context as context
     import lightning_tda.callbacks.in_flight as cb_in_flight
     import lightning_tda.callbacks.in_flight_logging as ifl
+    import lightning_tda.callbacks.in_flight_steps as steps
     import lightning_tda.capture.checks as checks
     import lightning_tda.capture.featurize as featurize
     import lightning_tda.capture.hooks as hooks
+    import lightning_tda.capture.host_copy as host_copy
     import lightning_tda.capture.in_flight as cap_in_flight
     import lightning_tda.store.batches as batches
     import lightning_tda.store.writer as writer
@@ -175,12 +177,14 @@ def instrument(m: Meter) -> None:
     m.patch(
         cap_in_flight.InFlightCapture, "_backward", "in-flight backward hooks (δ P_out, einsum)"
     )
-    m.patch(cb_in_flight.InFlightRecorder, "take_step", "take_step (merge rows)")
-    m.patch(ifl.InFlightLogging, "_keep_step", "keep_step (rows, state copy, lrs)")
+    m.patch(cb_in_flight.InFlightRecorder, "take_step", "take_step (rows of the window)")
+    m.patch(ifl.InFlightLogging, "_keep_step", "keep_step (host copies queued, state, lrs)")
+    m.patch(cb_in_flight, "merge_rows", "writer: merge rows")
+    m.patch(host_copy.HostCopy, "__init__", "host copies queued (rows, state snapshot)")
     m.patch(ifl, "trainable_state", "trainable_state dict")
     m.patch(ifl, "current_lrs", "current_lrs")
     # finiteness (every module that imported the function by name)
-    for mod in (cb_in_flight, featurize, checks):
+    for mod in (cb_in_flight, featurize, checks):  # (in flight: in the writer's job)
         m.patch(mod, "_check_finite", "finiteness checks")
     m.patch(featurize, "_check_losses", "loss shape + finiteness check")
     # sweep featurization
@@ -191,7 +195,8 @@ def instrument(m: Meter) -> None:
     m.patch(hooks.LayerGradientHooks, "projected_gradients", "projected_gradients (grad + einsum)")
     m.patch(writer.CheckpointWriter, "write_rows", "CheckpointWriter.write_rows (HDF5)")
     # the in-flight write
-    m.patch(ifl, "write_batch_steps", "flush: write_batch_steps")
+    m.patch(ifl, "write_logged_steps", "flush: write_logged_steps (the writer's job)")
+    m.patch(steps, "write_batch_steps", "flush: write_batch_steps")
     m.patch(batches, "open_for_update", "flush: open store (lock, journal)")
     m.patch(batches, "_encode", "flush: encode rows (float16)")
     m.patch(batches, "_extend_example_ids", "flush: extend examples/ids")
@@ -295,6 +300,7 @@ SWEEP = {"basis": "random", "batch_size": None}  # set by main: --sweep-basis, -
 
 def _fit(task: Task, m: Meter, mode: str, steps: int, path: Path, sweep_batches: int) -> None:
     from lightning_tda import GradientLogger
+    from lightning_tda.callbacks.config import InFlightConfig
 
     pl.seed_everything(0, verbose=False)
     model = task.factory()
@@ -303,7 +309,14 @@ def _fit(task: Task, m: Meter, mode: str, steps: int, path: Path, sweep_batches:
     trainer_kwargs.pop("max_epochs", None)
     cbs: list[pl.Callback] = []
     if mode == "in_flight":
-        cbs = [GradientLogger(path, mode="in_flight", rank=16, overwrite=True, verbose=False)]
+        # the writer runs inline here so its milliseconds land in the step that flushes (in a real
+        # run it is a background thread: InFlightConfig(background=True), the default)
+        flight = InFlightConfig(background=False)
+        cbs = [
+            GradientLogger(
+                path, mode="in_flight", rank=16, in_flight=flight, overwrite=True, verbose=False
+            )
+        ]
     elif mode == "sweep":
         bs = SWEEP["batch_size"] or task.recipe.batch_size
         cbs = [
@@ -471,7 +484,7 @@ COUNTED = {
         "store close (journal commit)",
     ),
     "os.fsync": ("os.fsync",),
-    "trainable-state tensor copies": ("state copy: Tensor.to(copy=True)",),
+    "host copies of rows and state snapshots": ("host copies queued (rows, state snapshot)",),
     "tensor -> host conversions (item/tolist/cpu/numpy/bool/float/int)": HOST,
     "finiteness checks": ("finiteness checks",),
 }
