@@ -446,7 +446,11 @@ class AttributionStore(StoreReader):
                     )
                     if k in g
                 ]
-                if schema.STATE in g:
+                if schema.STATE_PACKED in g:
+                    nbytes = g[schema.STATE_PACKED].id.get_storage_size()
+                    n = len(json.loads(g.attrs[schema.STATE_INDEX]))
+                    ds.append(f"state {n} tensors {nbytes / 2**20:.2f}MiB")
+                elif schema.STATE in g:
                     nbytes = sum(d.id.get_storage_size() for d in g[schema.STATE].values())
                     ds.append(f"state {len(g[schema.STATE])} tensors {nbytes / 2**20:.2f}MiB")
                 lr = ",".join(f"{x:.3g}" for x in c.lr_sum) or "-"

@@ -3,7 +3,7 @@
 Per logged optimizer step, on the training thread: no host synchronisation (``.item()``, ``.cpu()``,
 ``bool(tensor)``, ``torch.unique`` ...) and no HDF5 call; per group of ``flush_every`` steps: one
 store open and one commit; per step: the group's datasets only (``row_ids``, ``train``), plus the
-state's datasets at the few steps ``save_state="auto"`` saves it. Counts are marginal: the difference
+state's one packed dataset at the few steps ``save_state="auto"`` saves it. Counts are marginal: the difference
 between a fit of 2 epochs and one of 4, so one-off work (setup, the first-batch check) cancels.
 """
 
@@ -123,10 +123,8 @@ def test_no_host_sync_and_batched_writes_per_logged_step(tmp_path, monkeypatch):
 def test_auto_state_is_saved_within_the_row_budget(tmp_path, monkeypatch):
     _, _, store = _fit(tmp_path, monkeypatch, 2, rank=8)  # save_state="auto"
     with h5py.File(store.path, "r") as f:
-        saved = [t for t in store.steps if schema.STATE in f[schema.checkpoint_name(t)]]
-        state_bytes = sum(
-            d.nbytes for d in f[schema.checkpoint_name(saved[0])][schema.STATE].values()
-        )
+        saved = [t for t in store.steps if schema.STATE_PACKED in f[schema.checkpoint_name(t)]]
+        state_bytes = f[schema.checkpoint_name(saved[0])][schema.STATE_PACKED].nbytes
         row_bytes = sum(f[schema.checkpoint_name(t)][schema.TRAIN].nbytes for t in store.steps)
     assert saved[0] == store.steps[0] and 1 < len(saved) < len(store.steps)
     assert (len(saved) - 1) * state_bytes <= row_bytes  # state never more than the rows

@@ -60,13 +60,9 @@ def _encode(rows: torch.Tensor, encoding: str, step: int) -> np.ndarray:
     return schema.encode_rows(rows, encoding)
 
 
-def _host_array(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
-def _step_arrays(s: BatchStep, storage_dtype: str) -> dict[str, np.ndarray]:
-    """Every dataset of one step's group, by name within the group, as written."""
+def _step_arrays(s: BatchStep, storage_dtype: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every dataset of one step's group, by name within the group, as written, and the group
+    attributes that describe them (the packed state's index)."""
     ids = s.ids.detach().cpu().numpy().astype(np.int64)
     if ids.ndim != 1 or len(ids) != s.rows.shape[0] or np.any(np.diff(ids) <= 0):
         raise StoreError(f"step {s.step}: batch ids must be unique and ascending, one per row")
@@ -74,15 +70,17 @@ def _step_arrays(s: BatchStep, storage_dtype: str) -> dict[str, np.ndarray]:
     if s.queries is not None:
         arrays[schema.QUERY] = _encode(s.queries[0], storage_dtype, s.step)
         arrays[schema.QUERY_LOSS] = s.queries[1].detach().float().cpu().numpy()
-    for k, v in (s.state or {}).items():
-        arrays[f"{schema.STATE}/{k}"] = _host_array(v)
-    return arrays
+    attrs = {}
+    if s.state:  # one packed dataset instead of one per tensor: creating datasets dominates a write
+        arrays[schema.STATE_PACKED], attrs[schema.STATE_INDEX] = schema.pack_tensors(s.state)
+    return arrays, attrs
 
 
 def _write_step(
     f: h5py.File, s: BatchStep, storage_dtype: str, path: Any
 ) -> tuple[h5py.Group, dict]:
-    """Create the group of one step with its datasets; returns it and the CRCs of their bytes."""
+    """Create the group of one step with its datasets; returns it and, by name, each dataset and the
+    CRC of its bytes."""
     name = schema.checkpoint_name(s.step)
     if name in f:
         if f[name].attrs.get("complete", False):
@@ -93,13 +91,16 @@ def _write_step(
     g = f.create_group(name)
     g.attrs["global_step"] = int(s.step)
     g.attrs[schema.ROWS_KIND] = schema.BATCH_ROWS
-    crcs = {}
-    for key, arr in _step_arrays(s, storage_dtype).items():
+    arrays, attrs = _step_arrays(s, storage_dtype)
+    for k, v in attrs.items():
+        g.attrs[k] = v
+    made = {}
+    for key, arr in arrays.items():
         ds = g.create_dataset(key, data=arr, track_times=False)
         if key in (schema.TRAIN, schema.QUERY):
             ds.attrs["encoding"] = storage_dtype
-        crcs[key] = schema.crc_update(0, arr)
-    return g, crcs
+        made[key] = (ds, schema.crc_update(0, arr))
+    return g, made
 
 
 def write_batch_steps(
@@ -125,11 +126,15 @@ def write_batch_steps(
         _extend_example_ids(f, np.concatenate([s.ids.cpu().numpy() for s in steps]))
         if query_ids is not None and schema.QUERY_IDS not in f:
             f.create_dataset(schema.QUERY_IDS, data=query_ids.cpu().numpy().astype(np.int64))
-        for g, crcs, s in made:
+        for g, datasets, s in made:
             for k, v in s.attrs.items():
                 g.attrs[k] = _attr(v)
             g.attrs["complete"] = True
-            seal_group(g, crcs)
+            seal_group(
+                g,
+                {k: c for k, (_, c) in datasets.items()},
+                {k: d for k, (d, _) in datasets.items()},
+            )
         seal_root(f, [*root_integrity(f).get("checkpoints", []), *(s.step for s in steps)])
 
 

@@ -337,7 +337,7 @@ class StoreReader:
         it whose state was saved (its ``state_step`` attribute)."""
         with self._h5() as f:
             g = f.get(schema.checkpoint_name(step))
-            if g is None or schema.STATE in g:
+            if g is None or schema.has_state(g):
                 return int(step)
             return int(g.attrs.get(schema.STATE_STEP, step))
 
@@ -345,7 +345,12 @@ class StoreReader:
         """Trainable parameters and buffers saved at a checkpoint (see :meth:`state_step`)."""
         step = self.state_step(step)
         with self._h5() as f:
-            g = f.get(f"{schema.checkpoint_name(step)}/{schema.STATE}")
+            c = f.get(schema.checkpoint_name(step))
+            if c is not None and schema.STATE_PACKED in c:
+                packed = self._checked(c[schema.STATE_PACKED])
+                out = schema.unpack_tensors(packed, str(c.attrs[schema.STATE_INDEX]))
+                return {k.replace("|", "."): v for k, v in out.items()}
+            g = None if c is None else c.get(schema.STATE)
             if g is None:
                 raise KeyError(
                     f"checkpoint {step} saved no model state (GradientLogger(save_state=False)); query gradients "

@@ -38,6 +38,8 @@ QUERY_LOSS = "query_loss"  # [Q]
 OPTIMIZER = "optimizer"  # group: factored second moments per layer
 KFAC = "kfac"  # group: <layer>/A [k_in, k_in], <layer>/S [k_out, k_out] projected K-FAC factors
 STATE = "state"  # group: trainable parameters and buffers at this checkpoint
+STATE_PACKED = "state_packed"  # in-flight steps: the same tensors as one uint8 dataset of raw bytes
+STATE_INDEX = "state_index"  # group attribute: JSON [name, dtype, shape, offset, nbytes] per tensor
 STATE_STEP = (
     "state_step"  # attr of an in-flight step: the step whose saved state stands for its θ_t
 )
@@ -112,6 +114,34 @@ def dataset_encoding(ds: Any, default: str) -> str:
     """Encoding of a row dataset: its ``encoding`` attribute, else the store's storage dtype."""
     enc = ds.attrs.get("encoding")
     return str(enc) if enc is not None else default
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, str]:
+    """Tensors as one ``uint8`` array of their raw bytes, and the JSON index that unpacks them."""
+    index, parts, offset = [], [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+        dtype = str(t.dtype).removeprefix("torch.")
+        index.append([name, dtype, list(t.shape), offset, int(raw.size)])
+        parts.append(raw)
+        offset += raw.size
+    packed = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+    return packed, json.dumps(index)
+
+
+def has_state(g: Any) -> bool:
+    """Whether a checkpoint group saved the trainable state (as a group or packed)."""
+    return STATE in g or STATE_PACKED in g
+
+
+def unpack_tensors(packed: np.ndarray, index: str) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`pack_tensors` (copies, in their own dtypes and shapes)."""
+    out = {}
+    for name, dtype, shape, offset, nbytes in json.loads(index):
+        raw = torch.from_numpy(np.array(packed[offset : offset + nbytes], dtype=np.uint8))
+        out[name] = raw.view(getattr(torch, dtype)).reshape(shape)
+    return out
 
 
 def storage_itemsize(storage: str) -> int:

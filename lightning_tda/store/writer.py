@@ -67,26 +67,29 @@ def _attr(v: Any) -> Any:
     return str(v) if isinstance(v, str) else v
 
 
-def seal_group(g: h5py.Group, data_crcs: Mapping[str, int] | None = None) -> None:
+def seal_group(
+    g: h5py.Group,
+    data_crcs: Mapping[str, int] | None = None,
+    datasets: Mapping[str, h5py.Dataset] | None = None,
+) -> None:
     """Seal a finished group: a CRC on every dataset in it, and its ``integrity`` attribute (CRC of
     its attributes, names of its datasets). Readers then refuse it if any of that changes.
 
     ``data_crcs``: the CRC of the raw bytes of datasets (by name within ``g``) already computed from
-    the arrays written, so they are not read back."""
-    names: list[str] = []
+    the arrays written, so they are not read back. ``datasets``: every dataset of the group, by name,
+    when the caller made them all (saves walking the group)."""
     known = data_crcs or {}
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset):
-            obj.attrs[schema.CRC] = schema.dataset_crc(obj, known.get(name))
-            names.append(name)
-
-    g.visititems(visit)
+    if datasets is None:
+        found: dict[str, h5py.Dataset] = {}
+        g.visititems(lambda n, o: found.__setitem__(n, o) if isinstance(o, h5py.Dataset) else None)
+        datasets = found
+    for name, ds in datasets.items():
+        ds.attrs[schema.CRC] = schema.dataset_crc(ds, known.get(name))
     keys = sorted(k for k in g.attrs if k != schema.INTEGRITY)
     g.attrs[schema.INTEGRITY] = json.dumps(
         {
             "attrs": {"keys": keys, "crc32": schema.attrs_crc(g.attrs, keys)},
-            "datasets": sorted(names),
+            "datasets": sorted(datasets),
         }
     )
 
