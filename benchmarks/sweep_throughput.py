@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.perf import perf_task
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="tinygpt", help="tinygpt or gpt10m (benchmarks.perf.perf_task)")
+    p.add_argument(
+        "--task", default="tinygpt", help="tinygpt or gpt10m (benchmarks.perf.perf_task)"
+    )
     p.add_argument("--config", default="default", choices=sorted(CONFIGS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpt-epochs", type=int, default=2, help="tinygpt epochs (the perf suite's)")

@@ -30,9 +30,9 @@ from lightning_tda.callbacks.optimizer_state import (
     optimizer_summary,
 )
 from lightning_tda.callbacks.strategy import LoggingStrategy
-from lightning_tda.capture.basis import Bases, fit_pca_bases
+from lightning_tda.capture.basis import Bases, CachedBatch, fit_pca_bases, reuse_budget
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
-from lightning_tda.capture.layers import row_width
+from lightning_tda.capture.layers import DENSE, row_width
 from lightning_tda.store import schema
 from lightning_tda.store.writer import StoreWriter
 
@@ -97,8 +97,9 @@ class SweepLogging(LoggingStrategy):
         loader = ctx.attribution_loader(trainer)
         qloader = ctx.loader(trainer, ctx.query_data) if ctx.query_data is not None else None
         scales = self._scales(trainer, pl_module)
+        kept: list[CachedBatch | None] = []  # the basis pass's batches, when it runs now
         feat = self._featurizer(
-            pl_module, scales, self._projection_bases(trainer, pl_module, loader)
+            pl_module, scales, self._projection_bases(trainer, pl_module, loader, kept)
         )
         n, width = len(loader.dataset), row_width(ctx.layers)
         nq = len(qloader.dataset) if qloader is not None else 0
@@ -109,8 +110,11 @@ class SweepLogging(LoggingStrategy):
             preserved_training_state(pl_module),
         ):
             with ctx.progress(trainer, f"GradientLogger step {step}", n, "examples") as bar:
-                for batch in loader:
-                    fb = ctx.featurize(trainer, feat, batch)
+                for i, batch in enumerate(loader):
+                    if i < len(kept):  # same weights, same batch: project the kept tensors
+                        fb, kept[i] = feat.from_kept(kept[i]), None
+                    else:
+                        fb = ctx.featurize(trainer, feat, batch)
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
                     bar.advance(fb.rows.shape[0])
             self._finish_checkpoint(trainer, pl_module, cw, feat, qloader, trigger, t0)
@@ -256,6 +260,11 @@ class SweepLogging(LoggingStrategy):
             example_ids=ctx.example_ids,
         )
 
+    def _reuse_bytes(self) -> int | None:
+        """``capture.basis_reuse_bytes`` (bytes of basis-pass tensors kept for the first sweep; 0 turns
+        the reuse off; ``None``: a quarter of the free device memory)."""
+        return getattr(self.ctx.config.capture, "basis_reuse_bytes", None)
+
     def _shared_bases(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: DataLoader
     ) -> Bases | None:
@@ -271,9 +280,16 @@ class SweepLogging(LoggingStrategy):
         return self._bases
 
     def _projection_bases(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: DataLoader,
+        kept: list | None = None,
     ) -> Bases | None:
-        """The stored PCA bases; fitted (and stored) at the first checkpoint of the run."""
+        """The stored PCA bases; fitted (and stored) at the first checkpoint of the run. ``kept``
+        receives the fitting pass's leading batches (:class:`~lightning_tda.capture.basis.CachedBatch`,
+        within :func:`~lightning_tda.capture.basis.reuse_budget`) for the sweep of ``loader`` that
+        follows at the same weights; left empty with a dense block."""
         ctx = self.ctx
         if ctx.config.projection.basis != "pca":
             return None
@@ -289,6 +305,8 @@ class SweepLogging(LoggingStrategy):
                     ctx.config.projection.basis_examples,
                     trainer.precision_plugin.forward_context,
                     example_ids=ctx.example_ids,
+                    keep=None if any(s.kind == DENSE for s in ctx.layers) else kept,
+                    keep_bytes=reuse_budget(pl_module.device, self._reuse_bytes()),
                 )
             ctx.writer.write_bases(self._bases)
         return self._bases

@@ -1,0 +1,130 @@
+"""Sweep speed-ups (issue 15) change nothing that is stored: the PCA basis pass's kept batches, the
+partial eigendecomposition, the one-sync finiteness test and the sweep batch-size rule."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import fit_logged_gpt, fit_logged_mlp
+
+from lightning_tda.callbacks.sweep import SweepLogging
+from lightning_tda.capture import basis
+from lightning_tda.errors import NonFiniteError
+
+
+def _datasets(path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiu":
+                out[name] = obj[()]
+
+        f.visititems(visit)
+    return out
+
+
+def _fit_with_reuse(monkeypatch, tmp_path, name, reuse, fit=fit_logged_gpt, **kw):
+    monkeypatch.setattr(SweepLogging, "_reuse_bytes", lambda self: reuse)
+    calls = []
+    real = SweepLogging._log_single
+
+    def counting(self, trainer, pl_module, trigger):
+        calls.append(trigger)
+        return real(self, trainer, pl_module, trigger)
+
+    monkeypatch.setattr(SweepLogging, "_log_single", counting)
+    run = fit(tmp_path, name, basis="pca", rank=4, dtype="float32", **kw)
+    return _datasets(run.path), calls
+
+
+@pytest.mark.parametrize("fit", [fit_logged_gpt, fit_logged_mlp])
+def test_kept_basis_batches_store_the_same_rows(monkeypatch, tmp_path, fit):
+    """Rows, preconditioned rows, K-FAC factors and bases with the basis pass's batches reused equal
+    those of a sweep that runs its own forward and backward (reuse off), dataset by dataset."""
+    kept: list[int] = []
+    real_fit = basis.fit_pca_bases
+
+    def spy(*a, **kw):
+        out = real_fit(*a, **kw)
+        kept.append(len(kw.get("keep") or []))
+        return out
+
+    monkeypatch.setattr("lightning_tda.callbacks.sweep.fit_pca_bases", spy)
+    on, _ = _fit_with_reuse(monkeypatch, tmp_path, "on.h5", None, fit=fit, batch_size=8)
+    assert kept[-1] > 0, "the basis pass kept no batch"
+    off, _ = _fit_with_reuse(monkeypatch, tmp_path, "off.h5", 0, fit=fit, batch_size=8)
+    assert kept[-1] == 0
+    assert sorted(on) == sorted(off)
+    rows = [k for k in on if k.endswith("/train") or k.endswith("train_precond")]
+    assert rows, sorted(on)
+    for k in on:
+        np.testing.assert_allclose(on[k], off[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert any(np.abs(on[k]).max() > 0 for k in rows)
+
+
+def test_partial_reuse_within_budget(monkeypatch, tmp_path):
+    """A budget of about two batches keeps two; the rest of the sweep recomputes; rows equal."""
+    one = {}
+
+    def spy_bytes(calls):
+        b = real_bytes(calls)
+        one.setdefault("b", b)
+        return b
+
+    real_bytes = basis._calls_bytes
+    monkeypatch.setattr(basis, "_calls_bytes", spy_bytes)
+    full, _ = _fit_with_reuse(monkeypatch, tmp_path, "off.h5", 0, batch_size=4, n=24)
+    probe, _ = _fit_with_reuse(monkeypatch, tmp_path, "probe.h5", 10**12, batch_size=4, n=24)
+    kept: list[int] = []
+    real_fit = basis.fit_pca_bases
+
+    def spy(*a, **kw):
+        out = real_fit(*a, **kw)
+        kept.append(len(kw.get("keep") or []))
+        return out
+
+    monkeypatch.setattr("lightning_tda.callbacks.sweep.fit_pca_bases", spy)
+    part, _ = _fit_with_reuse(
+        monkeypatch, tmp_path, "part.h5", 2 * one["b"] + 1, batch_size=4, n=24
+    )
+    assert kept[-1] == 2
+    for k in full:
+        np.testing.assert_allclose(part[k], full[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(probe[k], full[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_partial_eigh_matches_full():
+    """The CPU top-k path (LAPACK syevr) gives the full decomposition's top eigenvectors, signs fixed."""
+    g = torch.Generator().manual_seed(0)
+    n, k = basis.PARTIAL_EIGH_MIN_DIM + 3, 7
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, n).double()
+    cov = (x.T @ x).float()
+    got = basis.top_eigenvectors(cov, k)
+    _, vecs = np.linalg.eigh(cov.double().numpy())
+    ref = vecs[:, ::-1][:, :k]
+    ref = ref * np.sign(ref[np.abs(ref).argmax(0), np.arange(k)])
+    assert got.shape == (n, k)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+
+
+def test_non_finite_rows_still_name_the_example(monkeypatch, tmp_path):
+    """The one-sync finiteness test still raises NonFiniteError naming the example's id."""
+    from lightning_tda.capture import featurize
+
+    real = featurize.Featurizer._checked
+    poisoned = []
+
+    def poison(ids, losses, rows, scaled):
+        if ids is not None and ids.shape[0] > 2:
+            rows = rows.clone()
+            rows[2, 0] = float("nan")
+            poisoned.append(int(ids[2]))
+        return real(ids, losses, rows, scaled)
+
+    monkeypatch.setattr(featurize.Featurizer, "_checked", staticmethod(poison))
+    with pytest.raises(NonFiniteError, match="ids \\[(\\d+)\\]") as err:
+        fit_logged_mlp(tmp_path, "nan.h5", basis="pca", rank=4, batch_size=8)
+    assert f"[{poisoned[0]}]" in str(err.value)
