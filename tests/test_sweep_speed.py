@@ -128,3 +128,67 @@ def test_non_finite_rows_still_name_the_example(monkeypatch, tmp_path):
     with pytest.raises(NonFiniteError, match="ids \\[(\\d+)\\]") as err:
         fit_logged_mlp(tmp_path, "nan.h5", basis="pca", rank=4, batch_size=8)
     assert f"[{poisoned[0]}]" in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_loss_gives_equal_rows(backend):
+    """``compile_loss`` (here cheap backends; AOT autograd included, where a captured output would
+    otherwise be a sibling of the loss in one compiled node) gives the eager rows, and they are the
+    torch.func reference's."""
+    from helpers import TinyMLP, make_classification
+    from oracles import reference_rows
+    from torch.utils.data import DataLoader
+
+    from lightning_tda.capture.featurize import Featurizer
+    from lightning_tda.capture.layers import discover_layers
+    from lightning_tda.capture.losses import resolve_loss_fn
+    from lightning_tda.capture.projection import ProjectionConfig
+
+    torch.manual_seed(0)
+    model = TinyMLP().eval()
+    batch = next(iter(DataLoader(make_classification(20), batch_size=20)))
+    config = ProjectionConfig("kronecker", rank=4)
+    layers, _ = discover_layers(model, config)
+    loss = resolve_loss_fn(model, None)
+    cpu = torch.device("cpu")
+    plain = Featurizer(model, layers, config, loss, cpu, require_ids=False)(batch).rows
+    torch._dynamo.reset()
+    compiled = Featurizer(model, layers, config, loss, cpu, require_ids=False, compile_loss=backend)
+    rows = compiled(batch).rows
+    ref = reference_rows(model, loss, batch, layers, config)
+    assert rows.abs().max() > 0
+    torch.testing.assert_close(rows, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_sweep_batch_size_rule():
+    """The user's size wins; else the training batch raised to 64 but at most 8x; else 64."""
+    from lightning_tda.callbacks.context import sweep_batch_size
+
+    assert sweep_batch_size(7, 256) == 7
+    assert sweep_batch_size(None, None) == 64
+    assert [sweep_batch_size(None, b) for b in (1, 4, 8, 32, 64, 300)] == [8, 32, 64, 64, 64, 300]
+
+
+def test_sweep_autocast_flag_picks_the_forward_context(monkeypatch, tmp_path):
+    """On by default the sweep runs under the training precision's forward context (a no-op at
+    32-true on CPU); ``sweep_autocast=False`` runs it in a null context; the rows agree."""
+    from lightning_tda.callbacks.config import CaptureConfig
+
+    seen = []
+    real = SweepLogging._forward_context
+
+    def spy(self, trainer):
+        ctx = real(self, trainer)
+        seen.append(ctx == trainer.precision_plugin.forward_context)
+        return ctx
+
+    monkeypatch.setattr(SweepLogging, "_forward_context", spy)
+    on = _datasets(fit_logged_mlp(tmp_path, "on.h5", rank=4, batch_size=16).path)
+    assert seen and all(seen)
+    seen.clear()
+    monkeypatch.setattr(CaptureConfig, "sweep_autocast", False, raising=False)
+    off = _datasets(fit_logged_mlp(tmp_path, "off.h5", rank=4, batch_size=16).path)
+    assert seen and not any(seen)
+    for k in on:
+        np.testing.assert_allclose(on[k], off[k], rtol=1e-6, err_msg=k)

@@ -8,6 +8,7 @@ each rank sweeps a contiguous shard that rank zero merges (:mod:`lightning_tda.c
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, ClassVar
 
@@ -114,7 +115,7 @@ class SweepLogging(LoggingStrategy):
                     if i < len(kept):  # same weights, same batch: project the kept tensors
                         fb, kept[i] = feat.from_kept(kept[i]), None
                     else:
-                        fb = ctx.featurize(trainer, feat, batch)
+                        fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
                     bar.advance(fb.rows.shape[0])
             self._finish_checkpoint(trainer, pl_module, cw, feat, qloader, trigger, t0)
@@ -145,7 +146,7 @@ class SweepLogging(LoggingStrategy):
                 step, len(loader.sampler), width, 0, precond=scales is not None, factors=ctx.factors
             ) as cw:
                 for batch in loader:
-                    fb = ctx.featurize(trainer, feat, batch)
+                    fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
                 cw.commit({"rank": rank, "world_size": world})
             if ctx.config.capture.curvature:
@@ -202,7 +203,7 @@ class SweepLogging(LoggingStrategy):
             nq = len(qloader.dataset)
             with ctx.progress(trainer, f"GradientLogger step {step}", nq, "queries") as bar:
                 for batch in qloader:
-                    fb = ctx.featurize(trainer, feat, batch)
+                    fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_queries(fb.ids, fb.rows, fb.losses)
                     bar.advance(fb.rows.shape[0])
         if cap.optimizer_state:
@@ -258,7 +259,15 @@ class SweepLogging(LoggingStrategy):
             bases=bases,
             covariances=ctx.config.capture.curvature,
             example_ids=ctx.example_ids,
+            compile_loss=getattr(ctx.config.capture, "compile_loss", False),
         )
+
+    def _forward_context(self, trainer: pl.Trainer) -> Any:
+        """The sweep's forward context: the training precision's (bf16/fp16-mixed: autocast; 32-true
+        and CPU fp32: a no-op) unless ``capture.sweep_autocast`` is False (full precision)."""
+        if getattr(self.ctx.config.capture, "sweep_autocast", True):
+            return trainer.precision_plugin.forward_context
+        return contextlib.nullcontext
 
     def _reuse_bytes(self) -> int | None:
         """``capture.basis_reuse_bytes`` (bytes of basis-pass tensors kept for the first sweep; 0 turns
@@ -303,7 +312,7 @@ class SweepLogging(LoggingStrategy):
                     ctx.layers,
                     ctx.loss_fn,
                     ctx.config.projection.basis_examples,
-                    trainer.precision_plugin.forward_context,
+                    self._forward_context(trainer),
                     example_ids=ctx.example_ids,
                     keep=None if any(s.kind == DENSE for s in ctx.layers) else kept,
                     keep_bytes=reuse_budget(pl_module.device, self._reuse_bytes()),

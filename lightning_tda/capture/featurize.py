@@ -58,6 +58,8 @@ class Featurizer:
         covariances: accumulate projected K-FAC factors over every batch (see :meth:`take_covariances`).
         example_ids: where a batch keeps its ids (default: ``Indexed`` batches and the keys
             ``example_id``, ``idx``, ``index``, ``id``); ids passed to :meth:`__call__` win.
+        compile_loss: ``torch.compile`` the per-example loss (``True``: inductor; a string: that
+            backend); the layer hooks stay eager, so each captured layer ends a compiled region.
     """
 
     def __init__(
@@ -73,9 +75,13 @@ class Featurizer:
         bases: Bases | None = None,
         covariances: bool = False,
         example_ids: ExampleIds | None = None,
+        compile_loss: bool | str = False,
     ) -> None:
         self.model = model
         self.loss_fn = as_loss_fn(loss_fn)
+        if compile_loss:  # the capture hooks run eagerly between compiled regions (graph breaks)
+            backend = compile_loss if isinstance(compile_loss, str) else "inductor"
+            self.loss_fn = torch.compile(self.loss_fn, backend=backend, dynamic=True)
         self.require_ids = require_ids
         self.example_ids = example_ids if example_ids is not None else ExampleIds()
         self.hooks = LayerGradientHooks(model, layers, config, device, scales, bases, covariances)

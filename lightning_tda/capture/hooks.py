@@ -183,6 +183,7 @@ class LayerGradientHooks:
     def _make_hook(self, proj: LayerProjector):
         spec = proj.spec
 
+        @torch.compiler.disable  # under a compiled loss: a graph break, the output a real tensor
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if (
                 not torch.is_grad_enabled()
