@@ -113,7 +113,8 @@ class SweepLogging(LoggingStrategy):
             with ctx.progress(trainer, f"GradientLogger step {step}", n, "examples") as bar:
                 for i, batch in enumerate(loader):
                     if i < len(kept):  # same weights, same batch: project the kept tensors
-                        fb, kept[i] = feat.from_kept(kept[i]), None
+                        with self._forward_context(trainer)():  # as a recomputed batch would
+                            fb, kept[i] = feat.from_kept(kept[i]), None
                     else:
                         fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
