@@ -150,7 +150,9 @@ def test_partial_results_still_render():
     part["targets"] = perf.targets(part)
     assert set(part["targets"]) == {"scoring"}
     md = perf.write_markdown(part, "python -m benchmarks.perf")
-    assert md.count("not measured (the run stopped early)") == len(perf.TARGETS) - 1  # all but scoring
+    assert (
+        md.count("not measured (the run stopped early)") == len(perf.TARGETS) - 1
+    )  # all but scoring
     assert "the measurement failed (boom)" in md
 
 

@@ -83,6 +83,19 @@ class StorageConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _check_sweep_speed(c: CaptureConfig) -> None:
+    """Validate the sweep's speed switches (autocast, compile, basis reuse)."""
+    if not isinstance(c.sweep_autocast, bool):
+        raise ConfigError(f"sweep_autocast must be True or False, got {c.sweep_autocast!r}")
+    if not isinstance(c.compile_loss, (bool, str)) or c.compile_loss == "":
+        raise ConfigError(
+            f"compile_loss must be True/False or a torch.compile backend name, got {c.compile_loss!r}"
+        )
+    b = c.basis_reuse_bytes
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
+        raise ConfigError(f"basis_reuse_bytes must be None or an int >= 0, got {b!r}")
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """What each checkpoint captures, and how the swept data is batched and differentiated.
@@ -103,7 +116,8 @@ class CaptureConfig:
             (its ``state_step`` attribute).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default ``model.per_example_loss(batch)``.
             A shorthand of ``task=LossFnTask(loss_fn)`` (give one of the two).
-        batch_size: sweep batch size of a Dataset (``None``: the train loader's, else 64).
+        batch_size: sweep batch size (``None``: for the training set, the train loader's raised to 64
+            but at most 8× for throughput; else 64).
         collate_fn: collate function of a Dataset.
         example_ids: where the user's batches keep their example ids: a tuple position, a mapping key,
             ``fn(batch) -> Tensor[B]`` or an :class:`~lightning_tda.data.ids.ExampleIds`; ``None``:
@@ -111,6 +125,13 @@ class CaptureConfig:
             without any id is numbered by position).
         task: the :class:`~lightning_tda.capture.task.Task` whose ``per_example_loss`` every row is the
             gradient of; ``None``: ``loss_fn``, else the module's own ``per_example_loss``.
+        sweep_autocast: sweep under the training precision's autocast (bf16/fp16-mixed); ``False``:
+            full precision.
+        compile_loss: ``torch.compile`` the sweep's per-example loss (``True``: inductor, or a backend
+            name); the capture hooks stay eager (graph breaks).
+        basis_reuse_bytes: bytes of PCA-basis-pass layer inputs/output gradients kept so the first
+            sweep checkpoint projects them instead of a second forward+backward (``0``: off;
+            ``None``: a quarter of the free device memory).
     """
 
     modules: Sequence[str] | None = None
@@ -123,10 +144,16 @@ class CaptureConfig:
     collate_fn: Callable[[list[Any]], Any] | None = None
     example_ids: IdsSpec | ExampleIds = None
     task: Task | None = None
+    sweep_autocast: bool = True
+    compile_loss: bool | str = False
+    basis_reuse_bytes: int | None = None
 
     may_change_on_resume: ClassVar[frozenset[str]] = frozenset(
-        {"loss_fn", "batch_size", "collate_fn", "task"}
-    )
+        {
+            "loss_fn", "batch_size", "collate_fn", "task",
+            "sweep_autocast", "compile_loss", "basis_reuse_bytes",
+        }
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", _patterns("modules", self.modules))
@@ -135,6 +162,7 @@ class CaptureConfig:
             raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.save_state not in (True, False, "auto"):
             raise ConfigError(f"save_state must be True, False or 'auto', got {self.save_state!r}")
+        _check_sweep_speed(self)
         for name in ("loss_fn", "collate_fn"):
             v = getattr(self, name)
             if v is not None and not callable(v):

@@ -152,7 +152,7 @@ class FitContext:
                     f"a {type(train).__name__}; pass attribution_data= explicitly."
                 )
             data = train.dataset
-            kwargs["batch_size"] = batch_size or train.batch_size or 64
+            kwargs["batch_size"] = sweep_batch_size(batch_size, train.batch_size)
             kwargs["collate_fn"] = train.collate_fn
         else:
             kwargs["batch_size"] = batch_size or 64
@@ -193,10 +193,14 @@ class FitContext:
             return batch.ids, batch.batch
         return None, batch
 
-    def featurize(self, trainer: pl.Trainer, feat: Featurizer, batch: Any) -> FeatureBatch:
+    def featurize(
+        self, trainer: pl.Trainer, feat: Featurizer, batch: Any, forward_context: Any = None
+    ) -> FeatureBatch:
+        """``feat`` of one loader batch on the device, under ``forward_context()`` (default: the
+        training precision's, e.g. bf16/fp16 autocast)."""
         ids, batch = self.split(batch)
         batch = trainer.strategy.batch_to_device(batch)
-        with trainer.precision_plugin.forward_context():
+        with (forward_context or trainer.precision_plugin.forward_context)():
             return feat(batch, ids)
 
     def device_batches(self, trainer: pl.Trainer, loader: DataLoader):
@@ -265,6 +269,26 @@ def _explain_layout(
             f"captured ({', '.join(other[:4])}{' ...' if len(other) > 4 else ''}); set dense_dim>0 to "
             "include them."
         )
+
+
+SWEEP_BATCH_SIZE = 64
+"""The sweep's batch size when neither the user nor a training DataLoader gives one."""
+
+
+def sweep_batch_size(given: int | None, train_batch_size: int | None) -> int:
+    """The batch size a sweep of the training set uses: ``given``, else the training batch size raised
+    for throughput to ``SWEEP_BATCH_SIZE`` but at most 8x (the sweep keeps no weight gradients or
+    optimizer update, and its backward stops at the captured layers, so a batch a few times the
+    training one fits where training fits), else ``SWEEP_BATCH_SIZE``.
+
+    >>> sweep_batch_size(None, 8), sweep_batch_size(None, 1), sweep_batch_size(None, 256), sweep_batch_size(5, 256)
+    (64, 8, 256, 5)
+    """
+    if given is not None:
+        return given
+    if not train_batch_size:
+        return SWEEP_BATCH_SIZE
+    return max(train_batch_size, min(SWEEP_BATCH_SIZE, 8 * train_batch_size))
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

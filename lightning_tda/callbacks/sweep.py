@@ -8,6 +8,7 @@ each rank sweeps a contiguous shard that rank zero merges (:mod:`lightning_tda.c
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, ClassVar
 
@@ -30,9 +31,9 @@ from lightning_tda.callbacks.optimizer_state import (
     optimizer_summary,
 )
 from lightning_tda.callbacks.strategy import LoggingStrategy
-from lightning_tda.capture.basis import Bases, fit_pca_bases
+from lightning_tda.capture.basis import Bases, CachedBatch, fit_pca_bases, reuse_budget
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
-from lightning_tda.capture.layers import row_width
+from lightning_tda.capture.layers import DENSE, row_width
 from lightning_tda.store import schema
 from lightning_tda.store.writer import StoreWriter
 
@@ -97,8 +98,9 @@ class SweepLogging(LoggingStrategy):
         loader = ctx.attribution_loader(trainer)
         qloader = ctx.loader(trainer, ctx.query_data) if ctx.query_data is not None else None
         scales = self._scales(trainer, pl_module)
+        kept: list[CachedBatch | None] = []  # the basis pass's batches, when it runs now
         feat = self._featurizer(
-            pl_module, scales, self._projection_bases(trainer, pl_module, loader)
+            pl_module, scales, self._projection_bases(trainer, pl_module, loader, kept)
         )
         n, width = len(loader.dataset), row_width(ctx.layers)
         nq = len(qloader.dataset) if qloader is not None else 0
@@ -109,8 +111,12 @@ class SweepLogging(LoggingStrategy):
             preserved_training_state(pl_module),
         ):
             with ctx.progress(trainer, f"GradientLogger step {step}", n, "examples") as bar:
-                for batch in loader:
-                    fb = ctx.featurize(trainer, feat, batch)
+                for i, batch in enumerate(loader):
+                    if i < len(kept):  # same weights, same batch: project the kept tensors
+                        with self._forward_context(trainer)():  # as a recomputed batch would
+                            fb, kept[i] = feat.from_kept(kept[i]), None
+                    else:
+                        fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
                     bar.advance(fb.rows.shape[0])
             self._finish_checkpoint(trainer, pl_module, cw, feat, qloader, trigger, t0)
@@ -141,7 +147,7 @@ class SweepLogging(LoggingStrategy):
                 step, len(loader.sampler), width, 0, precond=scales is not None, factors=ctx.factors
             ) as cw:
                 for batch in loader:
-                    fb = ctx.featurize(trainer, feat, batch)
+                    fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_rows(fb.ids, fb.rows, fb.losses, fb.scaled)
                 cw.commit({"rank": rank, "world_size": world})
             if ctx.config.capture.curvature:
@@ -198,7 +204,7 @@ class SweepLogging(LoggingStrategy):
             nq = len(qloader.dataset)
             with ctx.progress(trainer, f"GradientLogger step {step}", nq, "queries") as bar:
                 for batch in qloader:
-                    fb = ctx.featurize(trainer, feat, batch)
+                    fb = ctx.featurize(trainer, feat, batch, self._forward_context(trainer))
                     cw.write_queries(fb.ids, fb.rows, fb.losses)
                     bar.advance(fb.rows.shape[0])
         if cap.optimizer_state:
@@ -254,7 +260,20 @@ class SweepLogging(LoggingStrategy):
             bases=bases,
             covariances=ctx.config.capture.curvature,
             example_ids=ctx.example_ids,
+            compile_loss=ctx.config.capture.compile_loss,
         )
+
+    def _forward_context(self, trainer: pl.Trainer) -> Any:
+        """The sweep's forward context: the training precision's (bf16/fp16-mixed: autocast; 32-true
+        and CPU fp32: a no-op) unless ``capture.sweep_autocast`` is False (full precision)."""
+        if self.ctx.config.capture.sweep_autocast:
+            return trainer.precision_plugin.forward_context
+        return contextlib.nullcontext
+
+    def _reuse_bytes(self) -> int | None:
+        """``capture.basis_reuse_bytes`` (bytes of basis-pass tensors kept for the first sweep; 0 turns
+        the reuse off; ``None``: a quarter of the free device memory)."""
+        return self.ctx.config.capture.basis_reuse_bytes
 
     def _shared_bases(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: DataLoader
@@ -271,9 +290,16 @@ class SweepLogging(LoggingStrategy):
         return self._bases
 
     def _projection_bases(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: DataLoader,
+        kept: list | None = None,
     ) -> Bases | None:
-        """The stored PCA bases; fitted (and stored) at the first checkpoint of the run."""
+        """The stored PCA bases; fitted (and stored) at the first checkpoint of the run. ``kept``
+        receives the fitting pass's leading batches (:class:`~lightning_tda.capture.basis.CachedBatch`,
+        within :func:`~lightning_tda.capture.basis.reuse_budget`) for the sweep of ``loader`` that
+        follows at the same weights; left empty with a dense block."""
         ctx = self.ctx
         if ctx.config.projection.basis != "pca":
             return None
@@ -287,8 +313,10 @@ class SweepLogging(LoggingStrategy):
                     ctx.layers,
                     ctx.loss_fn,
                     ctx.config.projection.basis_examples,
-                    trainer.precision_plugin.forward_context,
+                    self._forward_context(trainer),
                     example_ids=ctx.example_ids,
+                    keep=None if any(s.kind == DENSE for s in ctx.layers) else kept,
+                    keep_bytes=reuse_budget(pl_module.device, self._reuse_bytes()),
                 )
             ctx.writer.write_bases(self._bases)
         return self._bases

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_tda.capture.basis import Bases
+from lightning_tda.capture.basis import Bases, CachedBatch
 from lightning_tda.capture.checks import _check_finite, _check_losses
 from lightning_tda.capture.dense import DenseProjector
 from lightning_tda.capture.hooks import LayerGradientHooks, Scales
@@ -58,6 +58,8 @@ class Featurizer:
         covariances: accumulate projected K-FAC factors over every batch (see :meth:`take_covariances`).
         example_ids: where a batch keeps its ids (default: ``Indexed`` batches and the keys
             ``example_id``, ``idx``, ``index``, ``id``); ids passed to :meth:`__call__` win.
+        compile_loss: ``torch.compile`` the per-example loss (``True``: inductor; a string: that
+            backend); the layer hooks stay eager, so each captured layer ends a compiled region.
     """
 
     def __init__(
@@ -73,9 +75,13 @@ class Featurizer:
         bases: Bases | None = None,
         covariances: bool = False,
         example_ids: ExampleIds | None = None,
+        compile_loss: bool | str = False,
     ) -> None:
         self.model = model
         self.loss_fn = as_loss_fn(loss_fn)
+        if compile_loss:  # the capture hooks run eagerly between compiled regions (graph breaks)
+            backend = compile_loss if isinstance(compile_loss, str) else "inductor"
+            self.loss_fn = torch.compile(self.loss_fn, backend=backend, dynamic=True)
         self.require_ids = require_ids
         self.example_ids = example_ids if example_ids is not None else ExampleIds()
         self.hooks = LayerGradientHooks(model, layers, config, device, scales, bases, covariances)
@@ -121,9 +127,33 @@ class Featurizer:
             rows[:, spec.offset : spec.offset + spec.size] = d_rows
             if scaled is not None:
                 scaled[:, spec.offset : spec.offset + spec.size] = d_scaled
-        _check_finite(rows, ids, "gradient")
+        return self._checked(ids, losses, rows, scaled)
+
+    def from_kept(self, kept: CachedBatch) -> FeatureBatch:
+        """The :class:`FeatureBatch` of a batch the PCA basis pass kept at the same weights: its layer
+        inputs and output gradients projected, no forward or backward (equal to :meth:`__call__` on
+        that batch). Needs a featurizer without a dense block."""
+        if self.dense is not None:
+            raise ValueError("kept basis-pass batches carry no dense-block gradients")
+        rows, scaled = self.hooks.rows_from(kept.calls, kept.losses)
+        return self._checked(kept.ids, kept.losses, rows, scaled)
+
+    @staticmethod
+    def _checked(
+        ids: torch.Tensor | None,
+        losses: torch.Tensor,
+        rows: torch.Tensor,
+        scaled: torch.Tensor | None,
+    ) -> FeatureBatch:
+        """The batch, after one device-side finiteness test of its rows (the per-example
+        :class:`NonFiniteError` naming the examples only when it fails)."""
+        ok = torch.isfinite(rows).all()
         if scaled is not None:
-            _check_finite(scaled, ids, "preconditioned gradient")
+            ok = ok & torch.isfinite(scaled).all()
+        if not ok:  # one host sync per batch (the rows go to the host for the store next anyway)
+            _check_finite(rows, ids, "gradient")
+            if scaled is not None:
+                _check_finite(scaled, ids, "preconditioned gradient")
         return FeatureBatch(ids, losses.detach().float(), rows, scaled)
 
 

@@ -183,6 +183,7 @@ class LayerGradientHooks:
     def _make_hook(self, proj: LayerProjector):
         spec = proj.spec
 
+        @torch.compiler.disable  # under a compiled loss: a graph break, the output a real tensor
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if (
                 not torch.is_grad_enabled()
@@ -209,19 +210,42 @@ class LayerGradientHooks:
             ``(rows, scaled_rows)``: ``[B, D]`` fp32 (dense block columns left at zero) and the same for
             the factor-wise scaled gradients (``None`` without ``scales``).
         """
-        b = losses.shape[0]
         records = [(p, r) for p in self.projectors.values() for r in p.records]
+        grads = (
+            torch.autograd.grad(losses.sum(), [r.output for _, r in records], allow_unused=True)
+            if records
+            else ()
+        )
+        items = [(p, r.x, r.x_scaled, g) for (p, r), g in zip(records, grads, strict=True)]
+        self.clear()
+        return self._project(losses.shape[0], items, losses)
+
+    def rows_from(
+        self, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]], losses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`projected_gradients` of the ``[B]`` ``losses`` from kept layer inputs and output gradients
+        (``{layer: [(input [B, ..., I], grad [B, ..., O] or None), ...]}`` in call order, e.g. the PCA
+        basis pass's at the same weights), without a forward or backward."""
+        items = []
+        for name, proj in self.projectors.items():
+            for x, g in calls.get(name, ()):
+                xs = None
+                if self.scales is not None:
+                    xs = project_input(x, proj.spec, proj.p_in, self.scales[name][1])
+                items.append((proj, project_input(x, proj.spec, proj.p_in), xs, g))
+        return self._project(losses.shape[0], items, losses)
+
+    def _project(
+        self, b: int, items: list, losses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows from ``[(projector, x̃ [B,T,k_in], x̃_scaled or None, output grad or None), ...]``."""
         rows = losses.new_zeros(b, self.width, dtype=torch.float32)
         scaled = rows.clone() if self.scales is not None else None
-        if not records:
-            self.clear()
-            return rows, scaled
-        grads = torch.autograd.grad(losses.sum(), [r.output for _, r in records], allow_unused=True)
-        for (proj, rec), g in zip(records, grads, strict=True):
+        for proj, x, x_scaled, g in items:
             if g is None:
                 continue
             spec = proj.spec
-            if g.shape[0] != b or rec.x.shape[0] != b:
+            if g.shape[0] != b or x.shape[0] != b:
                 raise ValueError(
                     f"layer {spec.name!r} saw a batch dimension of {g.shape[0]} but the loss has {b} examples; "
                     "the model must keep the batch first (batch_first=True) and not mix examples."
@@ -229,12 +253,11 @@ class LayerGradientHooks:
             d = g.detach().float().reshape(b, -1, spec.out_features)
             dp = d if proj.p_out is None else d @ proj.p_out
             sl = slice(spec.offset, spec.offset + spec.size)
-            rows[:, sl] += torch.einsum("bto,bti->boi", dp, rec.x).reshape(b, -1)
+            rows[:, sl] += torch.einsum("bto,bti->boi", dp, x).reshape(b, -1)
             if self.covariances is not None:
-                self.covariances[spec.name].add(rec.x, dp)
+                self.covariances[spec.name].add(x, dp)
             if scaled is not None:
                 ds = d * self.scales[spec.name][0]
                 ds = ds if proj.p_out is None else ds @ proj.p_out
-                scaled[:, sl] += torch.einsum("bto,bti->boi", ds, rec.x_scaled).reshape(b, -1)
-        self.clear()
+                scaled[:, sl] += torch.einsum("bto,bti->boi", ds, x_scaled).reshape(b, -1)
         return rows, scaled
