@@ -166,7 +166,9 @@ def _merge_sorted(v, r, bv, br, k, largest):
     return vals, torch.gather(rows, 1, idx)
 
 
-_STRIDE = 32  # block_top_k: columns per group (the groups interleave: column c is in group c % (B // 32))
+_STRIDE = (
+    32  # block_top_k: columns per group (the groups interleave: column c is in group c % (B // 32))
+)
 
 
 def block_top_k(
@@ -192,7 +194,9 @@ def block_top_k(
         lo = torch.topk(s, k, dim=1, largest=False, sorted=True)
         return (hi.values, hi.indices), (lo.values, lo.indices)
     offsets = torch.arange(_STRIDE, device=s.device).mul_(groups)  # [32]
-    tail = torch.arange(groups * _STRIDE, b, device=s.device).expand(q, -1)  # columns past the groups
+    tail = torch.arange(groups * _STRIDE, b, device=s.device).expand(
+        q, -1
+    )  # columns past the groups
     out = []
     for ext, largest in ((mx, True), (mn, False)):
         g = torch.topk(ext, k, dim=1, largest=largest, sorted=False).indices  # [Q, k] groups

@@ -23,8 +23,8 @@ from lightning_tda.errors import (
     StoreError,
 )
 from lightning_tda.store import schema
-from lightning_tda.store.scan import RowScan
 from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
+from lightning_tda.store.scan import RowScan
 from lightning_tda.store.writer import ReadFile, check_dataset, check_group, check_root, read_bases
 
 

@@ -11,6 +11,7 @@ is mapped or held per dataset at a time by this module: a block is released when
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import sys
@@ -36,7 +37,11 @@ def _file_offset(ds: h5py.Dataset) -> int | None:
         if ds.dtype.kind not in "fiu" or not ds.dtype.isnative:
             return None
         dcpl = ds.id.get_create_plist()
-        if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_external_count() or dcpl.get_nfilters():
+        if (
+            dcpl.get_layout() != h5py.h5d.CONTIGUOUS
+            or dcpl.get_external_count()
+            or dcpl.get_nfilters()
+        ):
             return None
         return ds.id.get_offset()
     except (AttributeError, OSError, RuntimeError, ValueError):  # (not allocated, not a plain file)
@@ -111,16 +116,20 @@ class RowScan:
         try:
             fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             try:
-                m = mmap.mmap(fd, lo - base + (stop - start) * row, access=mmap.ACCESS_COPY, offset=base)
+                m = mmap.mmap(
+                    fd, lo - base + (stop - start) * row, access=mmap.ACCESS_COPY, offset=base
+                )
             finally:
                 os.close(fd)
-        except (OSError, ValueError, OverflowError):  # (a file shorter than the dataset: h5py says why)
+        except (
+            OSError,
+            ValueError,
+            OverflowError,
+        ):  # (a file shorter than the dataset: h5py says why)
             return None
         if _MADV_POPULATE_READ is not None and hasattr(m, "madvise"):
-            try:
+            with contextlib.suppress(OSError):  # an older kernel: pages are mapped on first touch
                 m.madvise(_MADV_POPULATE_READ)
-            except OSError:  # an older kernel: the pages are mapped on first touch instead
-                pass
         count = (stop - start) * (row // self.dtype.itemsize)
         arr = np.frombuffer(m, self.dtype, count=count, offset=lo - base)
         return arr.reshape((stop - start, *self.shape[1:]))
