@@ -166,9 +166,7 @@ def _merge_sorted(v, r, bv, br, k, largest):
     return vals, torch.gather(rows, 1, idx)
 
 
-_STRIDE = (
-    32  # block_top_k: columns per group (the groups interleave: column c is in group c % (B // 32))
-)
+_GROUP = 32  # block_top_k: columns per group (column c is in group c % (B // 32))
 
 
 def block_top_k(
@@ -180,26 +178,29 @@ def block_top_k(
     On a wide block on the CPU the columns are split into ``B // 32`` interleaved groups of 32; one
     pass takes each group's max and min, and only the ``k`` groups with the largest max (smallest min)
     can hold a top (bottom) entry, so ``torch.topk`` runs on ``32 k`` candidates per row instead of
-    ``B`` (a GPU's ``topk`` is fast as it is; a block with a NaN score takes plain ``topk``, whose NaN
-    order a group's NaN min would not reproduce)."""
+    ``B``. A GPU's ``topk`` is fast as it is; a block with a NaN score (it comes out on top: ``topk``
+    ranks NaN highest) takes plain ``topk``, whose NaN order a group's NaN min would not keep."""
     q, b = s.shape
     k = min(k, b)
-    groups = b // _STRIDE
-    fast = s.device.type == "cpu" and s.is_floating_point() and groups >= 4 * k
-    if fast:
-        mn, mx = torch.aminmax(s[:, : groups * _STRIDE].view(q, _STRIDE, groups), dim=1)  # [Q, G]
-        fast = not bool(torch.isnan(mx).any())  # (a CPU tensor: no device sync)
-    if not fast:
-        hi = torch.topk(s, k, dim=1, largest=True, sorted=True)
-        lo = torch.topk(s, k, dim=1, largest=False, sorted=True)
-        return (hi.values, hi.indices), (lo.values, lo.indices)
-    offsets = torch.arange(_STRIDE, device=s.device).mul_(groups)  # [32]
-    tail = torch.arange(groups * _STRIDE, b, device=s.device).expand(
-        q, -1
-    )  # columns past the groups
+    groups = b // _GROUP
+    if s.device.type == "cpu" and s.is_floating_point() and groups >= 4 * k:
+        hi, lo = _grouped_top_k(s, k, groups)
+        if not bool(torch.isnan(hi[0][:, 0]).any()):  # (a CPU tensor: no device sync)
+            return hi, lo
+    top = torch.topk(s, k, dim=1, largest=True, sorted=True)
+    low = torch.topk(s, k, dim=1, largest=False, sorted=True)
+    return (top.values, top.indices), (low.values, low.indices)
+
+
+def _grouped_top_k(s: torch.Tensor, k: int, groups: int):
+    """:func:`block_top_k` through the ``groups`` interleaved column groups (see there)."""
+    q, b = s.shape
+    mn, mx = torch.aminmax(s[:, : groups * _GROUP].view(q, _GROUP, groups), dim=1)  # [Q, G] each
+    offsets = torch.arange(_GROUP, device=s.device).mul_(groups)  # group g: columns g + offsets
+    tail = torch.arange(groups * _GROUP, b, device=s.device).expand(q, -1)  # in no group
     out = []
     for ext, largest in ((mx, True), (mn, False)):
-        g = torch.topk(ext, k, dim=1, largest=largest, sorted=False).indices  # [Q, k] groups
+        g = torch.topk(ext, k, dim=1, largest=largest, sorted=False).indices  # [Q, k]
         cols = torch.cat([(g[:, :, None] + offsets).reshape(q, -1), tail], dim=1)
         vals, i = torch.topk(s.gather(1, cols), k, dim=1, largest=largest, sorted=True)
         out.append((vals, cols.gather(1, i)))
