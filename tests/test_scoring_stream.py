@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -19,7 +18,7 @@ from lightning_tda.capture.layers import LayerSpec
 from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.errors import StoreError
 from lightning_tda.methods.scoring import block_top_k
-from lightning_tda.store.scan import RowScan
+from lightning_tda.store.scan import CrcLane, RowScan
 from lightning_tda.store.writer import StoreWriter
 
 N, D_OUT, D_IN = 3001, 8, 16  # one exact linear layer: D = 8 * 16 = 128 columns
@@ -160,17 +159,17 @@ def test_a_damaged_row_fails_the_scan(tmp_path, row, block_rows):
 def test_row_scan_maps_blocks_copy_on_write_and_checksums_in_order(tmp_path):
     path = tmp_path / "s.h5"
     _write(path, "float32")
-    with h5py.File(path, "r") as f, ThreadPoolExecutor(1) as pool:
+    with h5py.File(path, "r") as f, CrcLane() as lane:
         ds = f[TRAIN]
         whole = ds[()]
-        scan = RowScan(ds, pool)
+        scan = RowScan(ds, lane)
         assert scan._offset is not None  # a contiguous dataset of a plain file: mapped
         blocks = [scan[s : s + 700] for s in range(0, N, 700)]
         assert scan.done() and scan.crc() == zlib.crc32(whole.tobytes())
         np.testing.assert_array_equal(np.concatenate(blocks), whole)
         blocks[0][:] = 0.0  # writable, and only this process's copy changes
         np.testing.assert_array_equal(ds[:700], whole[:700])
-        out_of_order = RowScan(ds, pool)
+        out_of_order = RowScan(ds, lane)
         out_of_order[700:1400]
         assert not out_of_order.done()
 
@@ -179,8 +178,8 @@ def test_row_scan_reads_chunked_datasets_through_h5py(tmp_path):
     data = np.random.default_rng(0).standard_normal((1000, 16)).astype(np.float32)
     with h5py.File(tmp_path / "c.h5", "w") as f:
         ds = f.create_dataset("x", data=data, chunks=(100, 16), compression="gzip")
-        with ThreadPoolExecutor(1) as pool:
-            scan = RowScan(ds, pool)
+        with CrcLane() as lane:
+            scan = RowScan(ds, lane)
             assert scan._offset is None
             got = np.concatenate([scan[s : s + 300] for s in range(0, 1000, 300)])
             np.testing.assert_array_equal(got, data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from lightning_tda.errors import (
 )
 from lightning_tda.store import schema
 from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
-from lightning_tda.store.scan import RowScan
+from lightning_tda.store.scan import CrcLane, RowScan
 from lightning_tda.store.writer import ReadFile, check_dataset, check_group, check_root, read_bases
 
 
@@ -315,8 +314,8 @@ class StoreReader:
         dataset this reader has not verified yet is checksummed as it is read, on a background thread
         while the caller uses each block; a full scan ends with its checksum verified (a damaged
         dataset raises :class:`StoreError` there)."""
-        with self._h5() as f, ThreadPoolExecutor(1, thread_name_prefix="lightning_tda-crc") as pool:
-            dsets = [self._scanned(self._dataset(f, s, n), pool) for s, n in steps_and_names]
+        with self._h5() as f, CrcLane() as lane:
+            dsets = [self._scanned(self._dataset(f, s, n), lane) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
             if not any(isinstance(d, BatchRows) for d in dsets):  # (those look up groups lazily)
                 f.unlock()  # the datasets are open: a long scan does not hold up the writer's commits
@@ -394,15 +393,15 @@ class StoreReader:
         self._verify(ds, np.asarray(arr))
         return arr
 
-    def _scanned(self, ds: Any, pool: Executor) -> Any:
-        """``ds`` read block by block through a :class:`RowScan`, which checksums its rows on ``pool``
+    def _scanned(self, ds: Any, lane: CrcLane) -> Any:
+        """``ds`` read block by block through a :class:`RowScan`, which checksums its rows on ``lane``
         as :meth:`iter_blocks` reads them in order unless this reader verified them already."""
         raw = ds.factors if isinstance(ds, FactoredRows) else ds
         if not isinstance(raw, h5py.Dataset) or raw.ndim != 2:
             return ds
         verified = self.__dict__.get("_verified", set())
         checksum = schema.CRC in raw.attrs and raw.name not in verified
-        scan = RowScan(raw, pool if checksum else None)
+        scan = RowScan(raw, lane if checksum else None)
         if isinstance(ds, FactoredRows):
             ds.factors = scan
             return ds

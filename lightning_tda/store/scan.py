@@ -15,7 +15,7 @@ import contextlib
 import mmap
 import os
 import sys
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import h5py
@@ -48,26 +48,57 @@ def _file_offset(ds: h5py.Dataset) -> int | None:
         return None
 
 
+class CrcLane:
+    """One background thread that checksums blocks, one at a time: a read through any
+    :class:`RowScan` of the lane first waits for the block before it, so each block's bytes are held
+    here no longer than until the next read (a context manager: the thread ends on exit)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[RowScan, Future] | None = None
+
+    def __enter__(self) -> CrcLane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def settle(self) -> None:
+        """Wait for the block being checksummed (its scan's CRC then covers it)."""
+        if self._pending is not None:
+            (scan, future), self._pending = self._pending, None
+            scan.crc_so_far = future.result()
+
+    def submit(self, scan: RowScan, arr: np.ndarray) -> None:
+        """Continue ``scan``'s CRC over ``arr`` in the background."""
+        self.settle()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning_tda-crc")
+        self._pending = (scan, self._pool.submit(schema.crc_update, scan.crc_so_far, arr))
+
+
 class RowScan:
     """``scan[start:stop]``: rows of ``ds`` as a numpy array, read as described in the module docstring.
 
     Args:
-        ds: a 2-D (or 1-D) row dataset.
-        crc_pool: an executor that accumulates the CRC-32 of the rows' bytes while they are read front
-            to back (one block after the other from row 0); ``None`` for no checksum.
+        ds: a 2-D row dataset.
+        lane: the :class:`CrcLane` that accumulates the CRC-32 of the rows' bytes while they are read
+            front to back (one block after the other from row 0); ``None`` for no checksum.
 
     Attributes:
         ds, attrs, shape, dtype: the dataset's.
         next: the row the next block of a front-to-back scan starts at (``-1`` once a block was read
             out of order: nothing to verify then).
+        crc_so_far: the CRC of the rows checksummed so far (:meth:`crc` waits for the last block).
     """
 
-    def __init__(self, ds: h5py.Dataset, crc_pool: Executor | None = None) -> None:
+    def __init__(self, ds: h5py.Dataset, lane: CrcLane | None = None) -> None:
         self.ds, self.attrs, self.shape, self.dtype = ds, ds.attrs, ds.shape, ds.dtype
-        self.pool = crc_pool
+        self.lane = lane
         self.next = 0
-        self._crc = 0
-        self._pending: Future | None = None
+        self.crc_so_far = 0
         self._offset = _file_offset(ds)
         self._path = ds.file.filename if self._offset is not None else None
 
@@ -76,17 +107,18 @@ class RowScan:
 
     @property
     def checksummed(self) -> bool:
-        return self.pool is not None
+        return self.lane is not None
 
     def __getitem__(self, sel: Any) -> np.ndarray:
-        self._settle()  # the previous block's CRC first: one block held here at a time
+        if self.lane is not None:
+            self.lane.settle()  # the block before first: one block held by the lane at a time
         plain = isinstance(sel, slice) and sel.step is None
         arr = self._mapped(*sel.indices(len(self.ds))[:2]) if plain else None
         if arr is None:
             arr = self.ds[sel]
-        if self.pool is not None:
+        if self.lane is not None:
             if plain and (sel.start or 0) == self.next >= 0:
-                self._pending = self.pool.submit(schema.crc_update, self._crc, arr)
+                self.lane.submit(self, arr)
                 self.next += len(arr)
             else:
                 self.next = -1  # not a front-to-back scan: nothing to verify
@@ -98,13 +130,9 @@ class RowScan:
 
     def crc(self) -> int:
         """CRC-32 of the bytes read front to back so far (waits for the background thread)."""
-        self._settle()
-        return self._crc
-
-    def _settle(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._crc = pending.result()
+        if self.lane is not None:
+            self.lane.settle()
+        return self.crc_so_far
 
     def _mapped(self, start: int, stop: int) -> np.ndarray | None:
         """Rows ``[start, stop)`` mapped from the file (copy-on-write), or ``None`` when not possible."""
