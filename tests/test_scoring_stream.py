@@ -184,3 +184,11 @@ def test_row_scan_reads_chunked_datasets_through_h5py(tmp_path):
             got = np.concatenate([scan[s : s + 300] for s in range(0, 1000, 300)])
             np.testing.assert_array_equal(got, data)
             assert scan.crc() == zlib.crc32(data.tobytes())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_precomputed_queries_with_a_non_finite_entry_are_refused(store_path, bad):
+    q = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
+    q[2, 17] = bad
+    with pytest.raises(ValueError, match="not all finite"):
+        AttributionStore(store_path).attribute({STEP: q}, method="graddot", top_k=3)

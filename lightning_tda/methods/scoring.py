@@ -183,7 +183,7 @@ def block_top_k(
     q, b = s.shape
     k = min(k, b)
     groups = b // _GROUP
-    if s.device.type == "cpu" and s.is_floating_point() and groups >= 4 * k:
+    if q and s.device.type == "cpu" and s.is_floating_point() and groups >= 4 * k:
         hi, lo = _grouped_top_k(s, k, groups)
         if not bool(torch.isnan(hi[0][:, 0]).any()):  # (a CPU tensor: no device sync)
             return hi, lo
@@ -195,7 +195,8 @@ def block_top_k(
 def _grouped_top_k(s: torch.Tensor, k: int, groups: int):
     """:func:`block_top_k` through the ``groups`` interleaved column groups (see there)."""
     q, b = s.shape
-    mn, mx = torch.aminmax(s[:, : groups * _GROUP].view(q, _GROUP, groups), dim=1)  # [Q, G] each
+    v = s[:, : groups * _GROUP].view(q, _GROUP, groups)
+    mx, mn = v.amax(dim=1), v.amin(dim=1)  # [Q, G] each (torch.aminmax is many times slower here)
     offsets = torch.arange(_GROUP, device=s.device).mul_(groups)  # group g: columns g + offsets
     tail = torch.arange(groups * _GROUP, b, device=s.device).expand(q, -1)  # in no group
     out = []
