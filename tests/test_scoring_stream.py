@@ -192,3 +192,12 @@ def test_precomputed_queries_with_a_non_finite_entry_are_refused(store_path, bad
     q[2, 17] = bad
     with pytest.raises(ValueError, match="not all finite"):
         AttributionStore(store_path).attribute({STEP: q}, method="graddot", top_k=3)
+
+
+def test_zero_queries_give_empty_results(store_path):
+    store = AttributionStore(store_path)
+    res = store.attribute({STEP: torch.zeros(0, D)}, method="graddot", top_k=3)
+    assert res.scores.shape == (0, 3) and res.indices.shape == (0, 3)
+    assert store.attribute(
+        {STEP: torch.zeros(0, D)}, method="graddot", top_k=None
+    ).scores.shape == (0, N)
