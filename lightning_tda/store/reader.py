@@ -397,7 +397,7 @@ class StoreReader:
         """``ds`` read block by block through a :class:`RowScan`, which checksums its rows on ``lane``
         as :meth:`iter_blocks` reads them in order unless this reader verified them already."""
         raw = ds.factors if isinstance(ds, FactoredRows) else ds
-        if not isinstance(raw, h5py.Dataset) or raw.ndim != 2:
+        if not isinstance(raw, h5py.Dataset):
             return ds
         verified = self.__dict__.get("_verified", set())
         checksum = schema.CRC in raw.attrs and raw.name not in verified

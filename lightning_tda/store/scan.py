@@ -83,7 +83,7 @@ class RowScan:
     """``scan[start:stop]``: rows of ``ds`` as a numpy array, read as described in the module docstring.
 
     Args:
-        ds: a 2-D row dataset.
+        ds: a row dataset (only 2-D ones are mapped).
         lane: the :class:`CrcLane` that accumulates the CRC-32 of the rows' bytes while they are read
             front to back (one block after the other from row 0); ``None`` for no checksum.
 
