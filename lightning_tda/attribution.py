@@ -358,7 +358,8 @@ class AttributionStore(StoreReader):
                     f"query vectors for step {s} have shape {tuple(v.shape)} but the store's rows have D={self.width}; "
                     "compute them with the store's projection (AttributionStore.query_vectors)."
                 )
-            if not torch.isfinite(v).all():
+            lo, hi = torch.aminmax(v) if v.numel() else (v.new_zeros(()), v.new_zeros(()))
+            if not (torch.isfinite(lo) & torch.isfinite(hi)):  # (NaN propagates to both)
                 raise ValueError(
                     f"precomputed query vectors for step {s} are not all finite (NaN or Inf); "
                     "check the query gradients"

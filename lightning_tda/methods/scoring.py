@@ -103,27 +103,36 @@ def stream_scores(
     label = f"{description}: {_checkpoints(terms)}"
     with progress_bar(label, n, unit="rows") as bar:
         for start, stop, blocks in _counted(store.iter_blocks(keys, block), bar):
-            s = torch.zeros(q, stop - start, dtype=torch.float32, device=device)
+            s = None
             for t, x in zip(terms, blocks, strict=True):
-                x = x.to(device, non_blocking=True)
-                if t.normalize_train:
-                    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                if t.score_fn is not None:
-                    ts = t.score_fn(t.query, x)
-                    s += ts if t.row_weight is None else ts * t.row_weight[start:stop].to(device)
-                elif t.row_weight is None:
-                    s.addmm_(t.query, x.T)
-                else:
-                    s += (t.query @ x.T) * t.row_weight[start:stop].to(device)
+                s = _add_term(s, t, x.to(device, non_blocking=True), start, stop)
             del blocks, x  # free this block before the next is read: one block in memory, not two
             if dense is not None:
                 dense[:, start:stop] = s.cpu()
                 continue
-            best_v, best_r = _merge(best_v, best_r, s, start, k, largest=True)
-            low_v, low_r = _merge(low_v, low_r, s, start, k, largest=False)
+            best_v, best_r, low_v, low_r = _merge(best_v, best_r, low_v, low_r, s, start, k)
     if dense is not None:
         return dense
     return TopK(best_v.cpu(), best_r.cpu(), low_v.cpu(), low_r.cpu())
+
+
+def _add_term(
+    s: torch.Tensor | None, t: ScoreTerm, x: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
+    """``s`` ``[Q, B]`` fp32 plus term ``t``'s scores of the block ``x`` ``[B, D]`` (rows
+    ``start:stop``); the first term (``s is None``) is written straight into a new ``s``."""
+    if t.normalize_train:
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    if t.score_fn is None and t.row_weight is None:
+        if s is None:
+            return torch.mm(t.query, x.T).float()
+        return s.addmm_(t.query, x.T)
+    ts = t.score_fn(t.query, x) if t.score_fn is not None else t.query @ x.T
+    if t.row_weight is not None:
+        ts = ts * t.row_weight[start:stop].to(x.device)
+    if s is None:
+        return ts.to(torch.float32, copy=True)
+    return s.add_(ts)
 
 
 def _counted(blocks: Iterator[tuple[int, int, list[torch.Tensor]]], bar: Bar):
@@ -139,16 +148,64 @@ def _checkpoints(terms: list) -> str:
     return f"{steps} checkpoint{'s' if steps != 1 else ''}"
 
 
-def _merge(v, r, s, start, k, largest):
-    """Running top-k: the block's own top-k (``s`` ``[Q, B]``, rows from ``start``) merged with the
-    ``[Q, k]`` kept so far; nothing of size ``[Q, B]`` besides ``s`` is formed."""
-    vals, idx = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest, sorted=True)
-    rows = idx + start
-    if v is None:
-        return vals, rows
-    vals, rows = torch.cat([v, vals], dim=1), torch.cat([r, rows], dim=1)
+def _merge(best_v, best_r, low_v, low_r, s, start, k):
+    """Running top-k proponents and opponents: the block's own (``s`` ``[Q, B]``, rows from ``start``,
+    :func:`block_top_k`) merged with the ``[Q, k]`` kept so far."""
+    (hv, hr), (lv, lr) = block_top_k(s, k)
+    hr, lr = hr + start, lr + start
+    if best_v is None:
+        return hv, hr, lv, lr
+    hv, hr = _merge_sorted(best_v, best_r, hv, hr, k, largest=True)
+    lv, lr = _merge_sorted(low_v, low_r, lv, lr, k, largest=False)
+    return hv, hr, lv, lr
+
+
+def _merge_sorted(v, r, bv, br, k, largest):
+    vals, rows = torch.cat([v, bv], dim=1), torch.cat([r, br], dim=1)
     vals, idx = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest, sorted=True)
     return vals, torch.gather(rows, 1, idx)
+
+
+_GROUP = 32  # block_top_k: columns per group (column c is in group c % (B // 32))
+
+
+def block_top_k(
+    s: torch.Tensor, k: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((values, columns), (low_values, low_columns))``: the ``k`` largest and ``k`` smallest
+    entries of each row of ``s`` ``[Q, B]`` (each ``[Q, min(k, B)]``, sorted), as ``torch.topk`` gives.
+
+    On a wide block on the CPU the columns are split into ``B // 32`` interleaved groups of 32; one
+    pass takes each group's max and min, and only the ``k`` groups with the largest max (smallest min)
+    can hold a top (bottom) entry, so ``torch.topk`` runs on ``32 k`` candidates per row instead of
+    ``B``. A GPU's ``topk`` is fast as it is; a block with a NaN score (it comes out on top: ``topk``
+    ranks NaN highest) takes plain ``topk``, whose NaN order a group's NaN min would not keep."""
+    q, b = s.shape
+    k = min(k, b)
+    groups = b // _GROUP
+    if q and s.device.type == "cpu" and s.is_floating_point() and groups >= 4 * k:
+        hi, lo = _grouped_top_k(s, k, groups)
+        if not bool(torch.isnan(hi[0][:, 0]).any()):  # (a CPU tensor: no device sync)
+            return hi, lo
+    top = torch.topk(s, k, dim=1, largest=True, sorted=True)
+    low = torch.topk(s, k, dim=1, largest=False, sorted=True)
+    return (top.values, top.indices), (low.values, low.indices)
+
+
+def _grouped_top_k(s: torch.Tensor, k: int, groups: int):
+    """:func:`block_top_k` through the ``groups`` interleaved column groups (see there)."""
+    q, b = s.shape
+    v = s[:, : groups * _GROUP].view(q, _GROUP, groups)
+    mx, mn = v.amax(dim=1), v.amin(dim=1)  # [Q, G] each (torch.aminmax is many times slower here)
+    offsets = torch.arange(_GROUP, device=s.device).mul_(groups)  # group g: columns g + offsets
+    tail = torch.arange(groups * _GROUP, b, device=s.device).expand(q, -1)  # in no group
+    out = []
+    for ext, largest in ((mx, True), (mn, False)):
+        g = torch.topk(ext, k, dim=1, largest=largest, sorted=False).indices  # [Q, k]
+        cols = torch.cat([(g[:, :, None] + offsets).reshape(q, -1), tail], dim=1)
+        vals, i = torch.topk(s.gather(1, cols), k, dim=1, largest=largest, sorted=True)
+        out.append((vals, cols.gather(1, i)))
+    return out[0], out[1]
 
 
 def stream_self_influence(

@@ -23,6 +23,7 @@ from lightning_tda.errors import (
 )
 from lightning_tda.store import schema
 from lightning_tda.store.batches import GUARDED, BatchRows, RowBlock, in_flight_refusal
+from lightning_tda.store.scan import CrcLane, RowScan
 from lightning_tda.store.writer import ReadFile, check_dataset, check_group, check_root, read_bases
 
 
@@ -307,9 +308,14 @@ class StoreReader:
 
         ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block. A batch
         checkpoint's ``"train@batch"`` (or ``"train@batch:<steps>"``, :func:`schema.batch_view`) yields a
-        lazy :class:`RowBlock` of the rows of those steps' batches that fall in the block."""
-        with self._h5() as f:
-            dsets = [self._scanned(self._dataset(f, s, n)) for s, n in steps_and_names]
+        lazy :class:`RowBlock` of the rows of those steps' batches that fall in the block.
+
+        Rows are read as :mod:`lightning_tda.store.scan` describes (memory-mapped where possible). A
+        dataset this reader has not verified yet is checksummed as it is read, on a background thread
+        while the caller uses each block; a full scan ends with its checksum verified (a damaged
+        dataset raises :class:`StoreError` there)."""
+        with self._h5() as f, CrcLane() as lane:
+            dsets = [self._scanned(self._dataset(f, s, n), lane) for s, n in steps_and_names]
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
             if not any(isinstance(d, BatchRows) for d in dsets):  # (those look up groups lazily)
                 f.unlock()  # the datasets are open: a long scan does not hold up the writer's commits
@@ -328,8 +334,8 @@ class StoreReader:
                 )
             for d in dsets:  # a full scan ends with each dataset's checksum verified
                 scan = d.factors if isinstance(d, FactoredRows) else d
-                if isinstance(scan, _Scan) and scan.done():
-                    self._verify(scan.ds, crc=scan.crc)
+                if isinstance(scan, RowScan) and scan.checksummed and scan.done():
+                    self._verify(scan.ds, crc=scan.crc())
 
     def state_step(self, step: int) -> int:
         """The checkpoint whose saved state stands for the weights at ``step``: ``step`` itself, or for
@@ -403,13 +409,19 @@ class StoreReader:
         self._verify(ds, np.asarray(arr))
         return arr
 
-    def _scanned(self, ds: Any) -> Any:
-        """``ds`` with its rows checksummed as :meth:`iter_blocks` reads them in order."""
-        if isinstance(ds, FactoredRows) and schema.CRC in ds.factors.attrs:
-            ds.factors = _Scan(ds.factors)
-        elif isinstance(ds, h5py.Dataset) and schema.CRC in ds.attrs:
-            return _Scan(ds)
-        return ds
+    def _scanned(self, ds: Any, lane: CrcLane) -> Any:
+        """``ds`` read block by block through a :class:`RowScan`, which checksums its rows on ``lane``
+        as :meth:`iter_blocks` reads them in order unless this reader verified them already."""
+        raw = ds.factors if isinstance(ds, FactoredRows) else ds
+        if not isinstance(raw, h5py.Dataset):
+            return ds
+        verified = self.__dict__.get("_verified", set())
+        checksum = schema.CRC in raw.attrs and raw.name not in verified
+        scan = RowScan(raw, lane if checksum else None)
+        if isinstance(ds, FactoredRows):
+            ds.factors = scan
+            return ds
+        return scan
 
     def kfac_factors(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer: (A' [k_in, k_in], S' [k_out, k_out])}`` projected K-FAC factors of a checkpoint."""
@@ -451,29 +463,6 @@ def _lib_version() -> str:
     from lightning_tda._version import __version__
 
     return __version__
-
-
-class _Scan:
-    """A dataset read front to back in row blocks, accumulating the CRC of its bytes."""
-
-    def __init__(self, ds: h5py.Dataset) -> None:
-        self.ds, self.attrs, self.shape, self.dtype = ds, ds.attrs, ds.shape, ds.dtype
-        self.crc, self.next = 0, 0
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, sel: Any) -> np.ndarray:
-        arr = self.ds[sel]
-        if isinstance(sel, slice) and sel.step is None and (sel.start or 0) == self.next >= 0:
-            self.crc = schema.crc_update(self.crc, arr)
-            self.next += len(arr)
-        else:
-            self.next = -1  # not a front-to-back scan: nothing to verify
-        return arr
-
-    def done(self) -> bool:
-        return self.next == len(self.ds)
 
 
 # -- layout checks ----------------------------------------------------------------------------------

@@ -159,10 +159,14 @@ def encode_rows(rows: torch.Tensor, storage: str) -> np.ndarray:
 
 
 def decode_rows(arr: np.ndarray, storage: str) -> torch.Tensor:
-    """Stored block -> fp32 tensor."""
+    """Stored block -> fp32 tensor (float32 rows: ``arr``'s own memory when it is writable and
+    contiguous, no copy; float16 / bfloat16: one conversion pass, no intermediate copy)."""
+    if not arr.flags.writeable:  # (torch.from_numpy warns on read-only memory)
+        arr = arr.copy()
+    arr = np.ascontiguousarray(arr)
     if storage == "bfloat16":
-        return torch.from_numpy(arr.view("<i2").copy()).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(arr)).float()
+        return torch.from_numpy(arr.view("<i2")).view(torch.bfloat16).float()
+    return torch.from_numpy(arr).float()
 
 
 # -- integrity (docs/store.md "Integrity") ---------------------------------------------------------
