@@ -203,6 +203,7 @@ def run_in_flight_trial(trial: dict[str, Any]) -> None:
     """One deterministic in-flight fit (no shuffling, seeded init): fresh, or resumed from
     ``last.ckpt`` (``overwrite=True`` when there is none yet, as a user would)."""
     from lightning_tda import GradientLogger
+    from lightning_tda.callbacks.config import InFlightConfig
 
     store, ckpt_dir = trial["store"], trial["ckpt"]
     fault = trial.get("fault") or {}
@@ -218,7 +219,7 @@ def run_in_flight_trial(trial: dict[str, Any]) -> None:
         store,
         mode="in_flight",
         query_data=make_classification(IF_QUERY, seed=1),
-        flush_every=FLUSH_EVERY,
+        in_flight=InFlightConfig(flush_every=FLUSH_EVERY, background=True),  # the thread on CPU too
         rank=4,
         verbose=False,
         overwrite=bool(trial.get("resume")) and not resume,

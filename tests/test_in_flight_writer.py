@@ -12,6 +12,7 @@ from helpers import FastLogger, TinyMLP, loader, make_classification, trainer
 from lightning_tda import AttributionStore
 from lightning_tda.callbacks import in_flight as recorder_module
 from lightning_tda.callbacks import in_flight_steps
+from lightning_tda.callbacks.config import InFlightConfig
 from lightning_tda.errors import NonFiniteError, StoreError
 from lightning_tda.store.background import BackgroundWriter
 
@@ -98,7 +99,10 @@ def test_a_write_failing_in_the_background_stops_the_fit_with_its_error(tmp_path
         real(path, dtype, steps, query_ids)
 
     monkeypatch.setattr(in_flight_steps, "write_batch_steps", failing)
-    logger = FastLogger(tmp_path / "a.h5", mode="in_flight", rank=4, flush_every=2, verbose=False)
+    flight = InFlightConfig(flush_every=2, background=True)
+    logger = FastLogger(
+        tmp_path / "a.h5", mode="in_flight", rank=4, in_flight=flight, verbose=False
+    )
     with pytest.raises(StoreError, match="disk full"):
         trainer(tmp_path, [logger], max_epochs=4).fit(
             TinyMLP(), loader(make_classification(32), batch_size=4)

@@ -82,7 +82,8 @@ def _fit(tmp_path, monkeypatch, epochs: int, **kw) -> tuple[Counter, StoreCalls,
     data = IndexedDataset(TokenDataset(n=32))
     path = tmp_path / f"e{epochs}-{len(kw)}.h5"
     kw = {"rank": 4, **kw}
-    logger = FastLogger(path, mode="in_flight", flush_every=4, verbose=False, **kw)
+    flight = InFlightConfig(flush_every=4, background=True)  # as on an accelerator ("auto")
+    logger = FastLogger(path, mode="in_flight", in_flight=flight, verbose=False, **kw)
     calls = StoreCalls(monkeypatch)
     t = trainer(tmp_path, [logger], max_epochs=epochs)
     with SyncCounter() as syncs:
@@ -153,3 +154,12 @@ def test_background_and_inline_writers_write_identical_stores(tmp_path):
         (ia, ra), (ib, rb) = a.batch_rows(t), b.batch_rows(t)
         assert torch.equal(ia, ib) and torch.equal(ra, rb) and ra.abs().sum() > 0
         assert a.checkpoint_attrs(t)["lr_sum"] == b.checkpoint_attrs(t)["lr_sum"]
+
+
+def test_background_auto_is_the_thread_on_accelerators_only():
+    auto = InFlightConfig()
+    assert auto.background == "auto"
+    assert auto.background_for(torch.device("cuda", 0)) is True
+    assert auto.background_for(torch.device("cpu")) is False
+    assert InFlightConfig(background=True).background_for(torch.device("cpu")) is True
+    assert InFlightConfig(background=False).background_for(torch.device("cuda")) is False

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
+import torch
+
 from lightning_tda.callbacks.schedule import ScheduleConfig
 from lightning_tda.capture.in_flight import Reduction, check_reduction
 from lightning_tda.capture.losses import LossFn
@@ -198,14 +200,17 @@ class InFlightConfig:
         reduction: how ``training_step``'s loss reduces ``per_example_loss`` over a (micro-)batch:
             ``"mean"`` (``c = 1/B``), ``"sum"`` (``c = 1``) or ``fn(batch) -> c``.
         flush_every: logged steps written per file open (one commit).
-        background: write on a background thread while training goes on (``False``: between steps).
+        background: write on a background thread while training goes on (``True``), between steps
+            (``False``), or ``"auto"`` (default): the thread when the model is on an accelerator,
+            between steps on CPU, where the writer's CRC/HDF5 work competes with training for the
+            same cores (measured on 2 cores: 2.09× the plain fit with the thread, 1.42× without).
         max_pending: groups of ``flush_every`` steps that may wait for the background writer before
             training waits for it (bounds the memory the rows and states of unwritten steps hold).
     """
 
     reduction: Reduction = "mean"
     flush_every: int = 16
-    background: bool = True
+    background: bool | Literal["auto"] = "auto"
     max_pending: int = 2
 
     may_change_on_resume: ClassVar[frozenset[str]] = frozenset(
@@ -221,8 +226,14 @@ class InFlightConfig:
             raise ConfigError(f"flush_every must be a positive int, got {self.flush_every!r}")
         if not _positive_int(self.max_pending):
             raise ConfigError(f"max_pending must be a positive int, got {self.max_pending!r}")
-        if not isinstance(self.background, bool):
-            raise ConfigError(f"background must be True or False, got {self.background!r}")
+        if self.background not in (True, False, "auto"):
+            raise ConfigError(f"background must be True, False or 'auto', got {self.background!r}")
+
+    def background_for(self, device: torch.device) -> bool:
+        """Whether to write on a background thread when training on ``device`` (resolves ``"auto"``)."""
+        if self.background == "auto":
+            return device.type != "cpu"
+        return bool(self.background)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -84,7 +84,8 @@ class InFlightLogging(LoggingStrategy):
         self._states = StatePolicy(ctx.config.capture.save_state, state_bytes, row_bytes)
         flight = ctx.config.in_flight
         self._close_writer()
-        self._writer = BackgroundWriter(flight.max_pending) if flight.background else None
+        background = flight.background_for(pl_module.device)
+        self._writer = BackgroundWriter(flight.max_pending) if background else None
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Fail in seconds on the first training batch: its ids, the task's loss and the projection."""
