@@ -9,7 +9,8 @@ writer therefore hands HDF5 a :class:`JournaledFile` instead of a path:
 - the new value of such a byte is held in memory (reads see it) until the commit, or until a
   truncation or :data:`PENDING_LIMIT` bytes of them force it out; only then, after the journal is
   fsync'ed (and, the first time, its directory), is it written to the store (write-ahead);
-- a completed HDF5 flush (the driver's ``flush`` call, and a completed close) is a commit: the held
+- a completed HDF5 flush (the driver's ``flush`` call) and a completed close are commits (the flush
+  HDF5 makes inside a close is not: ``closing`` is set, so a close is one commit): the held
   bytes are written, the store is fsync'ed, the journal is deleted and the directory fsync'ed. So a
   commit costs at most four fsyncs however many writes it holds (journal, directory, store,
   directory), and a flush that wrote nothing costs none;
@@ -378,6 +379,7 @@ class JournaledFile:
         self.durable = durable_default(durable)
         self.scratch: list[tuple[int, int]] = []
         self.error: BaseException | None = None
+        self.closing = False  # set before HDF5 closes the file: its flush() then does not commit
         self.pos = 0
         self._jfd: int | None = None
         self._jsize = 0
@@ -490,8 +492,10 @@ class JournaledFile:
         return size
 
     def flush(self) -> None:
-        """HDF5 calls this last in a flush: the file is consistent, so commit."""
-        if self.error is None:
+        """HDF5 calls this last in a flush: the file is consistent, so commit. Not while ``closing``:
+        HDF5 flushes, then still writes (free space, superblock) before a close returns, so
+        :meth:`close` makes all of it one commit (one set of fsyncs)."""
+        if self.error is None and not self.closing:
             try:
                 self._commit()
             except BaseException as e:

@@ -243,6 +243,7 @@ class StoreFile(h5py.File):
             if self.id.valid:
                 if self.journal.error is None:
                     seal_root(self)
+                self.journal.closing = True  # HDF5's flush inside close is not a commit: one commit
                 super().close()
             ok = True
         finally:
