@@ -6,7 +6,9 @@ Crash safety rests on these rules:
    (:mod:`lightning_tda.store.journal`) makes each completed HDF5 flush an atomic commit. A process
    killed anywhere, inside a flush too, leaves the file as of its last commit (the next opener undoes
    the rest; readers see that state meanwhile), and a failed write (a full disk) rolls back to it.
-   A new file appears at its path only at its first commit.
+   A new file appears at its path only at its first commit. Commits are fsync'ed (write-ahead
+   journal, then store, then directory), so a power cut leaves the file as of its last returned
+   commit or a later one (``journal.DURABLE = False`` turns that off).
 2. A checkpoint's datasets are created contiguous with early allocation and committed before any
    row is written, so rows go to raw bytes that nothing complete references (no journal needed).
 3. ``complete=True``, the checkpoint's seal (CRCs of its datasets and attributes, see
@@ -187,13 +189,16 @@ def io_error(path: Path, err: BaseException) -> StoreError:
 class StoreFile(h5py.File):
     """The store opened for writing through a :class:`~lightning_tda.store.journal.JournaledFile`.
 
-    Every completed ``flush()`` is an atomic commit; ``close()`` after an error rolls back to the last
-    one. A write that failed (disk full) raises :class:`StoreError` at the next ``flush``/``close``
-    (and :meth:`check`)."""
+    Every completed ``flush()`` is an atomic commit, on disk when it returns (``durable``, default
+    :data:`lightning_tda.store.journal.DURABLE`: fsync'ed, so it survives a power cut); ``close()``
+    after an error rolls back to the last one. A write that failed (disk full) raises
+    :class:`StoreError` at the next ``flush``/``close`` (and :meth:`check`)."""
 
-    def __init__(self, path: Path, lock_timeout: float | None = None) -> None:
+    def __init__(
+        self, path: Path, lock_timeout: float | None = None, durable: bool | None = None
+    ) -> None:
         self.journal = journal.JournaledFile(
-            path, journal.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+            path, journal.LOCK_TIMEOUT if lock_timeout is None else lock_timeout, durable
         )
         self.store_path = Path(path)
         try:
@@ -238,6 +243,7 @@ class StoreFile(h5py.File):
             if self.id.valid:
                 if self.journal.error is None:
                     seal_root(self)
+                self.journal.closing = True  # HDF5's flush inside close is not a commit: one commit
                 super().close()
             ok = True
         finally:
@@ -334,8 +340,9 @@ def open_for_update(path: str | os.PathLike) -> StoreFile:
     store after training (see :class:`~lightning_tda.store.extension.ExtensionGroup`).
 
     The returned :class:`StoreFile` holds the exclusive lock and the rollback journal: every
-    ``flush()`` is one atomic commit, and a crash or an exception inside ``with`` rolls the file back
-    to the last one. One writer per store per process.
+    ``flush()`` is one atomic commit, fsync'ed before it returns unless
+    :data:`lightning_tda.store.journal.DURABLE` is ``False``, and a crash, a power cut or an exception
+    inside ``with`` rolls the file back to the last one. One writer per store per process.
 
     Raises:
         StoreError: another process (or this one) is writing the store, or it cannot be opened.
