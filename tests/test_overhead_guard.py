@@ -117,8 +117,9 @@ def test_no_host_sync_and_batched_writes_per_logged_step(tmp_path, monkeypatch):
     flushes = steps // 4
     assert c4.opens - c2.opens == flushes, (c2.opens, c4.opens)
     assert c4.commits - c2.commits == flushes, (c2.commits, c4.commits)
-    # datasets: row_ids + train per step, examples/ids once per flush
-    assert c4.datasets["writer"] - c2.datasets["writer"] == 2 * steps + flushes
+    # datasets: row_ids + train per step, examples/ids at most once per flush (when new ids came)
+    made = c4.datasets["writer"] - c2.datasets["writer"]
+    assert 2 * steps <= made <= 2 * steps + flushes, made
 
 
 def test_auto_state_is_saved_within_the_row_budget(tmp_path, monkeypatch):
