@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from benchmarks.common import QUIET_CPU, RESULTS, fit_logged, update_benchmarks_md
+from benchmarks.durability import fsync_cost
 from benchmarks.tasks import Task, digits_task, gpt10m_task, tinygpt_task
 from lightning_tda import AttributionStore, GradientLogger, IndexedDataset
 from lightning_tda.store import schema
@@ -701,6 +702,10 @@ def _scoring_stages(
     results["bytes_per_example"] = storage_bytes(digits_task(), workdir)
     save(results)
 
+    print("(v) fsync cost of durable in-flight commits ...", flush=True)
+    results["fsync_cost"] = fsync_cost(workdir, steps=16, repeats=max(repeats, 5))  # flush_every=16
+    save(results)
+
 
 def featurization(task: Task, ov: dict, repeats: int, num_train: int | None) -> dict:
     """Our sweep's examples/s next to every peer's on the same model (checkpoint of ``ov``'s store)."""
@@ -881,6 +886,7 @@ def write_markdown(results: dict, command: str) -> str:
                 + f"; 4N ÷ N = {mem['ratio_large_small_mmap_threshold_64k']:.2f} — any growth left "
                 "with the default allocator is freed heap that glibc keeps, not live scorer memory."
             )
+    lines += _fsync_lines(results.get("fsync_cost"))
     lines += [
         "",
         "### Query throughput, HDF5 bandwidth, scoring memory",
@@ -912,6 +918,28 @@ def write_markdown(results: dict, command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _fsync_lines(f: dict | None) -> list[str]:
+    """The durability row of the perf section (``benchmarks.durability.fsync_cost``)."""
+    if not f:
+        return []
+    return [
+        "",
+        "### Durable commits (fsync cost)",
+        "",
+        "| commit of | fsyncs | durable ms | without fsync ms | fsync ms | ratio | filesystem |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| {f['steps_per_commit']} in-flight steps × {f['rows_per_step']} rows × D = {f['width']} "
+        f"({f['mb_per_commit']:.1f} MB) | {f['fsyncs_per_commit']:.0f} | {f['durable_ms_per_commit']:.1f} "
+        f"| {f['nondurable_ms_per_commit']:.1f} | {f['fsync_ms_per_commit']:.1f} | "
+        f"{f['ratio_durable']:.2f}× | {f['filesystem']} |",
+        "",
+        "Made by `python -m benchmarks.durability` inside the suite: `write_batch_steps` with "
+        "`journal.DURABLE` True (journal, store and directory fsync'ed per commit) vs False, "
+        f"interleaved, median of {f['repeats']} repeats. Per logged step that is "
+        f"{f['fsync_ms_per_commit'] / f['steps_per_commit']:.2f} ms of fsync at this flush size.",
+    ]
 
 
 def render(path: Path) -> dict:

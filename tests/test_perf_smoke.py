@@ -160,3 +160,13 @@ def test_overhead_ratio_is_median_of_per_repeat_ratios():
     times = {"plain": [10.0, 1.0, 20.0], "sweep": [1.0, 1.5, 30.0], "in_flight": [2.0, 2.0, 44.0]}
     r = perf.overhead_ratios(times)  # per repeat: sweep 0.1, 1.5, 1.5; in-flight 0.2, 2.0, 2.2
     assert r == {"ratio_sweep": pytest.approx(1.5), "ratio_in_flight": pytest.approx(2.0)}
+
+
+def test_fsync_cost_counts_the_commit_fsyncs_and_renders(tmp_path):
+    from benchmarks.durability import fsync_cost
+
+    f = fsync_cost(tmp_path, flushes=2, steps=2, rows=4, width=64, repeats=2)
+    assert f["nondurable_fsyncs_per_commit"] == 0
+    assert 1 <= f["fsyncs_per_commit"] <= 4  # journal, store, directory: at most 4 per commit
+    md = "\n".join(perf._fsync_lines(f))
+    assert "| 2 in-flight steps × 4 rows × D = 64" in md and f"{f['fsyncs_per_commit']:.0f} |" in md
