@@ -30,7 +30,9 @@ RESULTS = Path(__file__).parent / "results"
 def fit_logged(
     task: Task, path: Path, seed: int = 0, **logger_kwargs
 ) -> tuple[pl.LightningModule, AttributionStore, float]:
-    """Train the task's model on its full training set with a GradientLogger; returns model, store, fit seconds."""
+    """Train the task's model on its full training set with a GradientLogger; returns model, store, fit seconds.
+
+    The sweep batch size is 250 unless ``logger_kwargs`` says otherwise (``None``: the library's rule)."""
     pl.seed_everything(seed, verbose=False)
     model = task.factory()
     logger = GradientLogger(
@@ -38,9 +40,7 @@ def fit_logged(
         attribution_data=task.train,
         overwrite=True,
         verbose=False,
-        batch_size=250,
-        **task.logger_schedule(),
-        **logger_kwargs,
+        **{"batch_size": 250, **task.logger_schedule(), **logger_kwargs},
     )
     trainer_kwargs, fit_kwargs = task.fit_setup(seed)
     trainer = pl.Trainer(

@@ -55,7 +55,8 @@ ROW_DATASETS = (
     schema.TRAIN_FACTORS,
     schema.TRAIN_PRECOND_FACTORS,
 )
-SWEEP_CONFIG = dict(rank=16, basis="pca")  # the quality suite's "kronecker r16 pca" (float16)
+SWEEP_CONFIG = dict(rank=16, basis="pca", batch_size=None)
+"""The quality suite's "kronecker r16 pca" (float16) logger at the library's own sweep batch size."""
 IN_FLIGHT_CONFIG = dict(mode="in_flight", rank=16)  # in-flight takes no PCA basis
 
 
@@ -826,8 +827,9 @@ def write_markdown(results: dict, command: str) -> str:
         "Seconds are medians; a ratio is the median over the interleaved repeats of that "
         "repeat's logged ÷ plain time (cancels load changes between repeats). "
         "Sweep: the quality suite's `kronecker r16 pca` float16 logger at its schedule (digits every 4 "
-        'of 20 epochs, tiny GPT and gpt10m every 2 epochs); in-flight: `mode="in_flight", rank=16`, '
-        "every optimizer step, at its defaults (background writer, `flush_every=16`, "
+        "of 20 epochs, tiny GPT and gpt10m every 2 epochs) and the library's sweep batch size (64); "
+        'in-flight: `mode="in_flight", rank=16`, every optimizer step, at its defaults '
+        '(`background="auto"`: written between steps on CPU, `flush_every=16`, '
         '`save_state="auto"`). Train ex/s: examples the plain fit trained on ÷ its seconds; sweep '
         "ex/s: N × checkpoints ÷ the seconds the sweep's checkpoints took (basis, rows, curvature, "
         "optimizer state, state, HDF5), the ratio again a median of per-repeat ratios. Tasks: "

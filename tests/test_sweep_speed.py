@@ -215,3 +215,22 @@ def test_sweep_speed_switches_are_validated(bad):
 
     with pytest.raises(ConfigError, match=next(iter(bad))):
         CaptureConfig(**bad)
+
+
+def test_first_batch_check_runs_on_a_few_examples_whatever_the_sweep_batch(monkeypatch, tmp_path):
+    """The sweep's first-batch check costs CHECK_BATCH_SIZE examples, not a sweep batch of 32: the
+    first 8 ids of the data in order."""
+    from lightning_tda.callbacks import context
+
+    seen = []
+    real = context.check_first_batch
+
+    def spy(model, layers, config, loss_fn, batch, ids, device, **kw):
+        seen.append(ids.tolist())
+        return real(model, layers, config, loss_fn, batch, ids, device, **kw)
+
+    monkeypatch.setattr(context, "check_first_batch", spy)
+    run = fit_logged_mlp(tmp_path, "c.h5", rank=4, batch_size=32)
+    ids = run.store.example_ids.tolist()
+    assert len(ids) == 64  # the sweep itself still covers every example
+    assert seen == [ids[: context.CHECK_BATCH_SIZE]]

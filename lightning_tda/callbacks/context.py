@@ -168,6 +168,27 @@ class FitContext:
             self.positional = self._without_ids(loader)
         return with_positions(loader) if self.positional else loader
 
+    def check_loader(self, trainer: pl.Trainer) -> DataLoader:
+        """:meth:`attribution_loader` batched by at most ``CHECK_BATCH_SIZE`` (same data, order and
+        collate), so the first-batch check costs a few examples, not a sweep batch; a user's
+        DataLoader is kept as it is."""
+        loader = self.loader(trainer, self.attribution_data)
+        small = (
+            not isinstance(self.attribution_data, DataLoader)
+            and loader.batch_size is not None
+            and loader.batch_size > CHECK_BATCH_SIZE
+        )
+        if small:
+            loader = DataLoader(
+                loader.dataset,
+                batch_size=CHECK_BATCH_SIZE,
+                shuffle=False,
+                collate_fn=loader.collate_fn,
+            )
+        if self.positional is None:
+            self.positional = self._without_ids(loader)
+        return with_positions(loader) if self.positional else loader
+
     def _without_ids(self, loader: DataLoader) -> bool:
         with preserved_rng():  # a DataLoader iterator draws its base seed from torch's generator
             first = next(iter(loader), None)
@@ -270,6 +291,9 @@ def _explain_layout(
             "include them."
         )
 
+
+CHECK_BATCH_SIZE = 8
+"""Examples in the sweep's first-batch check (fail in seconds, whatever the sweep batch size)."""
 
 SWEEP_BATCH_SIZE = 64
 """The sweep's batch size when neither the user nor a training DataLoader gives one."""

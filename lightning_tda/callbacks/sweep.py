@@ -70,11 +70,12 @@ class SweepLogging(LoggingStrategy):
             self.log(trainer, pl_module, "fit_end")
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Fail in seconds on the first batch of the attribution data (not the training batch): its
-        ids (or positions), the task's loss and the projection, at the starting weights."""
+        """Fail in seconds on the first batch of the attribution data (not the training batch; at most
+        ``CHECK_BATCH_SIZE`` examples): its ids (or positions), the task's loss and the projection, at
+        the starting weights."""
         ctx = self.ctx
         with preserved_training_state(pl_module):
-            first = next(iter(ctx.attribution_loader(trainer)), None)
+            first = next(iter(ctx.check_loader(trainer)), None)
             if first is None:
                 return
             ids, user = ctx.split(first)
