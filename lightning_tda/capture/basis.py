@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from lightning_tda.capture.checks import _check_losses
-from lightning_tda.capture.gram import Gram
 from lightning_tda.capture.layers import DENSE, LayerSpec
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.data.ids import ExampleIds, split_ids
@@ -62,8 +61,8 @@ class _CovarianceHooks:
         self.layers = [
             s for s in layers if s.kind != DENSE and (keep or not (s.exact_in and s.exact_out))
         ]
-        self.a: dict[str, Gram] = {}
-        self.s: dict[str, Gram] = {}
+        self.a: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
         self.outputs: list[tuple[LayerSpec, torch.Tensor, torch.Tensor]] = []
         self.handles: list = []
 
@@ -86,7 +85,7 @@ class _CovarianceHooks:
                 x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
                 if spec.has_bias:
                     x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-                self.a.setdefault(spec.name, Gram()).add(x)
+                self.a[spec.name] = self.a.get(spec.name, 0) + x.T @ x
             self.outputs.append((spec, inputs[0].detach(), output))
 
         return hook
@@ -106,7 +105,7 @@ class _CovarianceHooks:
             if g is None or spec.exact_out:
                 continue
             d = g.detach().float().reshape(-1, spec.out_features)
-            self.s.setdefault(spec.name, Gram()).add(d)
+            self.s[spec.name] = self.s.get(spec.name, 0) + d.T @ d
         return calls
 
 
@@ -206,10 +205,10 @@ def fit_pca_bases(
     return out
 
 
-def _get(d: dict[str, Gram], spec: LayerSpec, what: str) -> torch.Tensor:
+def _get(d: dict[str, torch.Tensor], spec: LayerSpec, what: str) -> torch.Tensor:
     if spec.name not in d:
         raise RuntimeError(
             f"layer {spec.name} produced no {what} statistics during the PCA basis pass; it is not used by the "
             "per-example loss. Exclude it (exclude=[...]) or use the random basis."
         )
-    return d[spec.name].matrix()
+    return d[spec.name]
