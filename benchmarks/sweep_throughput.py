@@ -41,11 +41,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from benchmarks.common import QUIET_CPU, RESULTS
+from benchmarks.common import QUIET_CPU, RESULTS, fit_logged
 from benchmarks.tasks import Task
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {"batch_size": None},  # the library's own sweep batch size
     "quality": {"rank": 16, "basis": "pca", "batch_size": 250},
 }
 """GradientLogger keywords of each measured config (beyond path, attribution_data and schedule)."""
@@ -123,26 +123,6 @@ def _plain_fit(task: Task, seed: int = 0) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def _sweep_fit(task: Task, path: Path, config: dict, seed: int = 0) -> tuple[float, Any]:
-    from lightning_tda import AttributionStore, GradientLogger
-
-    pl.seed_everything(seed, verbose=False)
-    model = task.factory()
-    logger = GradientLogger(
-        path,
-        attribution_data=task.train,
-        overwrite=True,
-        verbose=False,
-        **task.logger_schedule(),
-        **config,
-    )
-    trainer_kwargs, fit_kwargs = task.fit_setup(seed)
-    trainer = pl.Trainer(callbacks=[logger], **QUIET_CPU, **trainer_kwargs)
-    t0 = time.perf_counter()
-    trainer.fit(model, **fit_kwargs)
-    return time.perf_counter() - t0, AttributionStore(path)
-
-
 def sweep_throughput(task: Task, config: dict, repeats: int = 3) -> dict:
     """Interleaved plain and sweep-logged fits of ``task``; medians of per-repeat throughputs.
 
@@ -161,7 +141,7 @@ def sweep_throughput(task: Task, config: dict, repeats: int = 3) -> dict:
         for _ in range(repeats):
             plain, plain_cpu = _plain_fit(task)
             with instrumented() as timers:
-                fit, store = _sweep_fit(task, path, config)
+                _, store, fit = fit_logged(task, path, **config)
             ckpts = len(store.steps)
             stored = sum(float(store.checkpoint_attrs(s)["seconds"]) for s in store.steps)
             logged = stored + timers.seconds.get("check", 0.0)

@@ -241,3 +241,22 @@ def fit_logged_gpt(
     data = IndexedDataset(TokenDataset(n))
     model = TinyGPT(**(gpt or {}))
     return fit_logged(tmp, model, data, name, **kw)
+
+
+def dense_fc_metadata(d_out: int, d_in: int) -> dict[str, str]:
+    """Run metadata of a dense sweep store of one exact ``fc`` Linear (with bias), for stores written
+    by :class:`~lightning_tda.store.writer.StoreWriter` directly."""
+    import json
+
+    from lightning_tda.capture.layers import LayerSpec
+    from lightning_tda.capture.projection import ProjectionConfig
+
+    layer = LayerSpec("fc", "linear", d_out, d_in, True, d_out, d_in, 0, ("fc.weight", "fc.bias"))
+    return {
+        "logging_mode": "sweep",
+        "storage": "dense",
+        "layers": json.dumps([layer.to_dict()]),
+        "projection": json.dumps(ProjectionConfig(kind="exact").to_dict()),
+        "layer_groups": json.dumps({"fc": 0}),
+        "other_params": json.dumps([]),
+    }

@@ -26,9 +26,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import dense_fc_metadata
 
-from lightning_tda.capture.layers import LayerSpec
-from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.methods.scoring import default_block_rows
 from lightning_tda.store.writer import StoreWriter
 
@@ -48,17 +47,8 @@ def _ids(rows: np.ndarray) -> np.ndarray:
 
 def _write_store(path: Path) -> None:
     """Two sealed checkpoints of random float16 rows, written block by block."""
-    layer = LayerSpec("fc", "linear", D_OUT, D_IN, True, D_OUT, D_IN, 0, ("fc.weight", "fc.bias"))
-    attrs = {
-        "logging_mode": "sweep",
-        "storage": "dense",
-        "layers": json.dumps([layer.to_dict()]),
-        "projection": json.dumps(ProjectionConfig(kind="exact").to_dict()),
-        "layer_groups": json.dumps({"fc": 0}),
-        "other_params": json.dumps([]),
-    }
     writer = StoreWriter(path, "float16")
-    writer.write_run_metadata(attrs)
+    writer.write_run_metadata(dense_fc_metadata(D_OUT, D_IN))
     # one random block, its columns rolled by a different shift for every block written (cheaper
     # than fresh random numbers; every row stays distinct, so top-k has no ties)
     base = torch.randn(WRITE_BLOCK, D, generator=torch.Generator().manual_seed(0))

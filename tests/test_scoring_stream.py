@@ -4,7 +4,6 @@ the raw rows (read here with plain h5py) gives, and a damaged row still fails th
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
@@ -12,10 +11,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import dense_fc_metadata
 
 from lightning_tda import AttributionStore
-from lightning_tda.capture.layers import LayerSpec
-from lightning_tda.capture.projection import ProjectionConfig
 from lightning_tda.errors import StoreError
 from lightning_tda.methods.scoring import block_top_k
 from lightning_tda.store.scan import CrcLane, RowScan
@@ -28,18 +26,8 @@ TRAIN = f"checkpoints/{STEP:010d}/train"
 
 
 def _write(path: Path, dtype: str, n: int = N) -> None:
-    layer = LayerSpec("fc", "linear", D_OUT, D_IN, True, D_OUT, D_IN, 0, ("fc.weight", "fc.bias"))
     writer = StoreWriter(path, dtype)
-    writer.write_run_metadata(
-        {
-            "logging_mode": "sweep",
-            "storage": "dense",
-            "layers": json.dumps([layer.to_dict()]),
-            "projection": json.dumps(ProjectionConfig(kind="exact").to_dict()),
-            "layer_groups": json.dumps({"fc": 0}),
-            "other_params": json.dumps([]),
-        }
-    )
+    writer.write_run_metadata(dense_fc_metadata(D_OUT, D_IN))
     g = torch.Generator().manual_seed(0)
     with writer.begin_checkpoint(STEP, n, D) as cw:
         for start in range(0, n, 1000):

@@ -27,7 +27,10 @@ def _datasets(path) -> dict[str, np.ndarray]:
 
 
 def _fit_with_reuse(monkeypatch, tmp_path, name, reuse, fit=fit_logged_gpt, **kw):
-    monkeypatch.setattr(SweepLogging, "_reuse_bytes", lambda self: reuse)
+    budget = basis.reuse_budget  # capture.basis_reuse_bytes = reuse (None: the default budget)
+    monkeypatch.setattr(
+        "lightning_tda.callbacks.sweep.reuse_budget", lambda device, _=None: budget(device, reuse)
+    )
     calls = []
     real = SweepLogging._log_single
 
@@ -40,10 +43,8 @@ def _fit_with_reuse(monkeypatch, tmp_path, name, reuse, fit=fit_logged_gpt, **kw
     return _datasets(run.path), calls
 
 
-@pytest.mark.parametrize("fit", [fit_logged_gpt, fit_logged_mlp])
-def test_kept_basis_batches_store_the_same_rows(monkeypatch, tmp_path, fit):
-    """Rows, preconditioned rows, K-FAC factors and bases with the basis pass's batches reused equal
-    those of a sweep that runs its own forward and backward (reuse off), dataset by dataset."""
+def _count_kept(monkeypatch) -> list[int]:
+    """Each PCA basis pass of the sweep appends how many batches it kept for reuse."""
     kept: list[int] = []
     real_fit = basis.fit_pca_bases
 
@@ -53,6 +54,14 @@ def test_kept_basis_batches_store_the_same_rows(monkeypatch, tmp_path, fit):
         return out
 
     monkeypatch.setattr("lightning_tda.callbacks.sweep.fit_pca_bases", spy)
+    return kept
+
+
+@pytest.mark.parametrize("fit", [fit_logged_gpt, fit_logged_mlp])
+def test_kept_basis_batches_store_the_same_rows(monkeypatch, tmp_path, fit):
+    """Rows, preconditioned rows, K-FAC factors and bases with the basis pass's batches reused equal
+    those of a sweep that runs its own forward and backward (reuse off), dataset by dataset."""
+    kept = _count_kept(monkeypatch)
     on, _ = _fit_with_reuse(monkeypatch, tmp_path, "on.h5", None, fit=fit, batch_size=8)
     assert kept[-1] > 0, "the basis pass kept no batch"
     off, _ = _fit_with_reuse(monkeypatch, tmp_path, "off.h5", 0, fit=fit, batch_size=8)
@@ -78,15 +87,7 @@ def test_partial_reuse_within_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(basis, "_calls_bytes", spy_bytes)
     full, _ = _fit_with_reuse(monkeypatch, tmp_path, "off.h5", 0, batch_size=4, n=24)
     probe, _ = _fit_with_reuse(monkeypatch, tmp_path, "probe.h5", 10**12, batch_size=4, n=24)
-    kept: list[int] = []
-    real_fit = basis.fit_pca_bases
-
-    def spy(*a, **kw):
-        out = real_fit(*a, **kw)
-        kept.append(len(kw.get("keep") or []))
-        return out
-
-    monkeypatch.setattr("lightning_tda.callbacks.sweep.fit_pca_bases", spy)
+    kept = _count_kept(monkeypatch)
     part, _ = _fit_with_reuse(
         monkeypatch, tmp_path, "part.h5", 2 * one["b"] + 1, batch_size=4, n=24
     )

@@ -163,10 +163,7 @@ class FitContext:
     def attribution_loader(self, trainer: pl.Trainer) -> DataLoader:
         """The attribution data in order; numbered by position (batches :class:`PositionedBatch`) when
         its batches carry no ids and ``example_ids`` was not given."""
-        loader = self.loader(trainer, self.attribution_data)
-        if self.positional is None:
-            self.positional = self._without_ids(loader)
-        return with_positions(loader) if self.positional else loader
+        return self._numbered(self.loader(trainer, self.attribution_data))
 
     def check_loader(self, trainer: pl.Trainer) -> DataLoader:
         """:meth:`attribution_loader` batched by at most ``CHECK_BATCH_SIZE`` (same data, order and
@@ -185,6 +182,10 @@ class FitContext:
                 shuffle=False,
                 collate_fn=loader.collate_fn,
             )
+        return self._numbered(loader)
+
+    def _numbered(self, loader: DataLoader) -> DataLoader:
+        """``loader``, its batches :class:`PositionedBatch` es when the data carries no ids."""
         if self.positional is None:
             self.positional = self._without_ids(loader)
         return with_positions(loader) if self.positional else loader

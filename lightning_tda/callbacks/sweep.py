@@ -271,11 +271,6 @@ class SweepLogging(LoggingStrategy):
             return trainer.precision_plugin.forward_context
         return contextlib.nullcontext
 
-    def _reuse_bytes(self) -> int | None:
-        """``capture.basis_reuse_bytes`` (bytes of basis-pass tensors kept for the first sweep; 0 turns
-        the reuse off; ``None``: a quarter of the free device memory)."""
-        return self.ctx.config.capture.basis_reuse_bytes
-
     def _shared_bases(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: DataLoader
     ) -> Bases | None:
@@ -317,7 +312,7 @@ class SweepLogging(LoggingStrategy):
                     self._forward_context(trainer),
                     example_ids=ctx.example_ids,
                     keep=None if any(s.kind == DENSE for s in ctx.layers) else kept,
-                    keep_bytes=reuse_budget(pl_module.device, self._reuse_bytes()),
+                    keep_bytes=reuse_budget(pl_module.device, ctx.config.capture.basis_reuse_bytes),
                 )
             ctx.writer.write_bases(self._bases)
         return self._bases

@@ -78,9 +78,9 @@ def _step_arrays(s: BatchStep, storage_dtype: str) -> tuple[dict[str, np.ndarray
 
 def _write_step(
     f: h5py.File, s: BatchStep, storage_dtype: str, path: Any
-) -> tuple[h5py.Group, dict]:
-    """Create the group of one step with its datasets; returns it and, by name, each dataset and the
-    CRC of its bytes."""
+) -> tuple[h5py.Group, dict[str, h5py.Dataset], dict[str, int]]:
+    """Create the group of one step with its datasets; returns it, its datasets by name and the CRCs
+    of their bytes."""
     name = schema.checkpoint_name(s.step)
     if name in f:
         if f[name].attrs.get("complete", False):
@@ -94,13 +94,13 @@ def _write_step(
     arrays, attrs = _step_arrays(s, storage_dtype)
     for k, v in attrs.items():
         g.attrs[k] = v
-    made = {}
+    datasets, crcs = {}, {}
     for key, arr in arrays.items():
-        ds = g.create_dataset(key, data=arr, track_times=False)
+        ds = datasets[key] = g.create_dataset(key, data=arr, track_times=False)
         if key in (schema.TRAIN, schema.QUERY):
             ds.attrs["encoding"] = storage_dtype
-        made[key] = (ds, schema.crc_update(0, arr))
-    return g, made
+        crcs[key] = schema.crc_update(0, arr)
+    return g, datasets, crcs
 
 
 def write_batch_steps(
@@ -126,15 +126,11 @@ def write_batch_steps(
         _extend_example_ids(f, np.concatenate([s.ids.cpu().numpy() for s in steps]))
         if query_ids is not None and schema.QUERY_IDS not in f:
             f.create_dataset(schema.QUERY_IDS, data=query_ids.cpu().numpy().astype(np.int64))
-        for g, datasets, s in made:
+        for g, datasets, crcs, s in made:
             for k, v in s.attrs.items():
                 g.attrs[k] = _attr(v)
             g.attrs["complete"] = True
-            seal_group(
-                g,
-                {k: c for k, (_, c) in datasets.items()},
-                {k: d for k, (d, _) in datasets.items()},
-            )
+            seal_group(g, crcs, datasets)
         seal_root(f, [*root_integrity(f).get("checkpoints", []), *(s.step for s in steps)])
 
 
