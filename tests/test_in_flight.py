@@ -393,3 +393,42 @@ def test_resume_relogs_the_steps_after_the_lightning_checkpoint(tmp_path):
     seen = torch.cat([store.batch_rows(t)[0] for t in store.steps])
     assert torch.equal(store.example_ids, torch.unique(seen))
     assert np.isfinite(store.self_influence(method="tracin").numpy()).all()
+
+
+def test_in_flight_first_batch_check_runs_on_the_first_examples_of_the_batch(monkeypatch, tmp_path):
+    """The in-flight check costs CHECK_BATCH_SIZE examples of the first training batch, not the batch."""
+    from lightning_tda.callbacks import context
+
+    seen, first = [], []
+    real = context.check_first_batch
+
+    def spy(model, layers, config, loss_fn, batch, ids, device, **kw):
+        seen.append(ids.tolist())
+        return real(model, layers, config, loss_fn, batch, ids, device, **kw)
+
+    class FirstIds(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not first:
+                first.append(get_example_ids(batch).tolist())
+
+    monkeypatch.setattr(context, "check_first_batch", spy)
+    logger = FastLogger(tmp_path / "c.h5", mode="in_flight", rank=4, verbose=False)
+    torch.manual_seed(0)
+    trainer(tmp_path, [FirstIds(), logger], max_epochs=1).fit(
+        TinyMLP(), loader(make_classification(32), batch_size=16)
+    )
+    assert seen == [first[0][: context.CHECK_BATCH_SIZE]]
+
+
+def test_first_examples_slices_only_a_batch_it_can_read():
+    from lightning_tda.capture.first_batch import first_examples
+
+    ids = torch.arange(10, 16)
+    batch = {"x": torch.randn(6, 3), "y": torch.arange(6), "meta": "text"}
+    head, hid = first_examples(batch, ids, 4)
+    assert torch.equal(head["x"], batch["x"][:4]) and head["meta"] == "text"
+    assert hid.tolist() == [10, 11, 12, 13]
+    odd = {"x": torch.randn(6, 3), "table": torch.randn(2, 3)}  # another leading dimension
+    whole, wid = first_examples(odd, ids, 4)
+    assert whole is odd and wid is ids
+    assert first_examples(batch, ids, 8)[0] is batch

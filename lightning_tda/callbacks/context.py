@@ -293,8 +293,8 @@ def _explain_layout(
         )
 
 
-CHECK_BATCH_SIZE = 8
-"""Examples in the sweep's first-batch check (fail in seconds, whatever the sweep batch size)."""
+CHECK_BATCH_SIZE = 4
+"""Examples in the first-batch check (fail in seconds, whatever the sweep or training batch size)."""
 
 SWEEP_BATCH_SIZE = 64
 """The sweep's batch size when neither the user nor a training DataLoader gives one."""

@@ -15,12 +15,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tda.callbacks.config import describe
-from lightning_tda.callbacks.context import FitContext, trainable_state
+from lightning_tda.callbacks.context import CHECK_BATCH_SIZE, FitContext, trainable_state
 from lightning_tda.callbacks.in_flight import InFlightRecorder
 from lightning_tda.callbacks.in_flight_steps import LoggedStep, StatePolicy, write_logged_steps
 from lightning_tda.callbacks.optimizer_state import current_lrs
 from lightning_tda.callbacks.strategy import LoggingStrategy
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
+from lightning_tda.capture.first_batch import first_examples
 from lightning_tda.capture.in_flight import Reduction
 from lightning_tda.capture.layers import row_width
 from lightning_tda.errors import ConfigError
@@ -91,6 +92,7 @@ class InFlightLogging(LoggingStrategy):
         """Fail in seconds on the first training batch: its ids, the task's loss and the projection."""
         # MissingExampleIdsError naming GradientLogger(example_ids=...) and IndexedDataset:
         ids = self.ctx.example_ids(batch)
+        batch, ids = first_examples(batch, ids, CHECK_BATCH_SIZE)  # a few examples fail as clearly
         with preserved_training_state(pl_module):
             self.ctx.check_batch(trainer, pl_module, batch, ids)
 

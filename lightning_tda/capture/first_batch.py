@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_tda.capture.checks import _check_finite, _check_losses
@@ -54,8 +55,10 @@ def check_first_batch(
     with torch.enable_grad(), hooks:
         losses = _first_losses(loss_fn, model, batch, positional)
         _check_losses(losses, ids)
-        _check_layers_reached(hooks, losses)
-        rows, _ = hooks.projected_gradients(losses)
+        _check_differentiable(losses)
+        items = hooks.output_gradients(losses)  # one backward: reach check and rows
+        _check_layers_reached(hooks, items)
+        rows, _ = hooks.project(losses, items)
     _check_finite(rows, ids, "gradient")
     dense = [s for s in layers if s.kind == DENSE]
     if dense:
@@ -80,22 +83,42 @@ def _first_losses(loss_fn: LossFn, model: nn.Module, batch: Any, positional: boo
         ) from err
 
 
-def _check_layers_reached(hooks: LayerGradientHooks, losses: torch.Tensor) -> None:
-    """Every captured layer ran forward with a grad-requiring output that the loss depends on."""
+def first_examples(batch: Any, ids: torch.Tensor, n: int) -> tuple[Any, torch.Tensor]:
+    """The first ``n`` examples of ``batch`` (``ids`` ``[B]``): every tensor whose first dimension is
+    ``B`` sliced to ``[:n]``. The batch is returned whole when it is small already or when any tensor
+    in it has another first dimension (slicing it would guess how the batch is laid out).
+
+    Example:
+        >>> b, ids = first_examples({"x": torch.zeros(6, 3), "y": torch.arange(6)}, torch.arange(6), 2)
+        >>> b["x"].shape, ids.tolist()
+        (torch.Size([2, 3]), [0, 1])
+    """
+    size = ids.shape[0]
+    if size <= n:
+        return batch, ids
+    leading: set[int] = set()
+    apply_to_collection(batch, torch.Tensor, lambda t: leading.add(t.shape[0] if t.dim() else -1))
+    if leading != {size}:
+        return batch, ids
+    try:
+        head = apply_to_collection(batch, torch.Tensor, lambda t: t[:n])
+    except (TypeError, ValueError):  # a batch type that cannot be rebuilt: check it whole
+        return batch, ids
+    return head, ids[:n]
+
+
+def _check_differentiable(losses: torch.Tensor) -> None:
     if not losses.requires_grad:
         raise ValueError(
             "the per-example loss does not depend on any trainable parameter (computed under "
             "torch.no_grad() or detached?); return the differentiable per-example losses [B]."
         )
-    outputs = [(name, r.output) for name, p in hooks.projectors.items() for r in p.records]
-    grads = (
-        torch.autograd.grad(
-            losses.sum(), [o for _, o in outputs], allow_unused=True, retain_graph=True
-        )
-        if outputs
-        else ()
-    )
-    reached = {name for (name, _), g in zip(outputs, grads, strict=True) if g is not None}
+
+
+def _check_layers_reached(hooks: LayerGradientHooks, items: list) -> None:
+    """Every captured layer ran forward with a grad-requiring output that the loss depends on
+    (``items``: :meth:`LayerGradientHooks.output_gradients`)."""
+    reached = {proj.spec.name for proj, _, _, g in items if g is not None}
     missed = [name for name in hooks.projectors if name not in reached]
     if missed:
         shown = ", ".join(missed[:6]) + (" ..." if len(missed) > 6 else "")
@@ -106,4 +129,4 @@ def _check_layers_reached(hooks: LayerGradientHooks, losses: torch.Tensor) -> No
         )
 
 
-__all__ = ["check_first_batch"]
+__all__ = ["check_first_batch", "first_examples"]

@@ -93,6 +93,18 @@ def project_input(
     return out.reshape(b, -1, w.shape[1])
 
 
+def add_outer(rows: torch.Tensor, spec: LayerSpec, dp: torch.Tensor, xp: torch.Tensor) -> None:
+    """``rows[:, layer block] += Σ_t dp_t ⊗ xp_t`` per example, in place (one ``baddbmm``).
+
+    Args:
+        rows: ``[B, D]`` fp32 rows; the layer's ``k_out x k_in`` block is flattened row-major.
+        dp: ``[B, T, k_out]`` projected output gradients; ``xp``: ``[B, T, k_in]`` projected inputs.
+    """
+    b = rows.shape[0]
+    block = rows[:, spec.offset : spec.offset + spec.size].view(b, spec.k_out, spec.k_in)
+    block.baddbmm_(dp.reshape(b, -1, spec.k_out).transpose(1, 2), xp.reshape(b, -1, spec.k_in))
+
+
 def build_projectors(
     layers: list[LayerSpec],
     config: ProjectionConfig,
@@ -210,14 +222,24 @@ class LayerGradientHooks:
             ``(rows, scaled_rows)``: ``[B, D]`` fp32 (dense block columns left at zero) and the same for
             the factor-wise scaled gradients (``None`` without ``scales``).
         """
+        return self.project(losses, self.output_gradients(losses))
+
+    def output_gradients(self, losses: torch.Tensor) -> list:
+        """Backward ``losses.sum()`` to the hooked outputs: ``[(projector, x̃, x̃_scaled, grad or None)]``
+        per recorded call (``None``: the loss does not reach that call's output)."""
         records = [(p, r) for p in self.projectors.values() for r in p.records]
         grads = (
             torch.autograd.grad(losses.sum(), [r.output for _, r in records], allow_unused=True)
             if records
             else ()
         )
-        items = [(p, r.x, r.x_scaled, g) for (p, r), g in zip(records, grads, strict=True)]
         self.clear()
+        return [(p, r.x, r.x_scaled, g) for (p, r), g in zip(records, grads, strict=True)]
+
+    def project(
+        self, losses: torch.Tensor, items: list
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows (and scaled rows) of the ``[B]`` ``losses`` from :meth:`output_gradients`' items."""
         return self._project(losses.shape[0], items, losses)
 
     def rows_from(
@@ -252,12 +274,11 @@ class LayerGradientHooks:
                 )
             d = g.detach().float().reshape(b, -1, spec.out_features)
             dp = d if proj.p_out is None else d @ proj.p_out
-            sl = slice(spec.offset, spec.offset + spec.size)
-            rows[:, sl] += torch.einsum("bto,bti->boi", dp, x).reshape(b, -1)
+            add_outer(rows, spec, dp, x)
             if self.covariances is not None:
                 self.covariances[spec.name].add(x, dp)
             if scaled is not None:
                 ds = d * self.scales[spec.name][0]
                 ds = ds if proj.p_out is None else ds @ proj.p_out
-                scaled[:, sl] += torch.einsum("bto,bti->boi", ds, x_scaled).reshape(b, -1)
+                add_outer(scaled, spec, ds, x_scaled)
         return rows, scaled

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tda.capture.hooks import LayerProjector, build_projectors, project_input
+from lightning_tda.capture.hooks import LayerProjector, add_outer, build_projectors, project_input
 from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
 from lightning_tda.capture.projection import ProjectionConfig
 
@@ -209,6 +209,5 @@ class InFlightCapture:
             )
         d = grad.detach().float().reshape(b, -1, spec.out_features)
         dp = d if proj.p_out is None else d @ proj.p_out
-        sl = slice(spec.offset, spec.offset + spec.size)
-        rows[:, sl] += torch.einsum("bto,bti->boi", dp, xp).reshape(b, -1)
+        add_outer(rows, spec, dp, xp)
         self._fired += 1
