@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -109,3 +110,33 @@ def test_a_write_failing_in_the_background_stops_the_fit_with_its_error(tmp_path
         )
     assert AttributionStore(tmp_path / "a.h5").steps == [0, 1]
     assert len(calls) < 16, "the fit went on after the writer failed"
+
+
+def test_seals_made_without_reading_back_match_the_file(tmp_path):
+    """The writer seals each step from the attributes it set (nothing read back); the file's own
+    attributes and bytes give the same CRCs, and the step's attributes read back unchanged."""
+    import h5py
+
+    from lightning_tda.store import schema
+    from lightning_tda.store.writer import check_dataset, check_group
+
+    path = tmp_path / "s.h5"
+    logger = FastLogger(path, mode="in_flight", rank=4, flush_every=3, verbose=False)
+    torch.manual_seed(0)
+    trainer(tmp_path, [logger], max_epochs=2).fit(
+        TinyMLP(optimizer="adam"), loader(make_classification(40), batch_size=8)
+    )
+    store = AttributionStore(path)
+    with h5py.File(path, "r") as f:
+        for c in store.checkpoints:
+            g = f[schema.checkpoint_name(c.global_step)]
+            check_group(g)
+            for name in g:
+                check_dataset(g[name])
+            meta = json.loads(g.attrs[schema.STEP_META])
+            assert meta["trigger"] == "in_flight" and meta["epoch"] == c.epoch
+            assert tuple(meta["lr_sum"]) == c.lr_sum and c.lr_sum[0] > 0
+            assert store.checkpoint_attrs(c.global_step)["lr_cumsum"] == meta["lr_cumsum"]
+        g = f[schema.checkpoint_name(store.steps[-1])]
+        ds = g[schema.TRAIN]
+        assert schema.dataset_crc(ds) == int(ds.attrs[schema.CRC])

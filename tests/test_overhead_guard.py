@@ -3,7 +3,8 @@
 Per logged optimizer step, on the training thread: no host synchronisation (``.item()``, ``.cpu()``,
 ``bool(tensor)``, ``torch.unique`` ...) and no HDF5 call; per group of ``flush_every`` steps: one
 store open and one commit; per step: the group's datasets only (``row_ids``, ``train``), plus the
-state's one packed dataset at the few steps ``save_state="auto"`` saves it. Counts are marginal: the difference
+state's one packed dataset at the few steps ``save_state="auto"`` saves it, and 8 attributes, none
+read back. Counts are marginal: the difference
 between a fit of 2 epochs and one of 4, so one-off work (setup, the first-batch check) cancels.
 """
 
@@ -50,6 +51,7 @@ class StoreCalls:
 
     def __init__(self, monkeypatch) -> None:
         self.datasets: Counter = Counter()
+        self.attrs: Counter = Counter()  # attribute writes ("set") and reads ("get")
         self.opens = self.commits = 0
         create, init, commit = (
             h5py.Group.create_dataset,
@@ -72,6 +74,18 @@ class StoreCalls:
             self.commits += int(changed)  # (close() after a flush commits nothing new)
             commit(f)
 
+        put, get = h5py.AttributeManager.__setitem__, h5py.AttributeManager.__getitem__
+
+        def counting_put(attrs, name, value):
+            self.attrs["set"] += 1
+            put(attrs, name, value)
+
+        def counting_get(attrs, name):
+            self.attrs["get"] += 1
+            return get(attrs, name)
+
+        monkeypatch.setattr(h5py.AttributeManager, "__setitem__", counting_put)
+        monkeypatch.setattr(h5py.AttributeManager, "__getitem__", counting_get)
         monkeypatch.setattr(h5py.Group, "create_dataset", counting_create)
         monkeypatch.setattr(journal.JournaledFile, "__init__", counting_init)
         monkeypatch.setattr(journal.JournaledFile, "_commit", counting_commit)
@@ -120,6 +134,14 @@ def test_no_host_sync_and_batched_writes_per_logged_step(tmp_path, monkeypatch):
     # datasets: row_ids + train per step, examples/ids at most once per flush (when new ids came)
     made = c4.datasets["writer"] - c2.datasets["writer"]
     assert 2 * steps <= made <= 2 * steps + flushes, made
+    # attributes: 8 per step (global_step, rows, step_meta, complete, integrity; train's encoding;
+    # the two datasets' CRCs), none read back to seal a step; per flush, the root's are read to check
+    # it at open and to re-seal it (three times each at most, whatever the number of steps)
+    sets, gets = (c4.attrs[k] - c2.attrs[k] for k in ("set", "get"))
+    assert 8 * steps <= sets <= 8 * steps + 2 * flushes, sets
+    with h5py.File(st4.path, "r") as f:
+        root = len(f.attrs)
+    assert gets <= 3 * (root + 1) * flushes, (gets, root, flushes)
 
 
 def test_auto_state_is_saved_within_the_row_budget(tmp_path, monkeypatch):

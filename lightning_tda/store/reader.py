@@ -146,18 +146,19 @@ class StoreReader:
         )
         ck = []
         for g in f.get(schema.CHECKPOINTS, {}).values():
-            if not g.attrs.get("complete", False):
+            a = schema.group_attrs(g.attrs)
+            if not a.get("complete", False):
                 continue
             ck.append(
                 CheckpointInfo(
-                    global_step=int(g.attrs["global_step"]),
-                    epoch=int(g.attrs.get("epoch", -1)),
-                    lr_sum=tuple(float(x) for x in np.atleast_1d(g.attrs.get("lr_sum", []))),
-                    lr_cumsum=tuple(float(x) for x in np.atleast_1d(g.attrs.get("lr_cumsum", []))),
-                    steps_since_previous=int(g.attrs.get("steps_since_previous", 0)),
-                    trigger=str(g.attrs.get("trigger", "")),
+                    global_step=int(a["global_step"]),
+                    epoch=int(a.get("epoch", -1)),
+                    lr_sum=tuple(float(x) for x in np.atleast_1d(a.get("lr_sum", []))),
+                    lr_cumsum=tuple(float(x) for x in np.atleast_1d(a.get("lr_cumsum", []))),
+                    steps_since_previous=int(a.get("steps_since_previous", 0)),
+                    trigger=str(a.get("trigger", "")),
                     datasets=tuple(k for k in g if isinstance(g[k], h5py.Dataset)),
-                    in_flight=g.attrs.get(schema.ROWS_KIND) == schema.BATCH_ROWS,
+                    in_flight=a.get(schema.ROWS_KIND) == schema.BATCH_ROWS,
                     has_kfac=schema.KFAC in g,
                 )
             )
@@ -345,7 +346,7 @@ class StoreReader:
             g = f.get(schema.checkpoint_name(step))
             if g is None or schema.has_state(g):
                 return int(step)
-            return int(g.attrs.get(schema.STATE_STEP, step))
+            return int(schema.group_attrs(g.attrs).get(schema.STATE_STEP, step))
 
     def state(self, step: int) -> dict[str, torch.Tensor]:
         """Trainable parameters and buffers saved at a checkpoint (see :meth:`state_step`)."""
@@ -443,8 +444,7 @@ class StoreReader:
 
     def checkpoint_attrs(self, step: int) -> dict[str, Any]:
         with self._h5() as f:
-            g = f[schema.checkpoint_name(step)]
-            return {k: g.attrs[k] for k in g.attrs}
+            return schema.group_attrs(f[schema.checkpoint_name(step)].attrs)
 
     def column_weights(self, step: int, per_group: Sequence[float]) -> torch.Tensor:
         """``[D]`` vector holding each layer's parameter-group value on that layer's columns."""

@@ -48,6 +48,24 @@ STATE_STEP = (
 LOGGING_MODE = "logging_mode"  # root attr: "sweep" (absent = sweep) or "in_flight"
 ROWS_KIND = "rows"  # checkpoint attr: "batch" = only the rows of that optimizer step's batch
 BATCH_ROWS = "batch"
+STEP_META = (
+    "step_meta"  # attr of an in-flight step: JSON of its other attributes (lr_sum, epoch, ...)
+)
+
+
+def group_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint group's attributes, an in-flight step's ``step_meta`` JSON unpacked into them."""
+    out = {k: attrs[k] for k in attrs if k != STEP_META}
+    if STEP_META in attrs:
+        out.update(json.loads(attrs[STEP_META]))
+    return out
+
+
+def meta_json(values: Mapping[str, Any]) -> str:
+    """``values`` as the JSON of a ``step_meta`` attribute (numpy scalars as Python numbers)."""
+    return json.dumps(dict(values), default=_plain)
+
+
 BATCH_VIEW = "@batch"  # "train@batch": a batch checkpoint's rows seen as a sparse [N, D] matrix
 
 
@@ -203,9 +221,11 @@ def crc_update(crc: int, arr: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8), crc)
 
 
-def dataset_crc(ds: Any, data_crc: int | None = None) -> int:
+def dataset_crc(
+    ds: Any, data_crc: int | None = None, attrs: Mapping[str, Any] | None = None
+) -> int:
     """CRC-32 of a dataset's raw bytes (``data_crc`` when already computed), then its dtype, shape
-    and attributes."""
+    and attributes (``attrs``: its attributes as just written, so they are not read back)."""
     if data_crc is None:
         data_crc = 0
         if ds.ndim == 0:
@@ -215,6 +235,7 @@ def dataset_crc(ds: Any, data_crc: int | None = None) -> int:
             step = max(1, _CRC_BLOCK // row)
             for start in range(0, ds.shape[0], step):
                 data_crc = crc_update(data_crc, ds[start : start + step])
-    keys = sorted(k for k in ds.attrs if k != CRC)
-    layout = f"{ds.dtype.str} {tuple(ds.shape)} {attrs_crc(ds.attrs, keys)}"
+    attrs = ds.attrs if attrs is None else attrs
+    keys = sorted(k for k in attrs if k != CRC)
+    layout = f"{ds.dtype.str} {tuple(ds.shape)} {attrs_crc(attrs, keys)}"
     return zlib.crc32(layout.encode(), data_crc)

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,28 +70,49 @@ def _attr(v: Any) -> Any:
     return str(v) if isinstance(v, str) else v
 
 
+@dataclass
+class Written:
+    """Attributes a writer just set, as it set them: ``group`` on the group, ``datasets`` by dataset
+    name (see :func:`seal_group`)."""
+
+    group: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def set(self, obj: h5py.Group | h5py.Dataset, values: Mapping[str, Any], key: str = "") -> None:
+        """Set ``values`` as attributes of ``obj`` (the group, or its dataset ``key``) and record them."""
+        into = self.group if not key else self.datasets.setdefault(key, {})
+        for k, v in values.items():
+            obj.attrs[k] = v
+            into[k] = v
+
+
 def seal_group(
     g: h5py.Group,
     data_crcs: Mapping[str, int] | None = None,
     datasets: Mapping[str, h5py.Dataset] | None = None,
+    written: Written | None = None,
 ) -> None:
     """Seal a finished group: a CRC on every dataset in it, and its ``integrity`` attribute (CRC of
     its attributes, names of its datasets). Readers then refuse it if any of that changes.
 
     ``data_crcs``: the CRC of the raw bytes of datasets (by name within ``g``) already computed from
     the arrays written, so they are not read back. ``datasets``: every dataset of the group, by name,
-    when the caller made them all (saves walking the group)."""
+    when the caller made them all (saves walking the group). ``written``: the attributes of the group
+    and of those datasets exactly as the caller set them (plain ints, floats, bools and strings), so
+    none is read back either (:func:`check_group` recomputes the same CRC from the file)."""
     known = data_crcs or {}
     if datasets is None:
         found: dict[str, h5py.Dataset] = {}
         g.visititems(lambda n, o: found.__setitem__(n, o) if isinstance(o, h5py.Dataset) else None)
         datasets = found
     for name, ds in datasets.items():
-        ds.attrs[schema.CRC] = schema.dataset_crc(ds, known.get(name))
-    keys = sorted(k for k in g.attrs if k != schema.INTEGRITY)
+        ds_attrs = None if written is None else written.datasets.get(name, {})
+        ds.attrs[schema.CRC] = schema.dataset_crc(ds, known.get(name), ds_attrs)
+    attrs = g.attrs if written is None else written.group
+    keys = sorted(k for k in attrs if k != schema.INTEGRITY)
     g.attrs[schema.INTEGRITY] = json.dumps(
         {
-            "attrs": {"keys": keys, "crc32": schema.attrs_crc(g.attrs, keys)},
+            "attrs": {"keys": keys, "crc32": schema.attrs_crc(attrs, keys)},
             "datasets": sorted(datasets),
         }
     )
