@@ -788,8 +788,8 @@ def write_markdown(results: dict, command: str) -> str:
         "## Performance",
         "",
         f"Produced by `{command}` on {m['date']} ({m['machine']}, {m['cpus']} CPUs, "
-        f"{m['torch_threads']} torch threads, torch {m['torch']}; the machine was shared with other "
-        "jobs, so absolute times are noisy — every figure is a ratio of timings taken in the same "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}; absolute times vary between runs "
+        "and with other load on the machine — every figure is a ratio of timings taken in the same "
         f"run, each the median of {results['repeats']} repeats).",
         "",
         "| target | measured | met |",
