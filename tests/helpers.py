@@ -260,3 +260,18 @@ def dense_fc_metadata(d_out: int, d_in: int) -> dict[str, str]:
         "layer_groups": json.dumps({"fc": 0}),
         "other_params": json.dumps([]),
     }
+
+
+def spy_first_batch_checks(monkeypatch) -> list[list[int]]:
+    """The example ids of every first-batch check a fit runs, in order (the check still runs)."""
+    from lightning_tda.callbacks import context
+
+    seen: list[list[int]] = []
+    real = context.check_first_batch
+
+    def spy(model, layers, config, loss_fn, batch, ids, device, **kw):
+        seen.append(ids.tolist())
+        return real(model, layers, config, loss_fn, batch, ids, device, **kw)
+
+    monkeypatch.setattr(context, "check_first_batch", spy)
+    return seen

@@ -22,6 +22,7 @@ from helpers import (
     TokenDataset,
     loader,
     make_classification,
+    spy_first_batch_checks,
     trainer,
 )
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -399,19 +400,13 @@ def test_in_flight_first_batch_check_runs_on_the_first_examples_of_the_batch(mon
     """The in-flight check costs CHECK_BATCH_SIZE examples of the first training batch, not the batch."""
     from lightning_tda.callbacks import context
 
-    seen, first = [], []
-    real = context.check_first_batch
-
-    def spy(model, layers, config, loss_fn, batch, ids, device, **kw):
-        seen.append(ids.tolist())
-        return real(model, layers, config, loss_fn, batch, ids, device, **kw)
+    seen, first = spy_first_batch_checks(monkeypatch), []
 
     class FirstIds(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if not first:
                 first.append(get_example_ids(batch).tolist())
 
-    monkeypatch.setattr(context, "check_first_batch", spy)
     logger = FastLogger(tmp_path / "c.h5", mode="in_flight", rank=4, verbose=False)
     torch.manual_seed(0)
     trainer(tmp_path, [FirstIds(), logger], max_epochs=1).fit(

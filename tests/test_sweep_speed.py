@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import fit_logged_gpt, fit_logged_mlp
+from helpers import fit_logged_gpt, fit_logged_mlp, spy_first_batch_checks
 
 from lightning_tda.callbacks.sweep import SweepLogging
 from lightning_tda.capture import basis
@@ -223,14 +223,7 @@ def test_first_batch_check_runs_on_a_few_examples_whatever_the_sweep_batch(monke
     first 8 ids of the data in order."""
     from lightning_tda.callbacks import context
 
-    seen = []
-    real = context.check_first_batch
-
-    def spy(model, layers, config, loss_fn, batch, ids, device, **kw):
-        seen.append(ids.tolist())
-        return real(model, layers, config, loss_fn, batch, ids, device, **kw)
-
-    monkeypatch.setattr(context, "check_first_batch", spy)
+    seen = spy_first_batch_checks(monkeypatch)
     run = fit_logged_mlp(tmp_path, "c.h5", rank=4, batch_size=32)
     ids = run.store.example_ids.tolist()
     assert len(ids) == 64  # the sweep itself still covers every example

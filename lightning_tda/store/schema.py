@@ -48,9 +48,8 @@ STATE_STEP = (
 LOGGING_MODE = "logging_mode"  # root attr: "sweep" (absent = sweep) or "in_flight"
 ROWS_KIND = "rows"  # checkpoint attr: "batch" = only the rows of that optimizer step's batch
 BATCH_ROWS = "batch"
-STEP_META = (
-    "step_meta"  # attr of an in-flight step: JSON of its other attributes (lr_sum, epoch, ...)
-)
+STEP_META = "step_meta"  # in-flight step attr: JSON of its other attributes (lr_sum, epoch, ...)
+BATCH_VIEW = "@batch"  # "train@batch": a batch checkpoint's rows seen as a sparse [N, D] matrix
 
 
 def group_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,9 +63,6 @@ def group_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def meta_json(values: Mapping[str, Any]) -> str:
     """``values`` as the JSON of a ``step_meta`` attribute (numpy scalars as Python numbers)."""
     return json.dumps(dict(values), default=_plain)
-
-
-BATCH_VIEW = "@batch"  # "train@batch": a batch checkpoint's rows seen as a sparse [N, D] matrix
 
 
 def batch_view(name: str, steps: Sequence[int] | None = None) -> str:
