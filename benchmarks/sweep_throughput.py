@@ -47,6 +47,11 @@ from benchmarks.tasks import Task
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"batch_size": None},  # the library's own sweep batch size
     "quality": {"rank": 16, "basis": "pca", "batch_size": 250},
+    "perf": {
+        "rank": 16,
+        "basis": "pca",
+        "batch_size": None,
+    },  # the perf suite's (perf.SWEEP_CONFIG)
 }
 """GradientLogger keywords of each measured config (beyond path, attribution_data and schedule)."""
 

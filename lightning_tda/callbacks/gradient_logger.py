@@ -139,6 +139,8 @@ class GradientLogger(pl.Callback):
             layer's K-FAC factors, fitted once at the first checkpoint and stored (much better fidelity
             at small ``rank``, one extra pass over ``basis_examples`` examples); default from ``preset``.
         basis_examples: examples used to fit the ``"pca"`` basis.
+        basis_tokens: random token positions per example the ``"pca"`` basis's factors use
+            (``None``: every position).
         modules: names/regexes of the modules to capture (default: every eligible one).
         exclude: names/regexes of modules to skip.
         optimizer_state: record optimizer hyper-parameters, factored Adam second moments and
@@ -260,6 +262,7 @@ class GradientLogger(pl.Callback):
         dense_dim: int = 0,
         basis: Basis | None = None,
         basis_examples: int = 1024,
+        basis_tokens: int | None = 16,
         modules: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         optimizer_state: bool = True,

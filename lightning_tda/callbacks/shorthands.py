@@ -33,7 +33,16 @@ SHORTHANDS: dict[str, tuple[str, str]] = {
     },
     **{
         k: ("projection", k)
-        for k in ("rank", "dims", "distribution", "seed", "dense_dim", "basis", "basis_examples")
+        for k in (
+            "rank",
+            "dims",
+            "distribution",
+            "seed",
+            "dense_dim",
+            "basis",
+            "basis_examples",
+            "basis_tokens",
+        )
     },
     "dtype": ("storage", "dtype"),
     "lorif_rank": ("storage", "lorif_rank"),

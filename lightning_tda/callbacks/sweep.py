@@ -313,6 +313,8 @@ class SweepLogging(LoggingStrategy):
                     example_ids=ctx.example_ids,
                     keep=None if any(s.kind == DENSE for s in ctx.layers) else kept,
                     keep_bytes=reuse_budget(pl_module.device, ctx.config.capture.basis_reuse_bytes),
+                    tokens_per_example=ctx.config.projection.basis_tokens,
+                    seed=ctx.config.projection.seed,
                 )
             ctx.writer.write_bases(self._bases)
         return self._bases

@@ -55,15 +55,25 @@ class _CovarianceHooks:
     """Accumulate ``A`` and ``S`` for the projected sides of each layer; with ``keep``, also hand
     back each batch's layer inputs and output gradients (every captured layer) for reuse."""
 
-    def __init__(self, model: nn.Module, layers: list[LayerSpec], keep: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerSpec],
+        keep: bool = False,
+        tokens_per_example: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.model = model
         self.keep = keep
+        self.tokens_per_example = tokens_per_example
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.layers = [
             s for s in layers if s.kind != DENSE and (keep or not (s.exact_in and s.exact_out))
         ]
         self.a: dict[str, torch.Tensor] = {}
         self.s: dict[str, torch.Tensor] = {}
-        self.outputs: list[tuple[LayerSpec, torch.Tensor, torch.Tensor]] = []
+        self.outputs: list[tuple[LayerSpec, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.handles: list = []
 
     def __enter__(self) -> _CovarianceHooks:
@@ -81,32 +91,68 @@ class _CovarianceHooks:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
+            x = inputs[0].detach()
+            pick = self._positions(x)
             if not spec.exact_in:
-                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-                if spec.has_bias:
-                    x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-                self.a[spec.name] = self.a.get(spec.name, 0) + x.T @ x
-            self.outputs.append((spec, inputs[0].detach(), output))
+                _add_gram(self.a, spec.name, _tokens(x.float(), pick), bias=spec.has_bias)
+            self.outputs.append((spec, x, output, pick))
 
         return hook
+
+    def _positions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[B, c]`` random token positions per example of a layer input ``[B, ..., I]`` (``c =
+        tokens_per_example``), or ``None`` to use every position."""
+        b, t = x.shape[0], x[0, ..., 0].numel()
+        if self.tokens_per_example is None or t <= self.tokens_per_example:
+            return None
+        if x.device not in self._generators:
+            self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
+        noise = torch.rand(b, t, generator=self._generators[x.device], device=x.device)
+        return noise.argsort(dim=1)[:, : self.tokens_per_example]
 
     def backward(self, losses: torch.Tensor) -> LayerCalls:
         """Accumulate ``S`` from the output gradients of ``losses.sum()``; with ``keep``, the batch's
         ``{layer: [(input, output gradient), ...]}`` (else ``{}``)."""
-        need = [(s, x, o) for s, x, o in self.outputs if self.keep or not s.exact_out]
+        need = [(s, x, o, p) for s, x, o, p in self.outputs if self.keep or not s.exact_out]
         self.outputs.clear()
         if not need:
             return {}
-        grads = torch.autograd.grad(losses.sum(), [o for *_, o in need], allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), [o for _, _, o, _ in need], allow_unused=True)
         calls: LayerCalls = {}
-        for (spec, x, _), g in zip(need, grads, strict=True):
+        for (spec, x, _, pick), g in zip(need, grads, strict=True):
             if self.keep:
                 calls.setdefault(spec.name, []).append((x, g))
             if g is None or spec.exact_out:
                 continue
-            d = g.detach().float().reshape(-1, spec.out_features)
-            self.s[spec.name] = self.s.get(spec.name, 0) + d.T @ d
+            _add_gram(self.s, spec.name, _tokens(g.detach().float(), pick))
         return calls
+
+
+def _tokens(x: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    """``[N, F]`` token rows of ``x`` ``[B, ..., F]``: all of them, or the ``[B, c]`` positions ``pick``."""
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if pick is not None:
+        x = x.gather(1, pick[..., None].expand(-1, -1, x.shape[-1]))
+    return x.reshape(-1, x.shape[-1])
+
+
+def _add_gram(acc: dict[str, torch.Tensor], name: str, x: torch.Tensor, bias: bool = False) -> None:
+    """``acc[name] += x̄ᵀ x̄`` in place for ``x`` ``[N, I]`` (``x̄ = [x, 1]`` with ``bias``).
+
+    The bias column is never materialised: its block is the column sums and the row count.
+    """
+    i = x.shape[1]
+    if name not in acc:
+        acc[name] = x.new_zeros(i + bias, i + bias)
+    a = acc[name]
+    if not bias:
+        a.addmm_(x.T, x)
+        return
+    a[:i, :i].addmm_(x.T, x)
+    col = x.sum(dim=0)
+    a[:i, i] += col
+    a[i, :i] += col
+    a[i, i] += x.shape[0]
 
 
 PARTIAL_EIGH_MIN_DIM = 512
@@ -131,17 +177,26 @@ def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
     return (v * signs).float()
 
 
+HOST_REUSE_CAP = 1 << 30
+"""Most bytes the sweep keeps for reuse in host memory. Kept tensors hold fresh pages the process must
+first touch (about 3 GB/s on the 2-core benchmark machine, against ~40 GB/s for reused memory):
+keeping gpt10m's 4.8 GB slowed its basis pass by ~10 s, more than the 8 s of forward+backward saved,
+while 1 GiB or less (the tiny GPT's ~0.6 GB) pays off."""
+
+
 def reuse_budget(device: torch.device, requested: int | None = None) -> int:
     """Bytes of basis-pass tensors the sweep may keep for reuse: ``requested``, else a quarter of the
-    device's free memory (CUDA ``mem_get_info``; elsewhere the host's available RAM)."""
+    device's free memory (CUDA ``mem_get_info``); on the host a quarter of the available RAM, at most
+    :data:`HOST_REUSE_CAP`."""
     if requested is not None:
         return max(0, int(requested))
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 4
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError, AttributeError):
-        return 1 << 30
+        free = HOST_REUSE_CAP
+    return min(free, HOST_REUSE_CAP)
 
 
 def _calls_bytes(calls: LayerCalls) -> int:
@@ -164,6 +219,8 @@ def fit_pca_bases(
     example_ids: ExampleIds | None = None,
     keep: list[CachedBatch] | None = None,
     keep_bytes: int = 0,
+    tokens_per_example: int | None = None,
+    seed: int = 0,
 ) -> Bases:
     """Accumulate the K-FAC factors over up to ``max_examples`` examples and take top eigenvectors.
 
@@ -172,9 +229,12 @@ def fit_pca_bases(
     library added; the loss gets the batch inside). ``loss_fn`` may be a Task's ``per_example_loss``.
     ``keep``: a list that receives the leading batches' :class:`CachedBatch` es while their tensors
     fit in ``keep_bytes`` (the sweep at the same weights projects them instead of recomputing).
+    ``tokens_per_example``: the factors use that many random token positions of each example
+    (``seed``-ed; ``None`` or shorter sequences: every position).
     """
     seen, kept, keeping = 0, 0, keep is not None and keep_bytes > 0
-    with torch.enable_grad(), _CovarianceHooks(model, layers, keep=keeping) as hooks:
+    covariances = _CovarianceHooks(model, layers, keeping, tokens_per_example, seed)
+    with torch.enable_grad(), covariances as hooks:
         for item in batches:
             # the sweep's clear errors, on the first batch:
             ids, batch = split_ids(item, example_ids)

@@ -40,6 +40,11 @@ class ProjectionConfig:
             on up to ``basis_examples`` examples and stored in the store (LoGra's PCA option; far
             better inner-product fidelity at small ranks, one extra pass).
         basis_examples: examples used to fit the ``"pca"`` basis.
+        basis_tokens: token positions per example (drawn at random, seeded) that the ``"pca"``
+            basis's factors use; ``None``: every position. The covariances cost ``2·tokens·(I² + O²)``
+            per layer, more than training itself on wide layers; 16 positions (16,384 token rows at
+            1024 examples) left the choosing-half LDS of the GPT and LoRA banks unchanged (0.248,
+            0.423, 0.767 at 16 and at all 64) and cut gpt10m's basis pass from 18.6 s to 12.9 s.
 
     Raises:
         ConfigError: an invalid field (a ``ValueError`` and a ``MisconfigurationException``).
@@ -53,12 +58,19 @@ class ProjectionConfig:
     dense_dim: int = 0
     basis: Basis = "random"
     basis_examples: int = 1024
+    basis_tokens: int | None = 16
 
     def __post_init__(self) -> None:
         if self.basis not in ("random", "pca"):
             raise ConfigError(f"basis must be 'random' or 'pca', got {self.basis!r}")
         if not _is_int(self.basis_examples) or self.basis_examples < 1:
             raise ConfigError(f"basis_examples must be a positive int, got {self.basis_examples!r}")
+        if self.basis_tokens is not None and (
+            not _is_int(self.basis_tokens) or self.basis_tokens < 1
+        ):
+            raise ConfigError(
+                f"basis_tokens must be None (every token) or a positive int, got {self.basis_tokens!r}"
+            )
         if self.kind not in ("kronecker", "exact"):
             raise ConfigError(f"projection must be 'kronecker' or 'exact', got {self.kind!r}")
         if self.distribution not in ("orthogonal", "gaussian", "rademacher"):
