@@ -55,13 +55,38 @@ def output_module_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def default_layer(model: nn.Module, output: str) -> str:
-    """Default activation layer.
+RESIDUAL_DEPTH = 0.63
+"""Where :func:`default_layer` reads a transformer's residual stream: after block ``round(0.63·L)`` of
+``L`` (the paper's 60-67 % depth; at least the first block)."""
 
-    With fewer than 3 Linear/Conv1D modules below the output module (small MLPs): the *input* of the
-    output module (the penultimate representation, named ``"<output>:input"``). Otherwise the output
-    of the Linear/Conv1D module at about 2/3 depth among those modules (the paper used 60-67% depth).
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Module names of the model's repeated blocks: the longest ``nn.ModuleList`` of two or more
+    children of one class that each hold a Linear/Conv1D (``transformer.h``, ``model.layers`` ...);
+    ``[]`` when there is none."""
+    best: list[str] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len(mod) <= len(best):
+            continue
+        kids = list(mod)
+        same = all(type(k) is type(kids[0]) for k in kids)
+        if same and all(any(_is_projectable(m) for m in k.modules()) for k in kids):
+            best = [f"{name}.{i}" if name else str(i) for i in range(len(kids))]
+    return best
+
+
+def default_layer(model: nn.Module, output: str) -> str:
+    """Default activation layer ``h``.
+
+    A model with repeated blocks (:func:`transformer_blocks`): the residual stream after block
+    ``max(1, round(RESIDUAL_DEPTH·L))`` of ``L`` (the block module's output, as the paper reads it).
+    Otherwise, with fewer than 3 Linear/Conv1D modules below the output module (small MLPs): the
+    *input* of the output module (the penultimate representation, ``"<output>:input"``); else the
+    output of the Linear/Conv1D module at about 2/3 depth among those modules.
     """
+    blocks = transformer_blocks(model)
+    if blocks:
+        return blocks[max(1, round(RESIDUAL_DEPTH * len(blocks))) - 1]
     names = [n for n, m in model.named_modules() if _is_projectable(m) and n != output]
     if len(names) < 3:
         return output + INPUT_SUFFIX
@@ -165,13 +190,35 @@ def _capture(model: nn.Module, layer: str, output: str) -> Iterator[dict[str, to
     if want_input:
         h1 = mods[lname].register_forward_pre_hook(lambda m, a: got.__setitem__("h", a[0]))
     else:
-        h1 = mods[lname].register_forward_hook(lambda m, a, out: got.__setitem__("h", out))
+        h1 = mods[lname].register_forward_hook(
+            lambda m, a, out: got.__setitem__("h", _hidden_states(out, lname))
+        )
     h2 = mods[output].register_forward_hook(lambda m, a, out: got.__setitem__("o", out))
     try:
         yield got
     finally:
         h1.remove()
         h2.remove()
+
+
+def _hidden_states(out: Any, name: str) -> torch.Tensor:
+    """A module's output as ``h``: the tensor itself, or the first element of a block's tuple /
+    ``ModelOutput`` (``(hidden_states, present, ...)``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    first = (
+        out[0]
+        if isinstance(out, (tuple, list)) and out
+        else getattr(out, "last_hidden_state", None)
+    )
+    if first is None and hasattr(out, "to_tuple"):
+        first = out.to_tuple()[0]
+    if not isinstance(first, torch.Tensor):
+        raise ConfigError(
+            f"module {name!r} returns {type(out).__name__}, not a tensor or a tuple led by one; pass "
+            "StrideConfig(layer=...) naming a module that outputs the hidden states [B, T, d]"
+        )
+    return first
 
 
 @torch.no_grad()
