@@ -15,7 +15,8 @@ Diagnosis per STRIDE configuration (its last fitted checkpoint): on 512 training
 each subset's operator lowers its members' loss against non-members' (``lift``: the mean over
 subsets of member minus non-member response, in units of the non-members' standard deviation).
 
-Writes ``results/stride_<task>.json``; :mod:`benchmarks.render_stride` renders BENCHMARKS.md.
+Writes ``results/stride_<task>.json``, then renders BENCHMARKS.md's STRIDE section from every
+bank's JSON (:mod:`benchmarks.render_stride`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,12 @@ def stride_runs(task: Task, model: torch.nn.Module) -> list[StrideRun]:
         ]
     runs += [
         StrideRun("linearity weight 0", StrideConfig(linearity_weight=0.0)),
-        StrideRun("K=1000, steps 600", StrideConfig(num_subsets=1000, steps=600)),
+        StrideRun("linearity on 64 sampled operators", StrideConfig(linearity_subsets=64)),
+        StrideRun("steps 1000", StrideConfig(steps=1000, linearity_subsets=64)),
+        StrideRun(
+            "K=1000, steps 1000",
+            StrideConfig(num_subsets=1000, steps=1000, linearity_subsets=64),
+        ),
         StrideRun("first checkpoint", StrideConfig(), "first"),
         StrideRun("checkpoint-aware", StrideConfig(), "all"),
     ]
@@ -155,11 +161,12 @@ def gradient_rows(task: Task, bank: BankView, model, store: AttributionStore) ->
         ("source (L=1)", Source(segments=1)),
         ("tracin", "tracin"),
     ]
-    rows = []
+    rows, best = [], None
     for label, m in methods:
         m = get_method(m) if isinstance(m, str) else m
         t0 = time.perf_counter()
         scores = dense_scores(store, m, qvecs)
+        best = scores if best is None else best
         secs = time.perf_counter() - t0 + log_s + per_ck * len(m.used_checkpoints(store))
         h = bank.halves(scores)
         rows.append(
@@ -167,6 +174,38 @@ def gradient_rows(task: Task, bank: BankView, model, store: AttributionStore) ->
                    h["report_ci"], secs)
         )  # fmt: skip
         print(f"{task.name:16s} {label:44s} choose {h['choose']:.3f} report {h['report']:.3f}")
+    return rows, best
+
+
+CEILING_K = (300, 1000, 3000)
+
+
+def design_ceiling_rows(task: Task, bank: BankView, store, scores: torch.Tensor) -> list[Result]:
+    """What K subsets can carry at all: the default gradient method's scores ``w`` measured exactly
+    through a K-subset design (``y = M w``) and recovered by the minimum-norm solution
+    ``Mᵀ(MMᵀ)⁻¹y``. A dense ``w`` keeps about ``sqrt(K/n)`` of its LDS (the projection onto M's
+    K-dimensional row space), whatever the operators."""
+    from lightning_tda.stride.design import SubsetDesign
+
+    rows = []
+    w = scores.double().numpy().T  # [n, Q]
+    for k in CEILING_K:
+        if k >= store.num_examples:
+            continue
+        m = SubsetDesign.draw(store.example_ids, k, 10, seed=0).matrix.astype(np.float64)
+        y = m @ w  # [K, Q]
+        gram = (m @ m.T).toarray()
+        rec = m.T @ np.linalg.solve(gram + 1e-9 * np.eye(k), y)  # [n, Q]
+        h = bank.halves(torch.from_numpy(np.asarray(rec).T.copy()))
+        rows.append(
+            Result(task.name, f"design ceiling, K={k} (oracle)", "-",
+                   f"attribute() defaults' scores through a K={k}, d=10 design, min-norm recovery",
+                   h["choose"], h["report"], h["report_ci"], 0.0,
+                   {"ceiling_k": k, "sqrt_k_over_n": (k / store.num_examples) ** 0.5})
+        )  # fmt: skip
+        print(
+            f"{task.name:16s} design ceiling K={k}: choose {h['choose']:.3f} report {h['report']:.3f}"
+        )
     return rows
 
 
@@ -217,6 +256,37 @@ def _pre_exposure_scores(store, model, task, st, seen: SeenAt, steps: list[int])
     return out
 
 
+OMP_SPARSITY = (10, 30, 100)
+"""Non-zeros per query of orthogonal matching pursuit, the Lasso's alternative (defaults' fit only)."""
+
+
+def omp_rows(task, bank, model, store, steps: list[int], fit_s: float) -> list[Result]:
+    """Orthogonal matching pursuit (scikit-learn) on the same measurements as the Lasso."""
+    from sklearn.linear_model import orthogonal_mp
+
+    rows = []
+    step = steps[-1]
+    t0 = time.perf_counter()
+    y, _ = Stride(checkpoints=[step], task=stride_task(task)).measurements(
+        store, task.queries, model, step
+    )
+    measure_s = time.perf_counter() - t0
+    m = stride_load(store.path, step).design.matrix.toarray().astype(np.float64)  # [K, n]
+    for k in OMP_SPARSITY:
+        t0 = time.perf_counter()
+        coef = orthogonal_mp(m, y.T.double().numpy(), n_nonzero_coefs=k)  # [n, Q]
+        scores = torch.from_numpy(np.asarray(coef).T.copy())
+        h = bank.halves(scores)
+        secs = fit_s + measure_s + time.perf_counter() - t0
+        rows.append(
+            Result(task.name, f"stride (defaults, OMP {k} non-zeros)", "lightning_tda",
+                   f"the defaults' operators; recovery by OMP with {k} non-zeros per query",
+                   h["choose"], h["report"], h["report_ci"], secs, {"omp": k})
+        )  # fmt: skip
+        print(f"{task.name:16s} stride OMP {k}: choose {h['choose']:.3f} report {h['report']:.3f}")
+    return rows
+
+
 def stride_rows(task, bank, model, store, seen, runs: list[StrideRun]) -> list[Result]:
     st = stride_task(task)
     rows = []
@@ -232,6 +302,8 @@ def stride_rows(task, bank, model, store, seen, runs: list[StrideRun]) -> list[R
         alphas = [stride_load(store.path, s).alpha for s in steps]
         layer = stride_load(store.path, steps[-1]).layer
         lift = _measure_lift(store, model, task, steps[-1])
+        if run.label == "defaults":
+            rows += omp_rows(task, bank, model, store, steps, fit_s)
         combos = [(run.label, run.which)]
         if run.which == "all":  # the same fits, each example from the checkpoint before its step
             combos.append(("pre-exposure checkpoints", "pre-exposure"))
@@ -291,7 +363,8 @@ def run_task(name: str, pattern: str | None) -> dict:
         t0 = time.perf_counter()
         model, store, seen = fit_store(task, Path(tmp) / f"{name}.h5")
         train_s = time.perf_counter() - t0
-        rows = gradient_rows(task, bank, model, store)
+        rows, best = gradient_rows(task, bank, model, store)
+        rows += design_ceiling_rows(task, bank, store, best)
         runs = [
             r for r in stride_runs(task, model) if pattern is None or re.search(pattern, r.label)
         ]
@@ -311,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="gpt_single_pass,gpt_adamw,clf_adamw")
     ap.add_argument("--configs", default=None, help="regex: only STRIDE runs whose label matches")
+    ap.add_argument(
+        "--no-render", dest="render", action="store_false", help="skip rendering BENCHMARKS.md"
+    )
     a = ap.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -318,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.tasks.split(","):
         res = run_task(name, a.configs)
         (RESULTS / f"stride_{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    if a.render:
+        from benchmarks.render_stride import main as render
+
+        render([])
 
 
 if __name__ == "__main__":

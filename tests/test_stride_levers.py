@@ -140,3 +140,52 @@ def test_operators_at_an_earlier_checkpoint_see_that_checkpoints_weights(
     mask = items["labels"][:, 1:] != -100
     torch.testing.assert_close(cached[mask], at_first[mask], rtol=2e-3, atol=2e-3)  # fp16 cache
     assert (cached[mask] - at_last[mask]).abs().max() > 1e-2
+
+
+def test_sampled_linearity_term_measures_only_the_sampled_operators(monkeypatch):
+    """``linearity_subsets=S`` computes responses of S operators, not K (cost independent of K·C),
+    and its loss is the ridge residual of those S responses on their own sketched rows."""
+    fit_mod = importlib.import_module("lightning_tda.stride.fit")
+    n, k, c = 40, 30, 7
+    ids = torch.arange(n)
+    design = fit_mod.SubsetDesign.draw(ids, k, 3, seed=0)
+    ops = SteeringOperators(k, 5, c, rank=3)
+    with torch.no_grad():
+        ops.heads.normal_(generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(5)
+    feats = fit_mod.Features(
+        torch.randn(4, 1, 5, generator=g), torch.randn(4, 1, c, generator=g),
+        torch.randint(0, c, (4, 1), generator=g), None,
+    )  # fmt: skip
+    asked = []
+    real = fit_mod.responses
+
+    def spy(operators, f, ks=None):
+        asked.append(operators.num_subsets if ks is None else len(ks))
+        return real(operators, f, ks)
+
+    monkeypatch.setattr(fit_mod, "responses", spy)
+    for subsets in (None, 8):
+        cfg = StrideConfig(num_subsets=k, degree=3, linearity_subsets=subsets, holdout=4)
+        module = fit_mod.StrideFitModule(ops, None, design, cfg, torch.arange(4))
+        state = module.gen.get_state()
+        got = module._linearity(feats)
+        if subsets is None:
+            y = real(ops, feats)
+            hat = module.sketch @ torch.linalg.solve(
+                module.sketch.T @ module.sketch + torch.eye(cfg.sketch_dim), module.sketch.T
+            )
+        else:
+            module.gen.set_state(state)
+            ks = torch.randperm(k, generator=module.gen)[:subsets]
+            y = real(ops, feats, ks)
+            s = module.sketch[ks]
+            hat = s @ torch.linalg.solve(s.T @ s + torch.eye(cfg.sketch_dim), s.T)
+        ref = ((y @ hat.T - y) ** 2).sum(1).mean() / y.shape[1]
+        torch.testing.assert_close(got, ref)
+    assert asked == [k, 8]
+
+
+def test_linearity_subsets_is_validated():
+    with pytest.raises(ValueError, match="linearity_subsets"):
+        StrideConfig(linearity_subsets=1).validate(100)

@@ -73,6 +73,9 @@ class StrideConfig:
         holdout: training examples held out of fidelity/stability; used by the linearity loss and to
             choose the Lasso penalty.
         linearity_batch: held-out examples measured per step for the linearity loss.
+        linearity_subsets: operators sampled per step for the linearity loss (the ridge fit of the
+            responses on the sketched membership rows of those operators); ``None``: all ``K``, whose
+            cost per step grows with ``K·C``.
         sketch_dim: ``q`` columns of the JL sketch ``M̃ = M R``.
         ridge: ``γ`` of the linearity loss.
         seed: seed of the design, the sketch, the sampling and the hold-out split.
@@ -99,6 +102,7 @@ class StrideConfig:
     members_per_subset: int = 16
     holdout: int = 64
     linearity_batch: int = 8
+    linearity_subsets: int | None = None
     sketch_dim: int = 64
     ridge: float = 1.0
     seed: int = 0
@@ -121,6 +125,11 @@ class StrideConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"StrideConfig.{name} must be a positive int, got {v!r}")
+        ls = self.linearity_subsets
+        if ls is not None and (not isinstance(ls, int) or isinstance(ls, bool) or ls < 2):
+            raise ValueError(
+                f"StrideConfig.linearity_subsets must be None (all K) or an int >= 2, got {ls!r}"
+            )
         if self.num_subsets < self.degree:
             raise ValueError(
                 f"StrideConfig: K={self.num_subsets} subsets < d={self.degree} subsets per example; "
@@ -304,6 +313,12 @@ def kl_base_steered(o: torch.Tensor, steered: torch.Tensor, targets: torch.Tenso
     return (kl * (targets != IGNORE).to(kl.dtype)).sum(-1)
 
 
+def ridge_hat(sketch: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``[S, S]`` hat matrix ``M̃ (M̃ᵀM̃ + γI)⁻¹ M̃ᵀ`` of sketched membership rows ``M̃`` ``[S, q]``."""
+    gram = sketch.T @ sketch + ridge * torch.eye(sketch.shape[1])
+    return sketch @ torch.linalg.solve(gram, sketch.T)
+
+
 class StrideFitModule(pl.LightningModule):
     """Trains the shared basis and all heads jointly; the base model stays frozen (outside this module)."""
 
@@ -339,9 +354,8 @@ class StrideFitModule(pl.LightningModule):
         self.table = torch.from_numpy(design.table)
         g = torch.Generator().manual_seed(config.seed + 1)
         r = torch.randn(n, config.sketch_dim, generator=g) / config.sketch_dim**0.5
-        mt = torch.from_numpy(m @ r.numpy()).float()  # [K, q]
-        gram = mt.T @ mt + config.ridge * torch.eye(config.sketch_dim)
-        self.proj = mt @ torch.linalg.solve(gram, mt.T)  # [K, K] ridge hat matrix
+        self.sketch = torch.from_numpy(m @ r.numpy()).float()  # [K, q] sketched membership
+        self.proj = ridge_hat(self.sketch, config.ridge)  # [K, K]
         self.gen = torch.Generator().manual_seed(config.seed + 2)
 
     def train_dataloader(self) -> DataLoader:
@@ -384,10 +398,21 @@ class StrideFitModule(pl.LightningModule):
             b = self.holdout[
                 torch.randint(len(self.holdout), (c.linearity_batch,), generator=self.gen)
             ]
-            y = responses(ops, self._features(b))  # [B, K]
-            res = y @ self.proj.to(y).T - y
-            out["linearity"] = (res**2).sum(1).mean() / self.design.num_subsets
+            out["linearity"] = self._linearity(self._features(b))
         return out
+
+    def _linearity(self, f: Features) -> torch.Tensor:
+        """Mean squared residual of the responses ``[B, S]`` of ``S`` operators (all ``K``, or
+        ``linearity_subsets`` sampled) after the ridge fit on those operators' sketched rows."""
+        c, k = self.config, self.design.num_subsets
+        if c.linearity_subsets is None or c.linearity_subsets >= k:
+            y, proj = responses(self.operators, f), self.proj
+        else:
+            ks = torch.randperm(k, generator=self.gen)[: c.linearity_subsets]
+            y = responses(self.operators, f, ks.to(self.device))
+            proj = ridge_hat(self.sketch[ks], c.ridge)
+        res = y @ proj.to(y).T - y
+        return (res**2).sum(1).mean() / y.shape[1]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         c = self.config
