@@ -28,11 +28,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def fit_logged(
-    task: Task, path: Path, seed: int = 0, **logger_kwargs
+    task: Task, path: Path, seed: int = 0, callbacks: list | None = None, **logger_kwargs
 ) -> tuple[pl.LightningModule, AttributionStore, float]:
     """Train the task's model on its full training set with a GradientLogger; returns model, store, fit seconds.
 
-    The sweep batch size is 250 unless ``logger_kwargs`` says otherwise (``None``: the library's rule)."""
+    The sweep batch size is 250 unless ``logger_kwargs`` says otherwise (``None``: the library's rule);
+    ``callbacks`` run beside the logger."""
     pl.seed_everything(seed, verbose=False)
     model = task.factory()
     logger = GradientLogger(
@@ -44,7 +45,7 @@ def fit_logged(
     )
     trainer_kwargs, fit_kwargs = task.fit_setup(seed)
     trainer = pl.Trainer(
-        callbacks=[logger],
+        callbacks=[logger, *(callbacks or [])],
         **QUIET_CPU,
         **trainer_kwargs,
     )

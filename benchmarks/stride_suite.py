@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from benchmarks.banks_build import TASKS
-from benchmarks.common import QUIET_CPU, logging_seconds
+from benchmarks.common import fit_logged, logging_seconds
 from benchmarks.defaults import RESULTS, BankView, dense_scores
 from benchmarks.tasks import Task
-from lightning_tda import AttributionStore, CausalLMTask, ClassificationTask, GradientLogger
+from lightning_tda import AttributionStore, CausalLMTask, ClassificationTask
 from lightning_tda.methods import Influence, Source, get_method
 from lightning_tda.methods.auto import auto_method
 from lightning_tda.stride import Stride, StrideConfig
@@ -122,20 +122,9 @@ class SeenAt(pl.Callback):
 
 def fit_store(task: Task, path: Path) -> tuple[torch.nn.Module, AttributionStore, SeenAt]:
     """The task's logged run with the default GradientLogger and the :class:`SeenAt` probe."""
-    pl.seed_everything(0, verbose=False)
-    model = task.factory()
-    logger = GradientLogger(
-        path,
-        attribution_data=task.train,
-        overwrite=True,
-        verbose=False,
-        **task.logger_schedule(),
-    )
     seen = SeenAt()
-    trainer_kwargs, fit_kwargs = task.fit_setup(0)
-    trainer = pl.Trainer(callbacks=[logger, seen], **QUIET_CPU, **trainer_kwargs)
-    trainer.fit(model, **fit_kwargs)
-    return model, AttributionStore(path), seen
+    model, store, _ = fit_logged(task, path, callbacks=[seen], batch_size=None)
+    return model, store, seen
 
 
 @dataclass
