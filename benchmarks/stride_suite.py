@@ -46,6 +46,7 @@ from lightning_tda.stride import Stride, StrideConfig
 from lightning_tda.stride import fit as stride_fit
 from lightning_tda.stride import load as stride_load
 from lightning_tda.stride.operator import output_module_name
+from lightning_tda.stride.recover import cosamp
 
 QUIET = {"enable_progress_bar": False, "logger": False, "accelerator": "cpu"}
 
@@ -89,6 +90,10 @@ def stride_runs(task: Task, model: torch.nn.Module) -> list[StrideRun]:
     runs += [
         StrideRun("linearity weight 0", StrideConfig(linearity_weight=0.0)),
         StrideRun("linearity on 64 sampled operators", StrideConfig(linearity_subsets=64)),
+        StrideRun(
+            "reference batch 4x (64 non-members per subset)",
+            StrideConfig(reference_per_subset=64),
+        ),
         StrideRun("steps 600", StrideConfig(steps=600, linearity_subsets=64)),
         StrideRun(
             "K=1000, steps 600", StrideConfig(num_subsets=1000, steps=600, linearity_subsets=64)
@@ -251,7 +256,8 @@ OMP_SPARSITY = (10, 30, 100)
 
 
 def omp_rows(task, bank, model, store, steps: list[int], fit_s: float) -> list[Result]:
-    """Orthogonal matching pursuit (scikit-learn) on the same measurements as the Lasso."""
+    """Orthogonal matching pursuit (scikit-learn), CoSaMP and minimum-norm recovery on the same
+    measurements as the Lasso."""
     from sklearn.linear_model import orthogonal_mp
 
     rows = []
@@ -274,6 +280,20 @@ def omp_rows(task, bank, model, store, steps: list[int], fit_s: float) -> list[R
                    h["choose"], h["report"], h["report_ci"], secs, {"omp": k})
         )  # fmt: skip
         print(f"{task.name:16s} stride OMP {k}: choose {h['choose']:.3f} report {h['report']:.3f}")
+    for k in OMP_SPARSITY:
+        if 3 * k > m.shape[0]:
+            continue
+        t0 = time.perf_counter()
+        h = bank.halves(cosamp(m, y, k))
+        rows.append(
+            Result(task.name, f"stride (defaults, CoSaMP {k} non-zeros)", "lightning_tda",
+                   f"the defaults' operators; recovery by CoSaMP with {k} non-zeros per query",
+                   h["choose"], h["report"], h["report_ci"],
+                   fit_s + measure_s + time.perf_counter() - t0, {"cosamp": k})
+        )  # fmt: skip
+        print(
+            f"{task.name:16s} stride CoSaMP {k}: choose {h['choose']:.3f} report {h['report']:.3f}"
+        )
     t0 = time.perf_counter()
     gram = m @ m.T
     dense = m.T @ np.linalg.solve(gram + 1e-9 * np.eye(len(gram)), y.T.double().numpy())  # [n, Q]

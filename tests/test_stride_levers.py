@@ -189,3 +189,57 @@ def test_sampled_linearity_term_measures_only_the_sampled_operators(monkeypatch)
 def test_linearity_subsets_is_validated():
     with pytest.raises(ValueError, match="linearity_subsets"):
         StrideConfig(linearity_subsets=1).validate(100)
+
+
+def test_reference_per_subset_sizes_the_stability_batch_and_is_validated(monkeypatch):
+    """``reference_per_subset=R``: the stability term reads R non-members per sampled subset (the
+    fidelity term keeps ``members_per_subset``); ``None`` keeps the old equal sizes."""
+    fit_mod = importlib.import_module("lightning_tda.stride.fit")
+    n, k, c = 40, 6, 5
+    design = fit_mod.SubsetDesign.draw(torch.arange(n), k, 2, seed=0)
+    ops = SteeringOperators(k, 4, c, rank=2)
+    g = torch.Generator().manual_seed(0)
+
+    class Source:
+        def get(self, positions):
+            m = len(positions)
+            return fit_mod.Features(
+                torch.randn(m, 1, 4, generator=g), torch.randn(m, 1, c, generator=g),
+                torch.randint(0, c, (m, 1), generator=g), None,
+            )  # fmt: skip
+
+    for ref, expect in ((None, 3), (7, 7)):
+        cfg = StrideConfig(num_subsets=k, degree=2, members_per_subset=3, holdout=4,
+                           reference_per_subset=ref, linearity_weight=0.0)  # fmt: skip
+        module = fit_mod.StrideFitModule(ops, Source(), design, cfg, torch.arange(4))
+        sizes: list[torch.Size] = []
+        real = module._features
+
+        def spy(p, real=real, sizes=sizes):
+            sizes.append(p.shape)
+            return real(p)
+
+        monkeypatch.setattr(module, "_features", spy)
+        out = module.losses(torch.tensor([0, 1]))
+        assert sizes == [torch.Size([2, 3]), torch.Size([2, expect])]
+        assert torch.isfinite(out["stability"])
+    with pytest.raises(ValueError, match="reference_per_subset"):
+        StrideConfig(reference_per_subset=0).validate(100)
+
+
+def test_cosamp_recovers_a_planted_sparse_vector_exactly():
+    """Noiseless y = M w with 10-sparse w on the benchmarks' design (n=1000, K=300, d=10):
+    CoSaMP finds the support and the values; the sparsity bound is checked."""
+    from lightning_tda.stride.design import SubsetDesign
+    from lightning_tda.stride.recover import cosamp
+
+    design = SubsetDesign.draw(torch.arange(1000), 300, 10, seed=0)
+    g = torch.Generator().manual_seed(3)
+    w = torch.zeros(4, 1000, dtype=torch.float64)
+    for q in range(4):
+        w[q, torch.randperm(1000, generator=g)[:10]] = torch.randn(10, generator=g, dtype=w.dtype)
+    y = torch.from_numpy(design.matrix @ w.numpy().T).T
+    got = cosamp(design.matrix, y, sparsity=10)
+    torch.testing.assert_close(got.double(), w, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="sparsity"):
+        cosamp(design.matrix, y, sparsity=101)

@@ -70,6 +70,8 @@ class StrideConfig:
         steps: optimisation steps.
         subsets_per_step: subsets sampled per step.
         members_per_subset: members (fidelity) and non-members (stability) sampled per subset.
+        reference_per_subset: non-members in the stability term's reference batch per subset
+            (``None``: ``members_per_subset``); larger averages out its sampling noise.
         holdout: training examples held out of fidelity/stability; used by the linearity loss and to
             choose the Lasso penalty.
         linearity_batch: held-out examples measured per step for the linearity loss.
@@ -100,6 +102,7 @@ class StrideConfig:
     steps: int = 200
     subsets_per_step: int = 16
     members_per_subset: int = 16
+    reference_per_subset: int | None = None
     holdout: int = 64
     linearity_batch: int = 8
     linearity_subsets: int | None = None
@@ -125,6 +128,11 @@ class StrideConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"StrideConfig.{name} must be a positive int, got {v!r}")
+        rp = self.reference_per_subset
+        if rp is not None and (not isinstance(rp, int) or isinstance(rp, bool) or rp < 1):
+            raise ValueError(
+                f"StrideConfig.reference_per_subset must be None or a positive int, got {rp!r}"
+            )
         ls = self.linearity_subsets
         if ls is not None and (not isinstance(ls, int) or isinstance(ls, bool) or ls < 2):
             raise ValueError(
@@ -386,11 +394,11 @@ class StrideFitModule(pl.LightningModule):
         h, o, t = (x.view(*shp, *x.shape[1:]) for x in (f.h, f.o, f.targets))
         fid = token_ce(ops.steered(o, h, kd), t).mean(1)
         out["fidelity"] = (fid * has).sum() / has.sum().clamp_min(1)
-        tp = self.train_positions
-        non = tp[torch.randint(len(tp), (s, m), generator=self.gen)]
-        keep = ~(self.table[non] == ks.view(s, 1, 1)).any(-1)  # [S, m] not in subset k
+        tp, rm = self.train_positions, c.reference_per_subset or m
+        non = tp[torch.randint(len(tp), (s, rm), generator=self.gen)]
+        keep = ~(self.table[non] == ks.view(s, 1, 1)).any(-1)  # [S, rm] not in subset k
         f = self._features(non)
-        h, o, t = (x.view(*shp, *x.shape[1:]) for x in (f.h, f.o, f.targets))
+        h, o, t = (x.view(s, rm, *x.shape[1:]) for x in (f.h, f.o, f.targets))
         kl = kl_base_steered(o, ops.steered(o, h, kd), t)
         w = keep.float().to(self.device)
         out["stability"] = (kl * w).sum() / w.sum().clamp_min(1)

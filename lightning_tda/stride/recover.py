@@ -158,3 +158,41 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = b - b.mean(0)
     den = a.norm(dim=0) * b.norm(dim=0)
     return torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-30), torch.zeros_like(den))
+
+
+def cosamp(m: sp.spmatrix, y: torch.Tensor, sparsity: int, iters: int = 20) -> torch.Tensor:
+    """Compressive sampling matching pursuit (Needell & Tropp 2009), the Lasso's greedy alternative.
+
+    Args:
+        m: ``[K, n]`` membership matrix.
+        y: ``[Q, K]`` measurements.
+        sparsity: ``s`` non-zeros kept per query (``3s ≤ K``).
+        iters: iterations (each: ``2s`` new candidates from the residual's correlations, least
+            squares on at most ``3s`` columns, pruned back to the ``s`` largest).
+
+    Returns:
+        ``[Q, n]`` recovered influences.
+    """
+    k, n = m.shape
+    if not 1 <= sparsity <= k // 3:
+        raise ValueError(f"cosamp: sparsity must be in [1, K/3 = {k // 3}], got {sparsity}")
+    dense = torch.from_numpy(sp.csr_matrix(m).toarray()).to(torch.float64)  # [K, n]
+    y = y.to(torch.float64)
+    w = torch.zeros(y.shape[0], n, dtype=torch.float64)
+    for q in range(y.shape[0]):
+        support = torch.zeros(0, dtype=torch.long)
+        r = y[q]
+        for _ in range(iters):
+            cand = (dense.T @ r).abs().topk(2 * sparsity).indices
+            merged = torch.unique(torch.cat([support, cand]))
+            coef = torch.linalg.lstsq(dense[:, merged], y[q].unsqueeze(1)).solution.squeeze(1)
+            keep = coef.abs().topk(min(sparsity, len(merged))).indices
+            support, kept = merged[keep], coef[keep]
+            new_r = y[q] - dense[:, support] @ kept
+            done = new_r.norm() >= r.norm() * (1 - 1e-9) or new_r.norm() <= 1e-12 * y[q].norm()
+            r = new_r
+            w[q].zero_()
+            w[q, support] = kept
+            if done:
+                break
+    return w.to(torch.float32)
