@@ -23,6 +23,7 @@ from lightning_tda.methods.auto import AUTO, auto_method, method_settings
 from lightning_tda.methods.base import self_influence_refusal
 from lightning_tda.methods.influence import QueryVectors
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
+from lightning_tda.methods.sharding import sharded_scores
 from lightning_tda.progress import progress_bar
 from lightning_tda.results import AttributionResult
 from lightning_tda.store import schema
@@ -60,6 +61,7 @@ class AttributionStore(StoreReader):
         collate_fn: Any = None,
         block_rows: int | None = None,
         check_model: bool = True,
+        distributed: bool = False,
         **method_kwargs: Any,
     ) -> AttributionResult:
         """Score every training example for every query.
@@ -89,6 +91,10 @@ class AttributionStore(StoreReader):
             block_rows: rows read per block (default: about 256 MB of fp32 per block).
             check_model: first compare ``model``'s frozen weights and architecture with the store's
                 fingerprints (a ``StoreError`` naming what differs); ``False`` skips it.
+            distributed: split the scan of the stored rows across the processes of the initialised
+                ``torch.distributed`` group (every rank calls ``attribute`` with the same arguments,
+                computes the query vectors, scans its block-aligned shard; every rank gets the
+                merged result, equal to one process's; :mod:`lightning_tda.methods.sharding`).
             **method_kwargs: hyper-parameters of the method (e.g. ``checkpoints=[...]``, ``interval="next"``).
 
         Returns:
@@ -99,6 +105,11 @@ class AttributionStore(StoreReader):
             query_spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
         )
         m, settings = _method(method, block_rows, method_kwargs, self)
+        if distributed and m.kind == "model":
+            raise ConfigError(
+                f"distributed=True splits the scan of stored rows; {m.name} measures the queries "
+                "with the model instead: run it on one process (distributed=False)"
+            )
         steps = [c.global_step for c in m.used_checkpoints(self)]
         if m.kind == "model":  # e.g. STRIDE: measures the queries with the model itself
             if check_model and model is not None:
@@ -109,7 +120,11 @@ class AttributionStore(StoreReader):
             queries, model, m.query_steps(self), query_spec=spec, check_model=check_model
         )
         terms = m.score_terms(self, qvecs)
-        out = stream_scores(self, terms, top_k, block_rows, description=f"scoring {m.name}")
+        label = f"scoring {m.name}"
+        if distributed:
+            out = sharded_scores(self, terms, top_k, block_rows, description=label)
+        else:
+            out = stream_scores(self, terms, top_k, block_rows, description=label)
         ids = self.example_ids
         if top_k is None:
             return AttributionResult(m.name, out, None, None, None, ids, qids, steps, settings)

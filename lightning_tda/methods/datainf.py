@@ -173,4 +173,4 @@ _BUDGET = 256 * 2**20
 
 def _block_rows(store: StoreReader) -> int:
     """Train rows per block: one decoded fp32 block plus its float64 copy within the budget."""
-    return default_block_rows(store.width, 3, _BUDGET)
+    return default_block_rows(store.width, 3, budget_bytes=_BUDGET)

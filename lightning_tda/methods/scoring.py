@@ -70,9 +70,17 @@ class TopK:
     low_rows: torch.Tensor  # [Q, k]
 
 
-def default_block_rows(width: int, terms: int, budget_bytes: int = 256 * 2**20) -> int:
-    """Rows per block so that decoded fp32 blocks of all terms fit in ``budget_bytes``."""
-    return max(64, budget_bytes // max(1, 4 * width * max(1, terms)))
+def default_block_rows(
+    width: int, terms: int, queries: int = 0, budget_bytes: int = 256 * 2**20
+) -> int:
+    """Rows per block so that a block's decoded fp32 rows of all terms plus its ``[Q, B]`` fp32
+    scores (two of them while a term is added) fit in ``budget_bytes``.
+
+    >>> default_block_rows(1024, 1), default_block_rows(1024, 1, queries=10_000)
+    (65536, 3192)
+    """
+    per_row = 4 * (width * max(1, terms) + 2 * max(0, queries))
+    return max(64, budget_bytes // per_row)
 
 
 def stream_scores(
@@ -82,37 +90,42 @@ def stream_scores(
     block_rows: int | None = None,
     *,
     description: str = "scoring",
-) -> torch.Tensor | TopK:
-    """Score every stored row against every query.
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor | TopK | None:
+    """Score every stored row (or rows ``lo:hi`` of ``rows``) against every query.
 
     ``description`` labels the progress bar (one step per block; see :mod:`lightning_tda.progress`).
+    ``block_rows`` defaults to :func:`default_block_rows` for the terms and queries.
 
     Returns:
-        ``[Q, N]`` dense scores when ``top_k is None``, else a :class:`TopK` over row positions.
+        ``[Q, N]`` (``[Q, hi - lo]``) dense scores when ``top_k is None``, else a :class:`TopK` over
+        row positions (``None`` for an empty ``rows`` range).
     """
     if not terms:
         raise ValueError("no checkpoints to score: the method selected none")
     device = terms[0].query.device
     q = terms[0].query.shape[0]
-    n = store.num_examples
-    block = block_rows or default_block_rows(store.width, len(terms))
+    lo, hi = (0, store.num_examples) if rows is None else rows
+    block = block_rows or default_block_rows(store.width, len(terms), q)
     keys = [(t.step, t.dataset) for t in terms]
-    dense = None if top_k is not None else torch.empty(q, n, dtype=torch.float32)
-    k = None if top_k is None else min(int(top_k), n)
+    dense = None if top_k is not None else torch.empty(q, hi - lo, dtype=torch.float32)
+    k = None if top_k is None else min(int(top_k), store.num_examples)
     best_v = best_r = low_v = low_r = None
     label = f"{description}: {_checkpoints(terms)}"
-    with progress_bar(label, n, unit="rows") as bar:
-        for start, stop, blocks in _counted(store.iter_blocks(keys, block), bar):
+    with progress_bar(label, hi - lo, unit="rows") as bar:
+        for start, stop, blocks in _counted(store.iter_blocks(keys, block, rows), bar):
             s = None
             for t, x in zip(terms, blocks, strict=True):
                 s = _add_term(s, t, x.to(device, non_blocking=True), start, stop)
             del blocks, x  # free this block before the next is read: one block in memory, not two
             if dense is not None:
-                dense[:, start:stop] = s.cpu()
+                dense[:, start - lo : stop - lo] = s.cpu()
                 continue
             best_v, best_r, low_v, low_r = _merge(best_v, best_r, low_v, low_r, s, start, k)
     if dense is not None:
         return dense
+    if best_v is None:
+        return None
     return TopK(best_v.cpu(), best_r.cpu(), low_v.cpu(), low_r.cpu())
 
 
@@ -161,8 +174,14 @@ def _merge(best_v, best_r, low_v, low_r, s, start, k):
 
 
 def _merge_sorted(v, r, bv, br, k, largest):
-    vals, rows = torch.cat([v, bv], dim=1), torch.cat([r, br], dim=1)
-    vals, idx = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest, sorted=True)
+    return merge_top_k(torch.cat([v, bv], dim=1), torch.cat([r, br], dim=1), k, largest)
+
+
+def merge_top_k(
+    values: torch.Tensor, rows: torch.Tensor, k: int, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest (smallest) of candidate ``values`` ``[Q, C]`` and their ``rows``, sorted."""
+    vals, idx = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest, sorted=True)
     return vals, torch.gather(rows, 1, idx)
 
 

@@ -303,9 +303,15 @@ class StoreReader:
         return torch.from_numpy(np.ascontiguousarray(arr))
 
     def iter_blocks(
-        self, steps_and_names: Sequence[tuple[int, str]], block_rows: int
+        self,
+        steps_and_names: Sequence[tuple[int, str]],
+        block_rows: int,
+        rows: tuple[int, int] | None = None,
     ) -> Iterator[tuple[int, int, list[torch.Tensor | RowBlock]]]:
         """Yield ``(start, stop, [block per (step, name)])`` over the train rows, with one open file.
+
+        ``rows=(lo, hi)`` limits the scan to rows ``lo:hi`` (blocks start at ``lo``), e.g. one
+        process's shard of a distributed scoring pass (:mod:`lightning_tda.methods.sharding`).
 
         ``train`` / ``train_precond`` of a factored checkpoint are reconstructed block by block. A batch
         checkpoint's ``"train@batch"`` (or ``"train@batch:<steps>"``, :func:`schema.batch_view`) yields a
@@ -320,8 +326,8 @@ class StoreReader:
             encs = [schema.dataset_encoding(d, self.storage_dtype) for d in dsets]
             if not any(isinstance(d, BatchRows) for d in dsets):  # (those look up groups lazily)
                 f.unlock()  # the datasets are open: a long scan does not hold up the writer's commits
-            n = self.num_examples
-            for start in range(0, n, block_rows):
+            lo, n = (0, self.num_examples) if rows is None else _row_range(rows, self.num_examples)
+            for start in range(lo, n, block_rows):
                 stop = min(n, start + block_rows)
                 yield (
                     start,
@@ -580,3 +586,10 @@ def _check_vector(
     if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind != kind:
         got = (ds.shape, str(ds.dtype)) if isinstance(ds, h5py.Dataset) else type(ds).__name__
         raise _bad(reader, f"checkpoint {step} {name!r} is {got}, expected [{n}] of kind {kind!r}")
+
+
+def _row_range(rows: tuple[int, int], n: int) -> tuple[int, int]:
+    lo, hi = (int(r) for r in rows)
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"rows=({lo}, {hi}) is not a range of the store's {n} rows")
+    return lo, hi
