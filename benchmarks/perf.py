@@ -351,8 +351,10 @@ def synthetic_store(
     dtype: str = "float16",
     seed: int = 0,
     block: int = 8192,
+    rows_fn: Callable[[int, int], torch.Tensor] | None = None,
 ) -> AttributionStore:
-    """A one-checkpoint store of ``num_rows`` random rows of width ``width`` written with StoreWriter.
+    """A one-checkpoint store of ``num_rows`` rows of width ``width`` written with StoreWriter:
+    ``rows_fn(start, stop)`` (``[stop - start, width]``), default standard-normal rows.
 
     ``width`` must be ``d_out * (d_in + 1)`` with ``d_out = 16`` (a one-layer exact layout).
     """
@@ -369,7 +371,10 @@ def synthetic_store(
     with writer.begin_checkpoint(1, num_rows, width) as cw:
         for start in range(0, num_rows, block):
             stop = min(num_rows, start + block)
-            rows = torch.randn(stop - start, width, generator=g)
+            if rows_fn is None:
+                rows = torch.randn(stop - start, width, generator=g)
+            else:
+                rows = rows_fn(start, stop)
             cw.write_rows(torch.arange(start, stop), rows, torch.zeros(stop - start))
         cw.commit(
             {

@@ -22,6 +22,7 @@ from lightning_tda.methods import AttributionMethod, get_method
 from lightning_tda.methods.auto import AUTO, auto_method, method_settings
 from lightning_tda.methods.base import self_influence_refusal
 from lightning_tda.methods.influence import QueryVectors
+from lightning_tda.methods.row_index import IndexConfig, RowIndex, build_row_index, row_terms
 from lightning_tda.methods.scoring import stream_scores, stream_self_influence
 from lightning_tda.methods.sharding import sharded_scores
 from lightning_tda.progress import progress_bar
@@ -62,6 +63,7 @@ class AttributionStore(StoreReader):
         block_rows: int | None = None,
         check_model: bool = True,
         distributed: bool = False,
+        index: RowIndex | str | os.PathLike | None = None,
         **method_kwargs: Any,
     ) -> AttributionResult:
         """Score every training example for every query.
@@ -95,6 +97,9 @@ class AttributionStore(StoreReader):
                 ``torch.distributed`` group (every rank calls ``attribute`` with the same arguments,
                 computes the query vectors, scans its block-aligned shard; every rank gets the
                 merged result, equal to one process's; :mod:`lightning_tda.methods.sharding`).
+            index: an approximate top-k instead of the exact scan: a
+                :class:`~lightning_tda.methods.row_index.RowIndex` from :meth:`build_index` (or its
+                path) built for the same method and settings; ``top_k`` must be set.
             **method_kwargs: hyper-parameters of the method (e.g. ``checkpoints=[...]``, ``interval="next"``).
 
         Returns:
@@ -105,6 +110,11 @@ class AttributionStore(StoreReader):
             query_spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
         )
         m, settings = _method(method, block_rows, method_kwargs, self)
+        if index is not None and (top_k is None or distributed):
+            raise ConfigError(
+                "index= gives an approximate top-k: set top_k (dense scores need the exact scan) "
+                "and leave distributed=False (one process searches the whole index)"
+            )
         if distributed and m.kind == "model":
             raise ConfigError(
                 f"distributed=True splits the scan of stored rows; {m.name} measures the queries "
@@ -121,13 +131,22 @@ class AttributionStore(StoreReader):
         )
         terms = m.score_terms(self, qvecs)
         label = f"scoring {m.name}"
-        if distributed:
+        if index is not None:
+            out = _indexed_top_k(self, m, settings, terms, index, top_k)
+        elif distributed:
             out = sharded_scores(self, terms, top_k, block_rows, description=label)
         else:
             out = stream_scores(self, terms, top_k, block_rows, description=label)
         ids = self.example_ids
         if top_k is None:
             return AttributionResult(m.name, out, None, None, None, ids, qids, steps, settings)
+        if index is not None:
+            settings = {**settings, "index": _index_settings(index)}
+            found = ids[out.rows.clamp_min(0)].where(out.rows >= 0, -1)
+            low = ids[out.low_rows.clamp_min(0)].where(out.low_rows >= 0, -1)
+            return AttributionResult(
+                m.name, out.values, found, out.low_values, low, ids, qids, steps, settings
+            )
         return AttributionResult(
             m.name,
             out.values,
@@ -139,6 +158,34 @@ class AttributionStore(StoreReader):
             steps,
             settings,
         )
+
+    def build_index(
+        self,
+        method: str | AttributionMethod = "auto",
+        config: IndexConfig | None = None,
+        path: str | os.PathLike | None = None,
+        **method_kwargs: Any,
+    ) -> RowIndex:
+        """A FAISS index over the stored rows for approximate top-k with ``method``
+        (:mod:`lightning_tda.methods.row_index`; needs ``pip install faiss-cpu``).
+
+        Args:
+            method: as for :meth:`attribute` (its settings are recorded; ``attribute`` checks them).
+            config: :class:`~lightning_tda.methods.row_index.IndexConfig` (factory, nprobe, ...).
+            path: where to save it (``<path>`` and ``<path>.json``); ``None``: not saved.
+            **method_kwargs: hyper-parameters of the method.
+
+        Example::
+
+            index = store.build_index(method="tracin", path="runs/tda.tracin.faiss")
+            res = store.attribute(queries, model=model, method="tracin", top_k=10, index=index)
+        """
+        m, settings = _method(method, None, method_kwargs, self)
+        settings = {"name": m.name, **settings}
+        built = build_row_index(self, m, settings, config or IndexConfig())
+        if path is not None:
+            built.save(path)
+        return built
 
     def self_influence(
         self,
@@ -552,3 +599,25 @@ def _result(name, dense, top_k, ids, qids, steps, settings=None) -> AttributionR
     return AttributionResult(
         name, hi.values, ids[hi.indices], lo.values, ids[lo.indices], ids, qids, steps, settings
     )
+
+
+def _indexed_top_k(store, method, settings, terms, index, top_k):
+    """The approximate top-k of ``terms``' queries from ``index`` (checked against the method)."""
+    index = index if isinstance(index, RowIndex) else RowIndex.load(index)
+    want = {"name": method.name, **settings}
+    got = {k: v for k, v in index.method.items() if k in want}
+    if json.loads(json.dumps(want, default=str)) != json.loads(json.dumps(got, default=str)):
+        raise ConfigError(
+            f"the index was built for {index.method}, not {want}: rebuild it with "
+            "store.build_index(method=..., **same settings)"
+        )
+    if index.num_rows != store.num_examples:
+        raise ConfigError(
+            f"the index holds {index.num_rows} rows, the store {store.num_examples}: rebuild it"
+        )
+    return index.search(terms, row_terms(store, method, index.config.whiten), top_k)
+
+
+def _index_settings(index) -> dict[str, Any]:
+    config = index.config if isinstance(index, RowIndex) else RowIndex.load(index).config
+    return {"factory": config.factory, "nprobe": config.nprobe, "whiten": config.whiten}

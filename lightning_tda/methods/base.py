@@ -14,6 +14,7 @@ returns. A row method implements:
   used checkpoint; a ``(step, member)`` tuple asks for a dropout-ensemble member's gradients);
 - ``score_terms(store, queries) -> list[ScoreTerm]``: ``queries[step]`` is ``[Q, D]``; the score is
   the sum of the terms' ``<query, row>`` products over the stored rows;
+- ``index_maps(store)`` (optional): a whitening of the rows for an approximate row index;
 - ``self_terms(store) -> list[SelfTerm]``: each training example's self-influence as a sum of terms,
   required when ``supports_self_influence`` is ``True`` (the default); a method that defines none
   declares ``supports_self_influence = False`` and a ``self_influence_note`` naming alternatives.
@@ -32,7 +33,7 @@ query's loss. To make a new method selectable by name, register it with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -45,6 +46,8 @@ from lightning_tda.store.reader import CheckpointInfo, StoreReader
 
 Interval = Literal["previous", "next"]
 MethodKind = Literal["rows", "model"]
+RowMap = Callable[[torch.Tensor], torch.Tensor]
+"""A map of a block of rows ``[B, D] -> [B, D]``."""
 
 
 class AttributionMethod(ABC):
@@ -95,6 +98,12 @@ class RowMethod(AttributionMethod):
     @abstractmethod
     def score_terms(self, store: StoreReader, queries: dict[int, torch.Tensor]) -> list[ScoreTerm]:
         """``queries[step]``: ``[Q, D]`` projected query gradients at that checkpoint."""
+
+    def index_maps(self, store: StoreReader) -> list[tuple[RowMap, RowMap]] | None:
+        """Per score term, ``(row_map, query_map)`` with ``<query_map(u), row_map(x)> = <u, x>``
+        that whiten the rows of a row index (:mod:`lightning_tda.methods.row_index`); ``None``
+        (the default): the index holds the rows as stored."""
+        return None
 
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
         """Terms of each training example's self-influence (methods with ``supports_self_influence``).

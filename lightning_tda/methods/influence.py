@@ -13,9 +13,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lightning_tda.methods.base import RowMethod, select_checkpoints
+from lightning_tda.methods.base import RowMap, RowMethod, select_checkpoints
 from lightning_tda.methods.curvature import (
     DEFAULT_DAMPING_SCALE,
+    apply_blocks,
     damped_inverse,
     default_damping,
     fit_curvature,
@@ -155,6 +156,14 @@ class Influence(RowMethod):
             terms.append(ScoreTerm(step, dataset, u, row_weight=row_weight))
         return terms
 
+    def index_maps(self, store: StoreReader) -> list[tuple[RowMap, RowMap]]:
+        """``(F + λ)^{-1/2}`` on the rows and ``(F + λ)^{1/2}`` on the (already preconditioned)
+        queries, per member: the index then searches ``<(F+λ)^{-1/2} g_q, (F+λ)^{-1/2} x>``."""
+        maps = []
+        for *_, curv, lam, _ in self._curvatures(store):
+            maps.append((_damped_power(curv, lam, -0.5), _damped_power(curv, lam, 0.5)))
+        return maps
+
     def self_terms(self, store: StoreReader) -> list[SelfTerm]:
         fits = self._curvatures(store)
         m = len(fits)
@@ -192,3 +201,12 @@ def _trak_q_bar(fits) -> torch.Tensor:
 
 
 __all__ = ["Influence", "QueryVectors"]
+
+
+def _damped_power(curv, lam: dict[str, float], power: float) -> RowMap:
+    """Row map ``v -> (F + λ_l I)^power v`` per block."""
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return apply_blocks(curv, v, lambda b, s: (s.clamp_min(0) + lam[b.name]) ** power)
+
+    return fn
