@@ -192,7 +192,9 @@ def test_unsupported_multi_process_setups_name_the_fix():
     from lightning.pytorch.strategies import FSDPStrategy
 
     fsdp = SimpleNamespace(world_size=2, strategy=FSDPStrategy())
-    with pytest.raises(MisconfigurationException, match="FSDPStrategy.*strategy='ddp'"):
+    with pytest.raises(
+        MisconfigurationException, match="strategy='ddp'.*ModelParallelStrategy.*uses FSDPStrategy"
+    ):
         check_strategy(fsdp, "sweep")
     check_strategy(SimpleNamespace(world_size=1, strategy=object()), "in_flight")  # one process
     logger = GradientLogger("unused.h5", mode="in_flight")

@@ -316,8 +316,9 @@ def sweep_batch_size(given: int | None, train_batch_size: int | None) -> int:
     return max(train_batch_size, min(SWEEP_BATCH_SIZE, 8 * train_batch_size))
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and all buffers: what query gradients need beyond frozen weights."""
+def trainable_state(module: torch.nn.Module, copy: bool = False) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all buffers: what query gradients need beyond frozen weights
+    (``copy``: cloned, not views of the module's storage)."""
     state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     state.update({n: b.detach() for n, b in module.named_buffers() if b is not None})
-    return state
+    return {n: t.clone() for n, t in state.items()} if copy else state

@@ -1,5 +1,5 @@
 """DDP support of the ``GradientLogger`` sweep: data shards, per-rank shard files, the merge, and
-the cross-rank reduction of K-FAC factors (docs/store.md "Distributed (DDP) fits").
+the cross-rank reduction of K-FAC factors (docs/store.md "Distributed (DDP, FSDP2) fits").
 
 Each rank sweeps a contiguous block of the attribution data (no padding, so every example is swept
 exactly once) into its own shard file ``<store>.rank<r>.h5`` with the store's crash-safe checkpoint
@@ -11,6 +11,7 @@ commits, and deletes the shards. Everything distributed goes through ``trainer.s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_tda.capture.hooks import ProjectedCovariance
@@ -42,18 +44,63 @@ def check_strategy(trainer: pl.Trainer, mode: str) -> None:
 
     strategy = trainer.strategy
     name = type(strategy).__name__
-    if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in name:
+    if is_fsdp2(strategy):
+        _check_fsdp2(strategy, name)
+    elif not isinstance(strategy, DDPStrategy) or "DeepSpeed" in name:
         raise MisconfigurationException(
-            f"GradientLogger supports multi-process fits with DDP (strategy='ddp' or 'ddp_spawn'); this Trainer "
-            f"uses {name} with {trainer.world_size} processes, whose sharded parameters the sweep cannot hook. "
-            "Run the logged fit with strategy='ddp' (the model must fit on one device) or devices=1 "
-            "(docs/store.md 'Distributed (DDP) fits')."
+            f"GradientLogger supports multi-process fits with DDP (strategy='ddp' or 'ddp_spawn') and "
+            f"FSDP2 (ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with "
+            f"fully_shard in configure_model); this Trainer uses {name} with {trainer.world_size} "
+            "processes, whose flattened sharded parameters the sweep cannot hook. Switch to one of "
+            "those, or devices=1 (docs/store.md 'Distributed (DDP, FSDP2) fits')."
         )
     if mode != "sweep":
         raise MisconfigurationException(
             f"GradientLogger(mode={mode!r}) is single-process only; this Trainer runs {trainer.world_size} "
             "processes. Use mode='sweep' (supported under DDP) or train with devices=1."
         )
+
+
+def is_fsdp2(strategy: pl.strategies.Strategy) -> bool:
+    """Lightning's ``ModelParallelStrategy`` (the module's ``configure_model`` calls ``fully_shard``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def _check_fsdp2(strategy: pl.strategies.Strategy, name: str) -> None:
+    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    if tp != 1:
+        raise MisconfigurationException(
+            f"GradientLogger supports {name} as data-parallel FSDP2 only (tensor_parallel_size=1); "
+            f"tensor_parallel_size={tp} splits layers across ranks, whose per-example gradients the "
+            "sweep cannot form on one rank. Use ModelParallelStrategy(data_parallel_size=<devices>, "
+            "tensor_parallel_size=1) or strategy='ddp'."
+        )
+
+
+@contextlib.contextmanager
+def fsdp2_unsharded(module: nn.Module) -> Iterator[None]:
+    """FSDP2 (``fully_shard``): every sharded submodule's parameters all-gathered once (collective:
+    every rank enters together) and kept unsharded until the block ends, so the sweep's rank-local
+    forwards and backwards (which set no parameter ``.grad``) run no collective; resharded on exit
+    with each parameter group's reshard settings restored. A no-op without ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in mods for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [(g.post_forward_mesh_info, g.reshard_after_backward) for g in groups]
+    for m in mods:
+        m.unshard()
+    for g in groups:
+        g.post_forward_mesh_info, g.reshard_after_backward = None, False
+    try:
+        yield
+    finally:
+        for g, (after_forward, after_backward) in zip(groups, saved, strict=True):
+            g.post_forward_mesh_info, g.reshard_after_backward = after_forward, after_backward
+        for m in mods:
+            m.reshard()
 
 
 def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:

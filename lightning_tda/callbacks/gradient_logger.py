@@ -32,7 +32,7 @@ from lightning_tda.callbacks.config import (
     StorageKind,
 )
 from lightning_tda.callbacks.context import FitContext, RunState
-from lightning_tda.callbacks.distributed import check_strategy, is_distributed
+from lightning_tda.callbacks.distributed import check_strategy, is_distributed, is_fsdp2
 from lightning_tda.callbacks.in_flight_logging import InFlightLogging
 from lightning_tda.callbacks.metadata import COMPARED, check_saved_arguments, run_metadata
 from lightning_tda.callbacks.optimizer_state import current_lrs
@@ -42,6 +42,7 @@ from lightning_tda.callbacks.schedule import ScheduleConfig
 from lightning_tda.callbacks.shorthands import SHORTHANDS, given_shorthands, resolve_config
 from lightning_tda.callbacks.strategy import LoggingStrategy
 from lightning_tda.callbacks.sweep import SweepLogging
+from lightning_tda.capture.fingerprint import fingerprint_attrs
 from lightning_tda.capture.in_flight import Reduction
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.capture.projection import Basis, Distribution, ProjectionConfig, ProjectionKind
@@ -87,7 +88,10 @@ class GradientLogger(pl.Callback):
     Under DDP (``strategy="ddp"``/``"ddp_spawn"``, sweep mode) each rank sweeps a contiguous shard of
     ``attribution_data`` into ``<path>.rank<r>.h5``, K-FAC sums are reduced over ranks, and rank zero
     merges the shards into ``path``: the store equals a single-process one (docs/store.md "Distributed
-    (DDP) fits"). In-flight mode, FSDP and DeepSpeed are refused with a clear error.
+    (DDP) fits"). FSDP2 (Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``)
+    works the same way, parameters all-gathered once per checkpoint. In-flight mode under several
+    processes, ``strategy="fsdp"`` (FSDP1), tensor parallelism and DeepSpeed are refused with a
+    clear error.
 
     Fail in seconds: at the first ``on_train_batch_start`` of a fit, before any optimizer step, one
     batch is checked (in flight the training batch, in a sweep the first batch of ``attribution_data``):
@@ -343,11 +347,15 @@ class GradientLogger(pl.Callback):
             self._continue_store(trainer, zero)
         else:
             self._start_store(trainer, zero)
+        # FSDP2: frozen weights are gathered to fingerprint them, a collective of every rank
+        prints = (
+            fingerprint_attrs(pl_module, self._ctx.layers) if is_fsdp2(trainer.strategy) else None
+        )
         if zero:
             check_saved_arguments(self._ctx)
             self.writer.write_run_metadata(
                 {
-                    **run_metadata(self._ctx, trainer, pl_module),
+                    **run_metadata(self._ctx, trainer, pl_module, prints),
                     **self._strategy.run_metadata(trainer),
                 },
                 compare=COMPARED,

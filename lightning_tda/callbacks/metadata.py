@@ -17,7 +17,7 @@ import torch
 from lightning_tda._version import __version__
 from lightning_tda.callbacks.context import FitContext
 from lightning_tda.callbacks.optimizer_state import optimizer_summary, param_group_index
-from lightning_tda.capture.fingerprint import fingerprint_attrs
+from lightning_tda.capture.fingerprint import fingerprint_attrs, module_class
 from lightning_tda.errors import StoreError
 from lightning_tda.store import schema
 from lightning_tda.store.writer import ReadFile
@@ -30,9 +30,14 @@ COMPARED = ("layers", "projection", "storage", "factor_layout", schema.LOGGING_M
 
 
 def run_metadata(
-    ctx: FitContext, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ctx: FitContext,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    fingerprints: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Root attributes of the store: provenance, layout and every config of the run."""
+    """Root attributes of the store: provenance, layout and every config of the run
+    (``fingerprints``: :func:`fingerprint_attrs` computed already, e.g. on every FSDP2 rank)."""
+    cls = module_class(pl_module)
     config = ctx.config
     groups = param_group_index(trainer.optimizers)
     named = dict(pl_module.named_parameters())
@@ -42,7 +47,7 @@ def run_metadata(
         "library_version": __version__,
         "lightning_version": lightning.__version__,
         "torch_version": torch.__version__,
-        "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+        "model_class": f"{cls.__module__}.{cls.__qualname__}",
         "projection": schema.to_json(config.projection.to_dict()),
         "layers": schema.to_json([s.to_dict() for s in ctx.layers]),
         "layer_groups": schema.to_json(layer_groups),
@@ -63,7 +68,8 @@ def run_metadata(
             else {}
         ),
         SAVED_ARGUMENTS: schema.to_json(config.saved_arguments()),
-        **fingerprint_attrs(pl_module, ctx.layers),  # frozen_fingerprint, architecture_fingerprint
+        # frozen_fingerprint, architecture_fingerprint
+        **(fingerprints or fingerprint_attrs(pl_module, ctx.layers)),
     }
 
 

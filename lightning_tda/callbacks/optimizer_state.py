@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_tda.capture.hooks import Scales
 from lightning_tda.capture.layers import CONV1D, DENSE, LayerSpec
@@ -83,7 +84,10 @@ def _second_moment(
     st = _state_of(optimizers, p)
     if st is None or "exp_avg_sq" not in st[0]:
         return None
-    return st[0]["exp_avg_sq"].float(), st[1], _step(st[0])
+    v = st[0]["exp_avg_sq"]
+    if isinstance(v, DTensor):  # FSDP2: the full moment (collective: every rank asks, in order)
+        v = v.full_tensor()
+    return v.float(), st[1], _step(st[0])
 
 
 def factored_second_moments(

@@ -13,13 +13,16 @@ import time
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_tda.callbacks.context import FitContext, trainable_state
 from lightning_tda.callbacks.distributed import (
     copy_shard_rows,
+    fsdp2_unsharded,
     is_distributed,
+    is_fsdp2,
     reduce_covariances,
     shard_loader,
     shard_path,
@@ -138,12 +141,13 @@ class SweepLogging(LoggingStrategy):
         rank, world, zero = trainer.global_rank, trainer.world_size, trainer.is_global_zero
         full = ctx.attribution_loader(trainer)
         loader = shard_loader(full, rank, world, ctx.config.capture.batch_size or 64)
-        scales = self._scales(trainer, pl_module)
-        feat = self._featurizer(pl_module, scales, self._shared_bases(trainer, pl_module, full))
+        scales = self._scales(trainer, pl_module)  # (FSDP2: gathered on every rank, in order)
+        moments = self._moments(trainer, pl_module) if is_fsdp2(strategy) else None
         n, width = len(full.dataset), row_width(ctx.layers)
         shard = StoreWriter(shard_path(ctx.path, rank), ctx.writer.storage_dtype)
         shard.remove()
-        with preserved_training_state(pl_module):
+        with fsdp2_unsharded(pl_module), preserved_training_state(pl_module):
+            feat = self._featurizer(pl_module, scales, self._shared_bases(trainer, pl_module, full))
             with shard.begin_checkpoint(
                 step, len(loader.sampler), width, 0, precond=scales is not None, factors=ctx.factors
             ) as cw:
@@ -154,8 +158,12 @@ class SweepLogging(LoggingStrategy):
             if ctx.config.capture.curvature:
                 reduce_covariances(strategy, feat.hooks.covariances)
             strategy.barrier("GradientLogger.sweep")
-            nq = self._merge_shards(trainer, pl_module, feat, scales, n, trigger, t0) if zero else 0
-        strategy.barrier("GradientLogger.merge")
+            nq = (
+                self._merge_shards(trainer, pl_module, feat, scales, n, trigger, t0, moments)
+                if zero
+                else 0
+            )
+            strategy.barrier("GradientLogger.merge")
         shard.remove()
         self._after_checkpoint(trainer, trigger, n, nq, width, t0)
 
@@ -168,6 +176,7 @@ class SweepLogging(LoggingStrategy):
         n: int,
         trigger: str,
         t0: float,
+        moments: dict[str, torch.Tensor] | None = None,
     ) -> int:
         """Rank zero: copy every rank's shard rows into the checkpoint and finish it; the query count."""
         ctx, step, world = self.ctx, trainer.global_step, trainer.world_size
@@ -179,7 +188,7 @@ class SweepLogging(LoggingStrategy):
             for r in range(world):
                 copy_shard_rows(cw, shard_path(ctx.path, r), step)
             self._finish_checkpoint(
-                trainer, pl_module, cw, feat, qloader, trigger, t0, {"world_size": world}
+                trainer, pl_module, cw, feat, qloader, trigger, t0, {"world_size": world}, moments
             )
         return nq
 
@@ -193,9 +202,10 @@ class SweepLogging(LoggingStrategy):
         trigger: str,
         t0: float,
         extra_attrs: dict[str, Any] | None = None,
+        moments: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Everything of a checkpoint after the training rows: K-FAC factors, queries, optimizer
-        moments, state, attributes; then commit."""
+        moments (``moments``: gathered already, FSDP2), state, attributes; then commit."""
         ctx, step, optimizers = self.ctx, trainer.global_step, trainer.optimizers
         cap = ctx.config.capture
         if cap.curvature:
@@ -209,11 +219,14 @@ class SweepLogging(LoggingStrategy):
                     cw.write_queries(fb.ids, fb.rows, fb.losses)
                     bar.advance(fb.rows.shape[0])
         if cap.optimizer_state:
-            cw.write_arrays(
-                schema.OPTIMIZER, factored_second_moments(pl_module, optimizers, ctx.layers)
-            )
+            if moments is None:
+                moments = self._moments(trainer, pl_module)
+            cw.write_arrays(schema.OPTIMIZER, moments)
         if cap.save_state:
-            cw.write_arrays(schema.STATE, trainable_state(pl_module))
+            # FSDP2: copies, the unsharded parameters' storage is freed (resized) on reshard
+            cw.write_arrays(
+                schema.STATE, trainable_state(pl_module, copy=is_fsdp2(trainer.strategy))
+            )
         cw.commit(
             {
                 "epoch": trainer.current_epoch,
@@ -241,6 +254,11 @@ class SweepLogging(LoggingStrategy):
             )
 
     # -- featurisation --------------------------------------------------------------------
+    def _moments(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        if not self.ctx.config.capture.optimizer_state:
+            return {}
+        return factored_second_moments(pl_module, trainer.optimizers, self.ctx.layers)
+
     def _scales(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if not self.ctx.config.capture.optimizer_state:
             return None

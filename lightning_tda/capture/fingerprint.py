@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_tda.capture.layers import LayerSpec
 
@@ -55,10 +56,13 @@ def _digest(chunks: Iterable[Any]) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """Digest of a tensor's dtype, shape and raw bytes (on the CPU; a meta tensor: dtype and shape)."""
+    """Digest of a tensor's dtype, shape and raw bytes (on the CPU; a meta tensor: dtype and shape;
+    a sharded ``DTensor``: its full tensor, a collective every rank must join)."""
     head = f"{t.dtype}|{tuple(t.shape)}|".encode()
     if t.is_meta:
         return _digest([head, b"meta"])
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
     flat = t.detach().reshape(-1).contiguous().cpu()
     return _digest([head, flat.view(torch.uint8).numpy()])  # the buffer, not a copy
 
@@ -154,8 +158,17 @@ def _class_path(model: nn.Module, module_name: str) -> list[str]:
     out, mod = [], model
     for part in module_name.split(".") if module_name else []:
         mod = mod.get_submodule(part)
-        out.append(type(mod).__qualname__)
+        out.append(module_class(mod).__qualname__)
     return out
+
+
+def module_class(module: nn.Module) -> type:
+    """``module``'s own class: the one FSDP2's ``fully_shard`` derived ``FSDP<Class>`` from."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 def architecture_fingerprint(model: nn.Module, layers: Sequence[LayerSpec]) -> Fingerprint:

