@@ -15,6 +15,7 @@ from lightning_tda.errors import (
     StoreError,
 )
 from lightning_tda.integrations.influence_panels import InfluencePanels
+from lightning_tda.methods.row_index import IndexConfig, RowIndex
 from lightning_tda.posthoc import log_checkpoints
 from lightning_tda.results import AttributionResult
 
@@ -25,12 +26,14 @@ __all__ = [
     "ClassificationTask",
     "ExampleIds",
     "GradientLogger",
+    "IndexConfig",
     "InfluencePanels",
     "Indexed",
     "IndexedDataset",
     "MissingExampleIdsError",
     "NonFiniteError",
     "ProjectionMismatchError",
+    "RowIndex",
     "SchemaVersionError",
     "StoreError",
     "Targets",

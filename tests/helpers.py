@@ -7,6 +7,9 @@ here, and so do the tests and the subprocess scripts (``ddp_script.py``, ``kill_
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -275,3 +278,22 @@ def spy_first_batch_checks(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(context, "check_first_batch", spy)
     return seen
+
+
+def launch_script(script: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python script *args`` as a fresh multi-process launcher: a free local master port,
+    ``tests/`` on ``PYTHONPATH``, offline hubs and no inherited rank variables."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = str(Path(__file__).parent)
+    env = {
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
+        env.pop(k, None)
+    return subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

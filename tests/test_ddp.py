@@ -5,8 +5,6 @@ single-process fits in this process with the same data, seed and global batch.""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,36 +24,14 @@ from lightning_tda.store.writer import StoreError
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import ddp_script  # noqa: E402
-from helpers import TinyMLP  # noqa: E402
+from helpers import TinyMLP, launch_script  # noqa: E402
 
 STEPS = {"plain": [0, 2, 4], "accum": [0, 1, 2, 3, 4], "pca": [0, 2], "resume": [0, 2, 4]}
 EPOCHS = {"plain": 2, "accum": 2, "pca": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
-        env.pop(k, None)
-    return subprocess.run(
-        [sys.executable, str(HERE / "ddp_script.py"), str(out), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return launch_script(HERE / "ddp_script.py", str(out), *args)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ refuses a CPU device; the logger refuses it with the fix, see test_ddp.py.)"""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,28 +17,16 @@ from lightning_tda import AttributionStore
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import fsdp_script  # noqa: E402
+from helpers import launch_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NAMES = ("plain", "frozen")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "fsdp_script.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = launch_script(HERE / "fsdp_script.py", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     ref = tmp_path_factory.mktemp("single")
     for name in NAMES:

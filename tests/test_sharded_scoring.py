@@ -3,9 +3,6 @@ equals one process's result exactly; the shard split, the top-k merge and the er
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,13 +15,8 @@ from lightning_tda.methods.sharding import shard_rows
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from helpers import launch_script  # noqa: E402
 from sharded_script import CASES  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +30,8 @@ def run(logged_mlp_store):
 def _launch(tmp: Path, store: Path, queries: dict, world: int, block: int) -> list[dict]:
     qpath = tmp / "queries.pt"
     torch.save(queries, qpath)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(k, None)
-    args = [str(tmp), str(store), str(qpath), str(world), str(block)]
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "sharded_script.py"), *args],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = launch_script(HERE / "sharded_script.py", str(tmp), str(store), str(qpath), str(world),
+                         str(block))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
