@@ -56,13 +56,14 @@ def _real(res: dict) -> list[str]:
         f"Real rows: the `{res['bank']}` bank's store ({res['rows']:,} rows), `attribute()`'s "
         f"default method ({res['method']}), the bank's queries:",
         "",
-        "| rows indexed | factory | nprobe | recall@10 | opponents recall@10 |",
+        "| rows indexed | factory | nprobe (of the lists) | recall@10 | opponents recall@10 |",
         "|---|---|---:|---:|---:|",
     ]
     for r in res["runs"]:
         kind = "whitened by the preconditioner" if r["whiten"] else "as stored"
+        mark = " (default)" if r.get("default") else ""
         out.append(
-            f"| {kind} | `{r['factory']}` | {r['nprobe']} | {r['recall_at_10']:.3f} | "
+            f"| {kind} | `{r['factory']}` | {r['nprobe']}{mark} | {r['recall_at_10']:.3f} | "
             f"{r['opponent_recall_at_10']:.3f} |"
         )
     return [*out, ""]

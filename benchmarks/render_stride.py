@@ -34,8 +34,10 @@ def _table(res: dict) -> list[str]:
         lift = r["extra"].get("lift")
         src = r["extra"].get("from")
         secs = f"{r['seconds']:.1f}" + (f" ({src})" if src else "")
+        note = r["extra"].get("note")
+        settings = r["settings"] + (f"; {note}" if note else "")
         lines.append(
-            f"| {r['method']} | {r['library']} | {r['settings']} | {r['choose']:.3f} | "
+            f"| {r['method']} | {r['library']} | {settings} | {r['choose']:.3f} | "
             f"{r['report']:.3f} [{lo:.3f}, {hi:.3f}] | {secs} | "
             f"{'' if lift is None else f'{lift:.3f}'} |"
         )

@@ -229,13 +229,18 @@ def real_stage(workdir: Path) -> dict:
     out = {"bank": task.name, "rows": store.num_examples, "method": exact.method, "runs": []}
     for whiten in (True, False):
         index = store.build_index(config=IndexConfig(whiten=whiten))
-        res = store.attribute(task.queries, model=model, top_k=10, index=index)
-        out["runs"].append({
-            "whiten": whiten, "factory": index.config.factory, "nprobe": index.config.nprobe,
-            "recall_at_10": recall_at_k(res.indices, exact.indices),
-            "opponent_recall_at_10": recall_at_k(res.opponents, exact.opponents),
-        })  # fmt: skip
-        print(f"real ({exact.method}, whiten={whiten}): {out['runs'][-1]}")
+        nlist = int(index.config.factory.split(",")[0].removeprefix("IVF"))
+        default = index.config.nprobe
+        for nprobe in sorted({default, *(max(1, nlist // f) for f in (8, 4, 2, 1))}):
+            index.config.nprobe = nprobe
+            res = store.attribute(task.queries, model=model, top_k=10, index=index)
+            out["runs"].append({
+                "whiten": whiten, "factory": index.config.factory, "nprobe": nprobe,
+                "default": nprobe == default, "lists": nlist,
+                "recall_at_10": recall_at_k(res.indices, exact.indices),
+                "opponent_recall_at_10": recall_at_k(res.opponents, exact.opponents),
+            })  # fmt: skip
+            print(f"real ({exact.method}, whiten={whiten}): {out['runs'][-1]}")
     return out
 
 

@@ -1,6 +1,6 @@
 """STRIDE on the AdamW banks, next to the gradient methods and the peers (issue 16).
 
-``python -m benchmarks.stride_suite [--tasks gpt_single_pass,gpt_adamw,clf_adamw] [--configs REGEX]``
+``python -m benchmarks.stride_suite [--tasks gpt_single_pass,gpt_adamw,clf_adamw] [--configs REGEX [--merge]]``
 
 Per bank: the model is trained once with the default ``GradientLogger`` (preset "accurate") plus a
 probe recording the optimizer step at which each training example was seen; the gradient methods
@@ -99,6 +99,8 @@ def stride_runs(task: Task, model: torch.nn.Module) -> list[StrideRun]:
             "K=1000, steps 600", StrideConfig(num_subsets=1000, steps=600, linearity_subsets=64)
         ),
         StrideRun("checkpoint-aware", StrideConfig(), "all"),
+        StrideRun("d=5 subsets per example", StrideConfig(degree=5)),
+        StrideRun("d=20 subsets per example", StrideConfig(degree=20)),
     ]
     if task.name == "gpt_single_pass":  # beyond the paper's K: n = 10,000 needs K >> 1000
         cfg = StrideConfig(num_subsets=3000, steps=2000, linearity_subsets=64)
@@ -386,20 +388,24 @@ def peer_rows(task: Task) -> list[Result]:
     return out
 
 
-def run_task(name: str, pattern: str | None) -> dict:
+def run_task(name: str, pattern: str | None, stride_only: bool = False) -> dict:
+    """Every row of bank ``name`` (``stride_only``: only the STRIDE runs matching ``pattern``)."""
     task = TASKS[name]()
     bank = BankView.load(task)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         model, store, seen = fit_store(task, Path(tmp) / f"{name}.h5")
         train_s = time.perf_counter() - t0
-        rows, best = gradient_rows(task, bank, model, store)
-        rows += design_ceiling_rows(task, bank, store, best)
+        rows = []
+        if not stride_only:
+            rows, best = gradient_rows(task, bank, model, store)
+            rows += design_ceiling_rows(task, bank, store, best)
         runs = [
             r for r in stride_runs(task, model) if pattern is None or re.search(pattern, r.label)
         ]
         rows += stride_rows(task, bank, model, store, seen, runs)
-    rows += peer_rows(task)
+    if not stride_only:
+        rows += peer_rows(task)
     return {
         "task": name,
         "describe": task.describe,
@@ -410,6 +416,19 @@ def run_task(name: str, pattern: str | None) -> dict:
     }
 
 
+def merged(old: dict, new: dict) -> dict:
+    """``old``'s rows with ``new``'s STRIDE rows put in (replacing rows of the same name, else
+    after the last STRIDE row), each marked with the date of its run."""
+    for r in new["rows"]:
+        r["extra"]["note"] = (
+            f"run {new['date']} (--merge), same training seed and store configuration"
+        )
+        old["rows"] = [x for x in old["rows"] if x["method"] != r["method"]]
+    last = max(i for i, r in enumerate(old["rows"]) if r["method"].startswith("stride"))
+    old["rows"][last + 1 : last + 1] = new["rows"]
+    return old
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="gpt_single_pass,gpt_adamw,clf_adamw")
@@ -417,13 +436,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--no-render", dest="render", action="store_false", help="skip rendering BENCHMARKS.md"
     )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --configs: replace only those STRIDE rows in the bank's JSON (dated)",
+    )
     a = ap.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     for name in a.tasks.split(","):
-        res = run_task(name, a.configs)
-        (RESULTS / f"stride_{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        path = RESULTS / f"stride_{name}.json"
+        res = run_task(name, a.configs, stride_only=a.merge)
+        if a.merge:
+            res = merged(json.loads(path.read_text()), res)
+        path.write_text(json.dumps(res, indent=1) + "\n")
     if a.render:
         from benchmarks.render_stride import main as render
 

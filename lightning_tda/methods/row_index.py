@@ -59,7 +59,7 @@ class IndexConfig:
             ``nlist = 4·√N`` rounded to a power of two, or ``"IVF<nlist>,SQ8"`` (4× smaller, scores
             quantised) when fp32 rows would exceed ``memory_bytes``.
         nprobe: inverted lists scanned per query (more: higher recall, slower); ``None``:
-            ``nlist / 32`` (about 3 % of the rows).
+            ``nlist / 32`` (about 3 % of the rows), at least 8 lists (or all of them).
         train_rows: rows sampled to train the coarse quantiser (``None``: ``40·nlist``, FAISS's
             recommended minimum of 39 per list, at most N).
         memory_bytes: the budget the default factory keeps the index within.
@@ -235,7 +235,7 @@ def build_row_index(
         raise StoreError(f"the index holds {index.ntotal} rows, the store {n}")
     if ivf is not None:
         ivf.make_direct_map()  # candidates are re-scored from their stored vectors
-    nprobe = config.nprobe or max(1, nlist // 32)
+    nprobe = config.nprobe or min(nlist, max(8, nlist // 32))
     resolved = IndexConfig(**{**asdict(config), "factory": factory, "nprobe": nprobe})
     return RowIndex(index, settings, [t.key for t in terms], n, resolved)
 
