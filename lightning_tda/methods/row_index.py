@@ -14,9 +14,10 @@ large-norm rows (the top scores) straddle lists, which costs recall (BENCHMARKS.
 Candidates are re-scored exactly from the index's stored vectors; opponents are the top rows of
 ``−v``.
 
-Preconditioned methods (influence: ``u = (F + λ)^{-1} g_q``) index the whitened rows
-``(F + λ)^{-1/2} x`` and search ``(F + λ)^{1/2} u``: the same inner product, but the index's clusters
-are drawn in the geometry the score uses (``whiten=True``).
+Preconditioned methods (influence: ``u = (F + λ)^{-1} g_q``) can index the whitened rows
+``(F + λ)^{-1/2} x`` and search ``(F + λ)^{1/2} u`` instead (``whiten=True``): the same inner
+product, with the lists drawn in the geometry the score uses. It is off by default: whitening makes
+the rows nearly isotropic, and on a real store's rows it lowered recall (BENCHMARKS.md "Scale").
 
 FAISS is optional: ``pip install faiss-cpu`` (or ``faiss-gpu``).
 """
@@ -63,7 +64,8 @@ class IndexConfig:
         train_rows: rows sampled to train the coarse quantiser (``None``: ``40·nlist``, FAISS's
             recommended minimum of 39 per list, at most N).
         memory_bytes: the budget the default factory keeps the index within.
-        whiten: index preconditioned rows when the method has a preconditioner.
+        whiten: index the rows whitened by the method's preconditioner, if it has one (off: the
+            rows as stored, which kept more recall on a real store).
         seed: seed of the training sample.
     """
 
@@ -71,7 +73,7 @@ class IndexConfig:
     nprobe: int | None = None
     train_rows: int | None = None
     memory_bytes: int = 4 * 2**30
-    whiten: bool = True
+    whiten: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
