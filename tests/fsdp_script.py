@@ -4,6 +4,8 @@ parallel, 2 CPU processes, gloo), for test_fsdp.py.
 ``python fsdp_script.py OUT_DIR`` writes ``plain.h5`` (every layer trained) and ``frozen.h5`` (the
 first Linear frozen, as a LoRA base is). ``fit(out, name, devices)`` is shared with the
 single-process reference: the same data, seeds, global batch (16) and logger options.
+``LIGHTNING_TDA_TEST_ACCELERATOR=cuda`` runs both on GPUs (NCCL): ``pytest tests/test_fsdp.py`` on a
+machine with 2 GPUs is the same check there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_tda import GradientLogger
 
 GLOBAL_BATCH = 16
+ACCELERATOR = os.environ.get("LIGHTNING_TDA_TEST_ACCELERATOR", "cpu")
 
 
 class ShardedMLP(TinyMLP):
@@ -58,7 +61,7 @@ def fit(out: Path, name: str, devices: int) -> pl.Trainer:
         optimizer_state=True, basis="pca", basis_examples=35, verbose=False, overwrite=True,
     )  # fmt: skip
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=devices, logger=False,
+        max_epochs=2, accelerator=ACCELERATOR, devices=devices, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[logger], **extra,
     )  # fmt: skip
