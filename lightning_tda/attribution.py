@@ -110,16 +110,7 @@ class AttributionStore(StoreReader):
             query_spec, task=task, loss_fn=loss_fn, batch_size=batch_size, collate_fn=collate_fn
         )
         m, settings = _method(method, block_rows, method_kwargs, self)
-        if index is not None and (top_k is None or distributed):
-            raise ConfigError(
-                "index= gives an approximate top-k: set top_k (dense scores need the exact scan) "
-                "and leave distributed=False (one process searches the whole index)"
-            )
-        if distributed and m.kind == "model":
-            raise ConfigError(
-                f"distributed=True splits the scan of stored rows; {m.name} measures the queries "
-                "with the model instead: run it on one process (distributed=False)"
-            )
+        _check_scan_options(m, top_k, distributed, index)
         steps = [c.global_step for c in m.used_checkpoints(self)]
         if m.kind == "model":  # e.g. STRIDE: measures the queries with the model itself
             if check_model and model is not None:
@@ -129,34 +120,26 @@ class AttributionStore(StoreReader):
         qvecs, qids = self.query_vectors(
             queries, model, m.query_steps(self), query_spec=spec, check_model=check_model
         )
-        terms = m.score_terms(self, qvecs)
-        label = f"scoring {m.name}"
+        scan = {"block_rows": block_rows, "distributed": distributed, "index": index}
+        return self._scored_rows(m, settings, m.score_terms(self, qvecs), qids, steps, top_k, scan)
+
+    def _scored_rows(self, m, settings, terms, qids, steps, top_k, scan) -> AttributionResult:
+        """``attribute`` for a row method: the exact scan (one process or ``distributed``) or
+        the ``index``'s approximate top-k of the score ``terms``."""
+        label, index = f"scoring {m.name}", scan["index"]
         if index is not None:
             out = _indexed_top_k(self, m, settings, terms, index, top_k)
-        elif distributed:
-            out = sharded_scores(self, terms, top_k, block_rows, description=label)
+            settings = {**settings, "index": _index_settings(index)}
+        elif scan["distributed"]:
+            out = sharded_scores(self, terms, top_k, scan["block_rows"], description=label)
         else:
-            out = stream_scores(self, terms, top_k, block_rows, description=label)
+            out = stream_scores(self, terms, top_k, scan["block_rows"], description=label)
         ids = self.example_ids
         if top_k is None:
             return AttributionResult(m.name, out, None, None, None, ids, qids, steps, settings)
-        if index is not None:
-            settings = {**settings, "index": _index_settings(index)}
-            found = ids[out.rows.clamp_min(0)].where(out.rows >= 0, -1)
-            low = ids[out.low_rows.clamp_min(0)].where(out.low_rows >= 0, -1)
-            return AttributionResult(
-                m.name, out.values, found, out.low_values, low, ids, qids, steps, settings
-            )
+        high, low = _ids_at(ids, out.rows), _ids_at(ids, out.low_rows)
         return AttributionResult(
-            m.name,
-            out.values,
-            ids[out.rows],
-            out.low_values,
-            ids[out.low_rows],
-            ids,
-            qids,
-            steps,
-            settings,
+            m.name, out.values, high, out.low_values, low, ids, qids, steps, settings
         )
 
     def build_index(
@@ -621,3 +604,21 @@ def _indexed_top_k(store, method, settings, terms, index, top_k):
 def _index_settings(index) -> dict[str, Any]:
     config = index.config if isinstance(index, RowIndex) else RowIndex.load(index).config
     return {"factory": config.factory, "nprobe": config.nprobe, "whiten": config.whiten}
+
+
+def _check_scan_options(method, top_k, distributed: bool, index) -> None:
+    if index is not None and (top_k is None or distributed):
+        raise ConfigError(
+            "index= gives an approximate top-k: set top_k (dense scores need the exact scan) "
+            "and leave distributed=False (one process searches the whole index)"
+        )
+    if distributed and method.kind == "model":
+        raise ConfigError(
+            f"distributed=True splits the scan of stored rows; {method.name} measures the queries "
+            "with the model instead: run it on one process (distributed=False)"
+        )
+
+
+def _ids_at(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Example ids of row positions ``rows``; ``-1`` stays ``-1`` (no row found by an index)."""
+    return ids[rows.clamp_min(0)].where(rows >= 0, -1)
