@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.perf import synthetic_store
+from benchmarks.perf import median_time, synthetic_store
 from lightning_tda import AttributionStore
 from lightning_tda.methods.row_index import IndexConfig
 
@@ -82,15 +82,6 @@ def recall_at_k(approx_ids: torch.Tensor, exact_ids: torch.Tensor) -> float:
     return float(np.mean(hits))
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _blockwise(make: Callable[[int, int, int], np.ndarray], seed: int, block: int = 8192):
     """``rows(start, stop)`` for the writer's blocks of ``block`` rows (``perf.synthetic_store``),
     each drawn from its own seed: bounded memory, the same rows whatever the caller."""
@@ -108,7 +99,7 @@ def index_rows(store: AttributionStore, queries: torch.Tensor, label: str) -> di
     step = store.steps[-1]
     qv = {step: queries}
     exact = store.attribute(qv, method="graddot", top_k=10)
-    exact_s = _median_seconds(lambda: store.attribute(qv, method="graddot", top_k=10))
+    exact_s = median_time(lambda: store.attribute(qv, method="graddot", top_k=10))[0]
     t0 = time.perf_counter()
     index = store.build_index(method="graddot")
     build_s = time.perf_counter() - t0
@@ -117,7 +108,7 @@ def index_rows(store: AttributionStore, queries: torch.Tensor, label: str) -> di
     for nprobe in sorted({default_nprobe, *NPROBES}):
         index.config.nprobe = nprobe
         res = store.attribute(qv, method="graddot", top_k=10, index=index)
-        secs = _median_seconds(lambda: store.attribute(qv, method="graddot", top_k=10, index=index))
+        secs = median_time(lambda: store.attribute(qv, method="graddot", top_k=10, index=index))[0]
         row = {
             "nprobe": nprobe,
             "recall_at_10": recall_at_k(res.indices, exact.indices),

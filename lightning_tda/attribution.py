@@ -128,8 +128,11 @@ class AttributionStore(StoreReader):
         the ``index``'s approximate top-k of the score ``terms``."""
         label, index = f"scoring {m.name}", scan["index"]
         if index is not None:
+            index = index if isinstance(index, RowIndex) else RowIndex.load(index)
             out = _indexed_top_k(self, m, settings, terms, index, top_k)
-            settings = {**settings, "index": _index_settings(index)}
+            config = index.config
+            settings = {**settings, "index": {"factory": config.factory, "nprobe": config.nprobe,
+                                              "whiten": config.whiten}}  # fmt: skip
         elif scan["distributed"]:
             out = sharded_scores(self, terms, top_k, scan["block_rows"], description=label)
         else:
@@ -584,9 +587,8 @@ def _result(name, dense, top_k, ids, qids, steps, settings=None) -> AttributionR
     )
 
 
-def _indexed_top_k(store, method, settings, terms, index, top_k):
+def _indexed_top_k(store, method, settings, terms, index: RowIndex, top_k):
     """The approximate top-k of ``terms``' queries from ``index`` (checked against the method)."""
-    index = index if isinstance(index, RowIndex) else RowIndex.load(index)
     want = {"name": method.name, **settings}
     got = {k: v for k, v in index.method.items() if k in want}
     if json.loads(json.dumps(want, default=str)) != json.loads(json.dumps(got, default=str)):
@@ -598,12 +600,7 @@ def _indexed_top_k(store, method, settings, terms, index, top_k):
         raise ConfigError(
             f"the index holds {index.num_rows} rows, the store {store.num_examples}: rebuild it"
         )
-    return index.search(terms, row_terms(store, method, index.config.whiten), top_k)
-
-
-def _index_settings(index) -> dict[str, Any]:
-    config = index.config if isinstance(index, RowIndex) else RowIndex.load(index).config
-    return {"factory": config.factory, "nprobe": config.nprobe, "whiten": config.whiten}
+    return index.search(terms, row_terms(store, method, index.config.whiten, terms), top_k)
 
 
 def _check_scan_options(method, top_k, distributed: bool, index) -> None:

@@ -187,14 +187,19 @@ class RowIndex:
             )
 
 
-def row_terms(store: StoreReader, method: AttributionMethod, whiten: bool) -> list[RowTerm]:
-    """The row side of ``method``'s score terms (probed with zero queries)."""
+def row_terms(
+    store: StoreReader,
+    method: AttributionMethod,
+    whiten: bool,
+    terms: list[ScoreTerm] | None = None,
+) -> list[RowTerm]:
+    """The row side of ``method``'s score ``terms`` (default: probed with zero queries)."""
     if method.kind != "rows":
         raise ConfigError(f"{method.name} does not score stored rows; it cannot use a row index")
-    steps = method.query_steps(store)
-    zero = {s: torch.zeros(1, store.width) for s in steps}
-    probe = QueryVectors(zero, {s: torch.zeros(1) for s in steps})
-    terms = method.score_terms(store, probe)
+    if terms is None:
+        steps = method.query_steps(store)
+        zero = {s: torch.zeros(1, store.width) for s in steps}
+        terms = method.score_terms(store, QueryVectors(zero, {s: torch.zeros(1) for s in steps}))
     if any(t.score_fn is not None for t in terms):
         raise ConfigError(
             f"{method.name}'s rows are not plain vectors (a custom score_fn); it cannot use a row "

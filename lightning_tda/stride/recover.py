@@ -177,22 +177,25 @@ def cosamp(m: sp.spmatrix, y: torch.Tensor, sparsity: int, iters: int = 20) -> t
     if not 1 <= sparsity <= k // 3:
         raise ValueError(f"cosamp: sparsity must be in [1, K/3 = {k // 3}], got {sparsity}")
     dense = torch.from_numpy(sp.csr_matrix(m).toarray()).to(torch.float64)  # [K, n]
-    y = y.to(torch.float64)
     w = torch.zeros(y.shape[0], n, dtype=torch.float64)
-    for q in range(y.shape[0]):
-        support = torch.zeros(0, dtype=torch.long)
-        r = y[q]
-        for _ in range(iters):
-            cand = (dense.T @ r).abs().topk(2 * sparsity).indices
-            merged = torch.unique(torch.cat([support, cand]))
-            coef = torch.linalg.lstsq(dense[:, merged], y[q].unsqueeze(1)).solution.squeeze(1)
-            keep = coef.abs().topk(min(sparsity, len(merged))).indices
-            support, kept = merged[keep], coef[keep]
-            new_r = y[q] - dense[:, support] @ kept
-            done = new_r.norm() >= r.norm() * (1 - 1e-9) or new_r.norm() <= 1e-12 * y[q].norm()
-            r = new_r
-            w[q].zero_()
-            w[q, support] = kept
-            if done:
-                break
+    for q, yq in enumerate(y.to(torch.float64)):
+        support, coef = _cosamp_one(dense, yq, sparsity, iters)
+        w[q, support] = coef
     return w.to(torch.float32)
+
+
+def _cosamp_one(dense: torch.Tensor, y: torch.Tensor, s: int, iters: int):
+    """``(support, coefficients)`` of one query ``y`` ``[K]`` (stops when the residual stalls)."""
+    support, coef, r = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=y.dtype), y
+    for _ in range(iters):
+        cand = (dense.T @ r).abs().topk(2 * s).indices
+        merged = torch.unique(torch.cat([support, cand]))
+        ls = torch.linalg.lstsq(dense[:, merged], y.unsqueeze(1)).solution.squeeze(1)
+        keep = ls.abs().topk(min(s, len(merged))).indices
+        support, coef = merged[keep], ls[keep]
+        new_r = y - dense[:, support] @ coef
+        stalled = new_r.norm() >= r.norm() * (1 - 1e-9) or new_r.norm() <= 1e-12 * y.norm()
+        r = new_r
+        if stalled:
+            break
+    return support, coef
