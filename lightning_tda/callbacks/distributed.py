@@ -37,7 +37,8 @@ def is_distributed(trainer: pl.Trainer) -> bool:
 
 
 def check_strategy(trainer: pl.Trainer, mode: str) -> None:
-    """Refuse multi-process fits the logger cannot log exactly (only DDP-style sweeps are supported)."""
+    """Refuse multi-process fits the logger cannot log exactly: DDP and data-parallel FSDP2 are
+    supported in both modes (``mode``: ``"sweep"`` or ``"in_flight"``)."""
     if not is_distributed(trainer):
         return
     from lightning.pytorch.strategies import DDPStrategy
@@ -53,11 +54,6 @@ def check_strategy(trainer: pl.Trainer, mode: str) -> None:
             f"fully_shard in configure_model); this Trainer uses {name} with {trainer.world_size} "
             "processes, whose flattened sharded parameters the sweep cannot hook. Switch to one of "
             "those, or devices=1 (docs/store.md 'Distributed (DDP, FSDP2) fits')."
-        )
-    if mode != "sweep":
-        raise MisconfigurationException(
-            f"GradientLogger(mode={mode!r}) is single-process only; this Trainer runs {trainer.world_size} "
-            "processes. Use mode='sweep' (supported under DDP) or train with devices=1."
         )
 
 

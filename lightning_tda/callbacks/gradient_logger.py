@@ -89,9 +89,10 @@ class GradientLogger(pl.Callback):
     ``attribution_data`` into ``<path>.rank<r>.h5``, K-FAC sums are reduced over ranks, and rank zero
     merges the shards into ``path``: the store equals a single-process one (docs/store.md "Distributed
     (DDP) fits"). FSDP2 (Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``)
-    works the same way, parameters all-gathered once per checkpoint. In-flight mode under several
-    processes, ``strategy="fsdp"`` (FSDP1), tensor parallelism and DeepSpeed are refused with a
-    clear error.
+    works the same way, parameters all-gathered once per checkpoint. In flight under DDP or FSDP2,
+    every rank's rows of a step are gathered and rank zero writes them
+    (:mod:`lightning_tda.callbacks.step_gather`). ``strategy="fsdp"`` (FSDP1), tensor parallelism
+    and DeepSpeed are refused with a clear error.
 
     Fail in seconds: at the first ``on_train_batch_start`` of a fit, before any optimizer step, one
     batch is checked (in flight the training batch, in a sweep the first batch of ``attribution_data``):
@@ -331,7 +332,7 @@ class GradientLogger(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, self.mode)  # one process, or DDP sweeps (docs/store.md)
+        check_strategy(trainer, self.mode)  # one process, DDP or FSDP2 (docs/store.md)
         self._writer = StoreWriter(self.path, self.config.storage.dtype)
         data = (self.attribution_data, self.query_data)
         self._ctx = FitContext.build(

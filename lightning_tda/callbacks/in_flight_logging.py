@@ -8,6 +8,7 @@ groups of ``flush_every`` steps (docs/store.md "In-flight stores").
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -16,9 +17,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tda.callbacks.config import describe
 from lightning_tda.callbacks.context import CHECK_BATCH_SIZE, FitContext, trainable_state
+from lightning_tda.callbacks.distributed import fsdp2_unsharded, is_distributed, is_fsdp2
 from lightning_tda.callbacks.in_flight import InFlightRecorder
 from lightning_tda.callbacks.in_flight_steps import LoggedStep, StatePolicy, write_logged_steps
 from lightning_tda.callbacks.optimizer_state import current_lrs
+from lightning_tda.callbacks.step_gather import StepRowGather
 from lightning_tda.callbacks.strategy import LoggingStrategy
 from lightning_tda.capture.featurize import Featurizer, preserved_training_state
 from lightning_tda.capture.first_batch import first_examples
@@ -47,6 +50,9 @@ class InFlightLogging(LoggingStrategy):
         self._query_ids: Any = None
         self._writer: BackgroundWriter | None = None
         self._states = StatePolicy(False, 0, 0)
+        self._gather: StepRowGather | None = None  # several processes: every rank's rows, to rank 0
+        self._writes = True  # this process writes the store (rank zero)
+        self._fsdp2 = False
 
     @staticmethod
     def check_data(attribution_data: Any) -> None:
@@ -85,7 +91,9 @@ class InFlightLogging(LoggingStrategy):
         self._states = StatePolicy(ctx.config.capture.save_state, state_bytes, row_bytes)
         flight = ctx.config.in_flight
         self._close_writer()
-        background = flight.background_for(pl_module.device)
+        self._writes, self._fsdp2 = trainer.is_global_zero, is_fsdp2(trainer.strategy)
+        self._gather = StepRowGather(trainer.strategy) if is_distributed(trainer) else None
+        background = flight.background_for(pl_module.device) and self._writes
         self._writer = BackgroundWriter(flight.max_pending) if background else None
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -93,7 +101,7 @@ class InFlightLogging(LoggingStrategy):
         # MissingExampleIdsError naming GradientLogger(example_ids=...) and IndexedDataset:
         ids = self.ctx.example_ids(batch)
         batch, ids = first_examples(batch, ids, CHECK_BATCH_SIZE)  # a few examples fail as clearly
-        with preserved_training_state(pl_module):
+        with self._full_weights(pl_module, True), preserved_training_state(pl_module):
             self.ctx.check_batch(trainer, pl_module, batch, ids)
 
     # -- the recorder's hooks -------------------------------------------------------------
@@ -150,18 +158,34 @@ class InFlightLogging(LoggingStrategy):
 
     def _keep_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before the optimizer step: the weights are still ``θ_t``; keep the step's rows and state
-        (host copies queued, no synchronisation with the device)."""
+        (host copies queued, no synchronisation with the device). Several processes: every rank's
+        rows are gathered (a collective of every rank) and rank zero keeps the step."""
         ctx, step = self.ctx, trainer.global_step
         taken = self.recorder.take_step(step)
+        if self._gather is not None:
+            taken = self._gather(step, taken, pl_module.device)
         if taken is None:
             return
-        save = self._states.due(step, taken.ids.shape[0])
-        state = trainable_state(pl_module) if save else None
-        queries = self._queries(trainer, pl_module) if ctx.query_data is not None else None
-        self._pending.append(
-            LoggedStep.keep(step, taken, self._step_attrs(trainer, step), state, queries)
-        )
+        save = self._states.due(step, taken.ids.shape[0])  # the same decision on every rank
+        has_queries = ctx.query_data is not None
+        run_here = self._writes or self._fsdp2  # FSDP2: every rank runs the forwards together
+        state = queries = None
+        with self._full_weights(pl_module, save or has_queries):
+            if save and self._writes:
+                state = trainable_state(pl_module, copy=self._fsdp2)  # (unsharded storage is freed)
+            if has_queries and run_here:
+                queries = self._queries(trainer, pl_module)
+        if self._writes:
+            attrs = self._step_attrs(trainer, step)
+            self._pending.append(LoggedStep.keep(step, taken, attrs, state, queries))
         ctx.state.mark_logged(step)
+
+    def _full_weights(self, pl_module: pl.LightningModule, needed: bool) -> Any:
+        """FSDP2 and ``needed``: the parameters all-gathered for the block (a collective of every
+        rank, see :func:`~lightning_tda.callbacks.distributed.fsdp2_unsharded`); else a no-op."""
+        if self._fsdp2 and needed:
+            return fsdp2_unsharded(pl_module)
+        return contextlib.nullcontext()
 
     def _step_attrs(self, trainer: pl.Trainer, step: int) -> dict[str, Any]:
         lrs = current_lrs(trainer.optimizers)
@@ -176,6 +200,8 @@ class InFlightLogging(LoggingStrategy):
             "micro_batches": self.recorder.micro_batches,
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         }
+        if trainer.world_size > 1:
+            attrs["world_size"] = trainer.world_size
         if self._states.last is not None and self._states.save_state is not False:
             attrs[schema.STATE_STEP] = self._states.last
         return attrs
