@@ -2,7 +2,8 @@
 parallel, 2 CPU processes, gloo), for test_fsdp.py.
 
 ``python fsdp_script.py OUT_DIR`` writes ``plain.h5`` (every layer trained) and ``frozen.h5`` (the
-first Linear frozen, as a LoRA base is). ``fit(out, name, devices)`` is shared with the
+first Linear frozen, as a LoRA base is), and the same two under Lightning's ``FSDPStrategy`` (FSDP1,
+every Linear a unit): ``plain_fsdp1.h5``, ``frozen_fsdp1.h5``. ``fit(out, name, devices)`` is shared with the
 single-process reference: the same data, seeds, global batch (16) and logger options.
 ``LIGHTNING_TDA_TEST_ACCELERATOR=cuda`` runs both on GPUs (NCCL): ``pytest tests/test_fsdp.py`` on a
 machine with 2 GPUs is the same check there.
@@ -13,16 +14,39 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from helpers import TinyMLP, make_classification
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, Subset
 
 from lightning_tda import GradientLogger
 
 GLOBAL_BATCH = 16
 ACCELERATOR = os.environ.get("LIGHTNING_TDA_TEST_ACCELERATOR", "cpu")
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (``strategy="fsdp"``, FSDP1) in CPU processes. Lightning refuses
+    ``strategy="fsdp"`` without a GPU and wraps with ``device_id=None``, which torch refuses on a
+    machine without an accelerator; torch's FSDP itself runs on the CPU with ``device_id=cpu``. Test
+    scaffolding only: with ``LIGHTNING_TDA_TEST_ACCELERATOR=cuda`` the plain strategy runs."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+        )  # fmt: skip
+
+
+def fsdp1_strategy(devices: int) -> FSDPStrategy:
+    """FSDP1 with every Linear its own unit (and the root), as an ``auto_wrap_policy`` does it."""
+    cls = CPUFSDPStrategy if ACCELERATOR == "cpu" else FSDPStrategy
+    return cls(auto_wrap_policy={torch.nn.Linear})
 
 
 class ShardedMLP(TinyMLP):
@@ -48,12 +72,15 @@ class ShardedMLP(TinyMLP):
 def fit(out: Path, name: str, devices: int) -> pl.Trainer:
     torch.manual_seed(0)
     train, attr, queries = (make_classification(n, seed=s) for n, s in ((32, 0), (35, 1), (6, 3)))
-    model = ShardedMLP(freeze_first=name == "frozen")
+    model = ShardedMLP(freeze_first=name.startswith("frozen"))
     extra = {}
     if devices > 1:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+        if name.endswith("_fsdp1"):
+            strategy: Any = fsdp1_strategy(devices)
+        else:
+            strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
         extra = {"strategy": strategy, "use_distributed_sampler": False}
     logger = GradientLogger(
         out / f"{name}.h5", attribution_data=attr, query_data=queries, every_n_epochs=1,
@@ -73,5 +100,5 @@ def fit(out: Path, name: str, devices: int) -> pl.Trainer:
 
 
 if __name__ == "__main__":
-    for name in ("plain", "frozen"):
+    for name in ("plain", "frozen", "plain_fsdp1", "frozen_fsdp1"):
         fit(Path(sys.argv[1]), name, devices=2)

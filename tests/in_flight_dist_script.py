@@ -2,8 +2,9 @@
 test_in_flight_distributed.py.
 
 ``python in_flight_dist_script.py OUT_DIR`` runs, one launch each: ``ddp`` (``strategy="ddp"``),
-``accum`` (DDP, ``accumulate_grad_batches=2``) and ``fsdp2`` (Lightning's ``ModelParallelStrategy``,
-``fully_shard`` on every Linear and the root). ``python in_flight_dist_script.py OUT_DIR kill`` runs
+``accum`` (DDP, ``accumulate_grad_batches=2``), ``fsdp2`` (Lightning's ``ModelParallelStrategy``,
+``fully_shard`` on every Linear and the root) and ``fsdp1`` (Lightning's ``FSDPStrategy``, every
+Linear a unit; ``fsdp_script.CPUFSDPStrategy`` on the CPU). ``python in_flight_dist_script.py OUT_DIR kill`` runs
 ``killed``: DDP whose rank 1 SIGKILLs itself in the training step of global step 4 (a
 ``ModelCheckpoint`` saves ``last.ckpt`` at each epoch end); ``... resume`` resumes it from there.
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from fsdp_script import ShardedMLP
+from fsdp_script import ShardedMLP, fsdp1_strategy
 from helpers import TinyMLP, make_classification
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -33,7 +34,7 @@ from lightning_tda import GradientLogger
 
 GLOBAL_BATCH = 16
 N_TRAIN = 39  # DistributedSampler pads to 40: example 0 again in each epoch's last step
-NAMES = ("ddp", "accum", "fsdp2")
+NAMES = ("ddp", "accum", "fsdp2", "fsdp1")
 KILL_STEP = 4  # epoch 1's second step (3 steps per epoch); last.ckpt holds step 3
 
 
@@ -51,7 +52,7 @@ class KillingMLP(TinyMLP):
 
 
 def _model(name: str, resumed: bool) -> pl.LightningModule:
-    if name == "fsdp2":
+    if name.startswith("fsdp"):
         return ShardedMLP()
     return KillingMLP(KILL_STEP if name == "killed" and not resumed else None)
 
@@ -63,6 +64,8 @@ def _strategy(name: str, devices: int) -> dict[str, Any]:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy: Any = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    elif name == "fsdp1":
+        strategy = fsdp1_strategy(devices)
     else:
         strategy = "ddp"
     return {"strategy": strategy, "use_distributed_sampler": False}  # the sampler is below

@@ -164,15 +164,25 @@ def test_unsupported_multi_process_setups_name_the_fix():
     ddp = SimpleNamespace(world_size=2, strategy=DDPStrategy())
     check_strategy(ddp, "sweep")  # supported, in both modes
     check_strategy(ddp, "in_flight")  # (tests/test_in_flight_distributed.py)
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
-    fsdp = SimpleNamespace(world_size=2, strategy=FSDPStrategy())
+    for mode in ("sweep", "in_flight"):
+        check_strategy(SimpleNamespace(world_size=2, strategy=FSDPStrategy()), mode)  # FSDP1
+    flat = SimpleNamespace(world_size=2, strategy=FSDPStrategy(use_orig_params=False))
+    with pytest.raises(MisconfigurationException, match="use_orig_params=True"):
+        check_strategy(flat, "sweep")
+    hybrid = SimpleNamespace(
+        world_size=2,
+        strategy=FSDPStrategy(sharding_strategy="HYBRID_SHARD", auto_wrap_policy={torch.nn.Linear}),
+    )
+    with pytest.raises(MisconfigurationException, match="sharding_strategy='FULL_SHARD'"):
+        check_strategy(hybrid, "sweep")
+    other = SimpleNamespace(world_size=2, strategy=SingleDeviceStrategy("cpu"))
     with pytest.raises(
-        MisconfigurationException, match="strategy='ddp'.*ModelParallelStrategy.*uses FSDPStrategy"
+        MisconfigurationException,
+        match="strategy='ddp'.*strategy='fsdp'.*uses SingleDeviceStrategy",
     ):
-        check_strategy(fsdp, "sweep")
-    with pytest.raises(MisconfigurationException, match="uses FSDPStrategy"):
-        check_strategy(fsdp, "in_flight")
+        check_strategy(other, "in_flight")
     check_strategy(SimpleNamespace(world_size=1, strategy=object()), "in_flight")  # one process
 
 

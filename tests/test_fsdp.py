@@ -1,6 +1,7 @@
-"""GradientLogger under FSDP2 (Lightning's ModelParallelStrategy, 2 CPU processes, gloo): the store
-equals the single-process one. (Lightning's ``strategy="fsdp"``, FSDP1, cannot run on a CPU: torch
-refuses a CPU device; the logger refuses it with the fix, see test_ddp.py.)"""
+"""GradientLogger under FSDP2 (Lightning's ModelParallelStrategy) and FSDP1 (Lightning's
+FSDPStrategy, ``strategy="fsdp"``), 2 CPU processes, gloo: the store equals the single-process one.
+(Lightning refuses ``strategy="fsdp"`` without a GPU; ``fsdp_script.CPUFSDPStrategy`` is the same
+strategy with torch's CPU device id, and ``LIGHTNING_TDA_TEST_ACCELERATOR=cuda`` runs the plain one.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from helpers import launch_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NAMES = ("plain", "frozen")
+SHARDED = ("plain", "frozen", "plain_fsdp1", "frozen_fsdp1")  # FSDP2, then FSDP1
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +46,14 @@ def _datasets(g: h5py.Group, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_fsdp2_store_equals_the_single_process_store(stores, name):
+@pytest.mark.parametrize("name", SHARDED)
+def test_fsdp_store_equals_the_single_process_store(stores, name):
     """Every dataset (train rows, Adam-preconditioned rows, losses, K-FAC factors, PCA bases,
     query rows, optimizer moments, saved state) matches to fp32 rounding, and the fingerprints,
     model class and checkpoints are identical: FSDP2's sharding leaves no trace in the store."""
     fsdp, single = stores
-    with h5py.File(fsdp / f"{name}.h5") as a, h5py.File(single / f"{name}.h5") as b:
+    ref = name.removesuffix("_fsdp1")
+    with h5py.File(fsdp / f"{name}.h5") as a, h5py.File(single / f"{ref}.h5") as b:
         da, db = _datasets(a), _datasets(b)
         assert sorted(da) == sorted(db)
         assert any("/state/" in k for k in da) and any("optimizer" in k for k in da)
@@ -67,7 +70,7 @@ def test_fsdp2_store_equals_the_single_process_store(stores, name):
         # (the script runs as __main__: compare the class, not its module)
         assert a.attrs["model_class"].endswith(".ShardedMLP"), a.attrs["model_class"]
     st = AttributionStore(fsdp / f"{name}.h5")
-    assert st.steps == AttributionStore(single / f"{name}.h5").steps == [0, 2, 4]
+    assert st.steps == AttributionStore(single / f"{ref}.h5").steps == [0, 2, 4]
 
 
 def test_fsdp2_store_attributes_like_the_single_process_one(stores):
@@ -78,12 +81,13 @@ def test_fsdp2_store_attributes_like_the_single_process_one(stores):
         fsdp_script.make_classification(n, seed=s) for n, s in ((32, 0), (35, 1), (6, 3))
     )
     model = fsdp_script.ShardedMLP()
-    got = AttributionStore(fsdp / "plain.h5").attribute(queries, model=model, top_k=None)
     want = AttributionStore(single / "plain.h5").attribute(queries, model=model, top_k=None)
-    torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-6)
+    for name in ("plain", "plain_fsdp1"):
+        got = AttributionStore(fsdp / f"{name}.h5").attribute(queries, model=model, top_k=None)
+        torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp1_and_tensor_parallel_are_refused_with_the_fix():
+def test_unsupported_fsdp_setups_are_refused_with_the_fix():
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -1,5 +1,5 @@
-"""GradientLogger(mode="in_flight") in 2 CPU processes (gloo): DDP and FSDP2 (Lightning's
-ModelParallelStrategy) write one store equal to the single-process one, and a rank killed mid-fit
+"""GradientLogger(mode="in_flight") in 2 CPU processes (gloo): DDP, FSDP2 (Lightning's
+ModelParallelStrategy) and FSDP1 (Lightning's FSDPStrategy) write one store equal to the single-process one, and a rank killed mid-fit
 leaves a valid store that a resumed fit completes exactly.
 
 One launch of ``in_flight_dist_script.py`` (module fixture) writes the multi-process stores; the
@@ -26,7 +26,7 @@ import in_flight_dist_script as script  # noqa: E402
 from helpers import launch_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
-STEPS = {"ddp": list(range(6)), "accum": list(range(6)), "fsdp2": list(range(6))}
+STEPS = dict.fromkeys(script.NAMES, list(range(6)))
 PADDED = (
     1000  # example 0's id: DistributedSampler's padding deals it again in each epoch's last step
 )
@@ -102,7 +102,7 @@ def test_in_flight_scores_equal_the_single_process_scores(stores):
     """TracIn (dense) and the default method (top-k) over the DDP and FSDP2 in-flight stores, with
     the logged query rows, equal the single-process store's."""
     dist, single = stores
-    for name in ("ddp", "fsdp2"):
+    for name in ("ddp", "fsdp2", "fsdp1"):
         for method, k in (("tracin", None), ("auto", 5)):
             a = AttributionStore(dist / f"{name}.h5").attribute("logged", method=method, top_k=k)
             b = AttributionStore(single / f"{name}.h5").attribute("logged", method=method, top_k=k)

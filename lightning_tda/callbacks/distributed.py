@@ -1,5 +1,5 @@
 """DDP support of the ``GradientLogger`` sweep: data shards, per-rank shard files, the merge, and
-the cross-rank reduction of K-FAC factors (docs/store.md "Distributed (DDP, FSDP2) fits").
+the cross-rank reduction of K-FAC factors (docs/store.md "Distributed (DDP, FSDP) fits").
 
 Each rank sweeps a contiguous block of the attribution data (no padding, so every example is swept
 exactly once) into its own shard file ``<store>.rank<r>.h5`` with the store's crash-safe checkpoint
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -47,14 +47,29 @@ def check_strategy(trainer: pl.Trainer, mode: str) -> None:
     name = type(strategy).__name__
     if is_fsdp2(strategy):
         _check_fsdp2(strategy, name)
+    elif is_fsdp1(strategy):
+        _check_fsdp1(strategy, name)
     elif not isinstance(strategy, DDPStrategy) or "DeepSpeed" in name:
         raise MisconfigurationException(
-            f"GradientLogger supports multi-process fits with DDP (strategy='ddp' or 'ddp_spawn') and "
-            f"FSDP2 (ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with "
+            f"GradientLogger supports multi-process fits with DDP (strategy='ddp' or 'ddp_spawn'), "
+            f"FSDP (strategy='fsdp', use_orig_params=True) and FSDP2 "
+            f"(ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with "
             f"fully_shard in configure_model); this Trainer uses {name} with {trainer.world_size} "
-            "processes, whose flattened sharded parameters the sweep cannot hook. Switch to one of "
-            "those, or devices=1 (docs/store.md 'Distributed (DDP, FSDP2) fits')."
+            "processes, whose sharded parameters the logger cannot gather. Switch to one of "
+            "those, or devices=1 (docs/store.md 'Distributed (DDP, FSDP) fits')."
         )
+
+
+def is_fsdp1(strategy: pl.strategies.Strategy) -> bool:
+    """Lightning's ``FSDPStrategy`` (``strategy="fsdp"``: ``FullyShardedDataParallel`` wrappers)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def is_sharded(strategy: pl.strategies.Strategy) -> bool:
+    """FSDP1 or FSDP2: a rank holds only a shard of the parameters."""
+    return is_fsdp1(strategy) or is_fsdp2(strategy)
 
 
 def is_fsdp2(strategy: pl.strategies.Strategy) -> bool:
@@ -62,6 +77,25 @@ def is_fsdp2(strategy: pl.strategies.Strategy) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(strategy, ModelParallelStrategy)
+
+
+def _check_fsdp1(strategy: pl.strategies.Strategy, name: str) -> None:
+    kwargs = getattr(strategy, "kwargs", {})
+    if not kwargs.get("use_orig_params", True):
+        raise MisconfigurationException(
+            f"GradientLogger under {name} needs use_orig_params=True (Lightning's default): with "
+            "use_orig_params=False the optimizer holds flattened parameters, whose Adam moments and "
+            "state the logger cannot map to layers. Drop use_orig_params=False, or use "
+            "ModelParallelStrategy (FSDP2) or strategy='ddp'."
+        )
+    if kwargs.get("device_mesh") is not None or "HYBRID" in str(
+        getattr(strategy, "sharding_strategy", "")
+    ):
+        raise MisconfigurationException(
+            f"GradientLogger under {name} supports one flat data-parallel group (sharding_strategy "
+            "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD); hybrid sharding and device meshes are not "
+            "supported. Use sharding_strategy='FULL_SHARD' or ModelParallelStrategy (FSDP2)."
+        )
 
 
 def _check_fsdp2(strategy: pl.strategies.Strategy, name: str) -> None:
@@ -97,6 +131,84 @@ def fsdp2_unsharded(module: nn.Module) -> Iterator[None]:
             g.post_forward_mesh_info, g.reshard_after_backward = after_forward, after_backward
         for m in mods:
             m.reshard()
+
+
+@contextlib.contextmanager
+def fsdp1_full_model(
+    strategy: pl.strategies.Strategy,
+    module: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+) -> Iterator[None]:
+    """FSDP1 (Lightning's ``FSDPStrategy``, ``use_orig_params=True``): for the block, ``module``
+    looks as it does in one process. Its parameters are all-gathered
+    (``FullyShardedDataParallel.summon_full_params`` on the strategy's root, write-back off); every
+    ``FullyShardedDataParallel`` wrapper inside it is replaced by the module it wraps, so names,
+    classes and forwards are the unwrapped model's and a forward runs no collective; and the
+    ``optimizers``' state of each parameter is replaced by its full state
+    (``FullyShardedDataParallel.optim_state_dict``). A collective: every rank enters together.
+    Everything is restored on exit."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = strategy.model
+    full = [FSDP.optim_state_dict(root, opt)["state"] for opt in optimizers]
+    with FSDP.summon_full_params(root, writeback=False):
+        wrappers = [
+            (module.get_submodule(parent) if parent else module, child, m)
+            for name, m in module.named_modules()
+            if isinstance(m, FSDP) and m is not root
+            for parent, _, child in [name.rpartition(".")]
+        ]
+        for parent, child, m in wrappers:
+            setattr(parent, child, m.module)
+        saved = _full_optimizer_state(module, optimizers, full)
+        try:
+            yield
+        finally:
+            for opt, states in saved:
+                for p, st in states.items():
+                    if st is None:
+                        del opt.state[p]
+                    else:
+                        opt.state[p] = st
+            for parent, child, m in reversed(wrappers):
+                setattr(parent, child, m)
+
+
+def _full_optimizer_state(
+    module: nn.Module, optimizers: Sequence[torch.optim.Optimizer], full: Sequence[Mapping]
+) -> list[tuple[torch.optim.Optimizer, dict]]:
+    """Put each parameter's full optimizer state (``full``: ``optim_state_dict()["state"]`` by
+    parameter name) in place of its shard's; the replaced states, to restore."""
+    named = dict(module.named_parameters())
+    saved = []
+    for opt, states in zip(optimizers, full, strict=True):
+        kept = {}
+        for name, st in states.items():
+            p = named.get(name)
+            if p is not None:  # (a rank whose shard of p is empty keeps no state for it)
+                kept[p] = opt.state.get(p)
+                opt.state[p] = dict(st)
+        saved.append((opt, kept))
+    return saved
+
+
+@contextlib.contextmanager
+def full_model(
+    trainer: pl.Trainer, module: nn.Module, optimizer_state: bool = False
+) -> Iterator[None]:
+    """For the block, ``module``'s parameters are complete on every rank and its forwards run no
+    collective: FSDP1 :func:`fsdp1_full_model` (``optimizer_state``: with the full Adam state), FSDP2
+    :func:`fsdp2_unsharded`, else a no-op. A collective under FSDP: every rank enters together."""
+    strategy = trainer.strategy
+    if is_fsdp1(strategy) and is_distributed(trainer):
+        optimizers = trainer.optimizers if optimizer_state else ()
+        with fsdp1_full_model(strategy, module, optimizers):
+            yield
+    elif is_fsdp2(strategy):
+        with fsdp2_unsharded(module):
+            yield
+    else:
+        yield
 
 
 def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:

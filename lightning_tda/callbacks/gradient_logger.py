@@ -7,6 +7,7 @@ strategy (:class:`~lightning_tda.callbacks.sweep.SweepLogging` or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -32,7 +33,13 @@ from lightning_tda.callbacks.config import (
     StorageKind,
 )
 from lightning_tda.callbacks.context import FitContext, RunState
-from lightning_tda.callbacks.distributed import check_strategy, is_distributed, is_fsdp2
+from lightning_tda.callbacks.distributed import (
+    check_strategy,
+    full_model,
+    is_distributed,
+    is_fsdp1,
+    is_fsdp2,
+)
 from lightning_tda.callbacks.in_flight_logging import InFlightLogging
 from lightning_tda.callbacks.metadata import COMPARED, check_saved_arguments, run_metadata
 from lightning_tda.callbacks.optimizer_state import current_lrs
@@ -85,14 +92,14 @@ class GradientLogger(pl.Callback):
     ``S``, ``accumulate_grad_batches`` ``A``), so a row is the gradient of the example's own
     ``per_example_loss`` as in a sweep. Training is untouched (no RNG, ``.grad`` or mode change).
 
-    Under DDP (``strategy="ddp"``/``"ddp_spawn"``, sweep mode) each rank sweeps a contiguous shard of
+    Under DDP (``strategy="ddp"``/``"ddp_spawn"``) each rank sweeps a contiguous shard of
     ``attribution_data`` into ``<path>.rank<r>.h5``, K-FAC sums are reduced over ranks, and rank zero
     merges the shards into ``path``: the store equals a single-process one (docs/store.md "Distributed
-    (DDP) fits"). FSDP2 (Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``)
-    works the same way, parameters all-gathered once per checkpoint. In flight under DDP or FSDP2,
-    every rank's rows of a step are gathered and rank zero writes them
-    (:mod:`lightning_tda.callbacks.step_gather`). ``strategy="fsdp"`` (FSDP1), tensor parallelism
-    and DeepSpeed are refused with a clear error.
+    (DDP, FSDP) fits"). FSDP1 (``strategy="fsdp"``, ``use_orig_params=True``) and FSDP2 (Lightning's
+    ``ModelParallelStrategy`` with ``tensor_parallel_size=1``) work the same way, parameters
+    all-gathered once per checkpoint. In flight, every rank's rows of a step are gathered and rank
+    zero writes them (:mod:`lightning_tda.callbacks.step_gather`). Tensor parallelism, FSDP1 with
+    flattened parameters or hybrid sharding, and DeepSpeed are refused with a clear error.
 
     Fail in seconds: at the first ``on_train_batch_start`` of a fit, before any optimizer step, one
     batch is checked (in flight the training batch, in a sweep the first batch of ``attribution_data``):
@@ -348,20 +355,22 @@ class GradientLogger(pl.Callback):
             self._continue_store(trainer, zero)
         else:
             self._start_store(trainer, zero)
-        # FSDP2: frozen weights are gathered to fingerprint them, a collective of every rank
-        prints = (
-            fingerprint_attrs(pl_module, self._ctx.layers) if is_fsdp2(trainer.strategy) else None
-        )
-        if zero:
-            check_saved_arguments(self._ctx)
-            self.writer.write_run_metadata(
-                {
-                    **run_metadata(self._ctx, trainer, pl_module, prints),
-                    **self._strategy.run_metadata(trainer),
-                },
-                compare=COMPARED,
-                schema_version=self._strategy.schema_version,
-            )
+        # FSDP: frozen weights are gathered to fingerprint them, a collective of every rank
+        # (FSDP1: the model is seen unwrapped for the block, see distributed.fsdp1_full_model)
+        fsdp1 = is_fsdp1(trainer.strategy)
+        with full_model(trainer, pl_module) if fsdp1 else contextlib.nullcontext():
+            sharded = fsdp1 or is_fsdp2(trainer.strategy)
+            prints = fingerprint_attrs(pl_module, self._ctx.layers) if sharded else None
+            if zero:
+                check_saved_arguments(self._ctx)
+                self.writer.write_run_metadata(
+                    {
+                        **run_metadata(self._ctx, trainer, pl_module, prints),
+                        **self._strategy.run_metadata(trainer),
+                    },
+                    compare=COMPARED,
+                    schema_version=self._strategy.schema_version,
+                )
         if is_distributed(trainer):
             trainer.strategy.barrier("GradientLogger.on_train_start")
         self._strategy.start(trainer, pl_module)

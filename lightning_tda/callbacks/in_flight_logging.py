@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tda.callbacks.config import describe
 from lightning_tda.callbacks.context import CHECK_BATCH_SIZE, FitContext, trainable_state
-from lightning_tda.callbacks.distributed import fsdp2_unsharded, is_distributed, is_fsdp2
+from lightning_tda.callbacks.distributed import full_model, is_distributed, is_sharded
 from lightning_tda.callbacks.in_flight import InFlightRecorder
 from lightning_tda.callbacks.in_flight_steps import LoggedStep, StatePolicy, write_logged_steps
 from lightning_tda.callbacks.optimizer_state import current_lrs
@@ -52,7 +52,7 @@ class InFlightLogging(LoggingStrategy):
         self._states = StatePolicy(False, 0, 0)
         self._gather: StepRowGather | None = None  # several processes: every rank's rows, to rank 0
         self._writes = True  # this process writes the store (rank zero)
-        self._fsdp2 = False
+        self._sharded = False  # FSDP1/FSDP2: parameters are gathered for state and queries
 
     @staticmethod
     def check_data(attribution_data: Any) -> None:
@@ -91,7 +91,7 @@ class InFlightLogging(LoggingStrategy):
         self._states = StatePolicy(ctx.config.capture.save_state, state_bytes, row_bytes)
         flight = ctx.config.in_flight
         self._close_writer()
-        self._writes, self._fsdp2 = trainer.is_global_zero, is_fsdp2(trainer.strategy)
+        self._writes, self._sharded = trainer.is_global_zero, is_sharded(trainer.strategy)
         self._gather = StepRowGather(trainer.strategy) if is_distributed(trainer) else None
         background = flight.background_for(pl_module.device) and self._writes
         self._writer = BackgroundWriter(flight.max_pending) if background else None
@@ -101,7 +101,7 @@ class InFlightLogging(LoggingStrategy):
         # MissingExampleIdsError naming GradientLogger(example_ids=...) and IndexedDataset:
         ids = self.ctx.example_ids(batch)
         batch, ids = first_examples(batch, ids, CHECK_BATCH_SIZE)  # a few examples fail as clearly
-        with self._full_weights(pl_module, True), preserved_training_state(pl_module):
+        with self._full_weights(trainer, pl_module, True), preserved_training_state(pl_module):
             self.ctx.check_batch(trainer, pl_module, batch, ids)
 
     # -- the recorder's hooks -------------------------------------------------------------
@@ -168,23 +168,27 @@ class InFlightLogging(LoggingStrategy):
             return
         save = self._states.due(step, taken.ids.shape[0])  # the same decision on every rank
         has_queries = ctx.query_data is not None
-        run_here = self._writes or self._fsdp2  # FSDP2: every rank runs the forwards together
         state = queries = None
-        with self._full_weights(pl_module, save or has_queries):
+        with self._full_weights(trainer, pl_module, save or has_queries):
             if save and self._writes:
-                state = trainable_state(pl_module, copy=self._fsdp2)  # (unsharded storage is freed)
-            if has_queries and run_here:
+                state = trainable_state(
+                    pl_module, copy=self._sharded
+                )  # (gathered storage is freed)
+            if has_queries and self._writes:
                 queries = self._queries(trainer, pl_module)
         if self._writes:
             attrs = self._step_attrs(trainer, step)
             self._pending.append(LoggedStep.keep(step, taken, attrs, state, queries))
         ctx.state.mark_logged(step)
 
-    def _full_weights(self, pl_module: pl.LightningModule, needed: bool) -> Any:
-        """FSDP2 and ``needed``: the parameters all-gathered for the block (a collective of every
-        rank, see :func:`~lightning_tda.callbacks.distributed.fsdp2_unsharded`); else a no-op."""
-        if self._fsdp2 and needed:
-            return fsdp2_unsharded(pl_module)
+    def _full_weights(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, needed: bool
+    ) -> Any:
+        """FSDP and ``needed``: the parameters all-gathered for the block, forwards rank-local (a
+        collective of every rank, see :func:`~lightning_tda.callbacks.distributed.full_model`);
+        else a no-op."""
+        if self._sharded and needed:
+            return full_model(trainer, pl_module)
         return contextlib.nullcontext()
 
     def _step_attrs(self, trainer: pl.Trainer, step: int) -> dict[str, Any]:

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 from lightning_tda.callbacks.context import FitContext, trainable_state
 from lightning_tda.callbacks.distributed import (
     copy_shard_rows,
-    fsdp2_unsharded,
+    full_model,
     is_distributed,
     is_fsdp2,
+    is_sharded,
     reduce_covariances,
     shard_loader,
     shard_path,
@@ -77,7 +78,7 @@ class SweepLogging(LoggingStrategy):
         ``CHECK_BATCH_SIZE`` examples): its ids (or positions), the task's loss and the projection, at
         the starting weights."""
         ctx = self.ctx
-        with preserved_training_state(pl_module):
+        with full_model(trainer, pl_module), preserved_training_state(pl_module):
             first = next(iter(ctx.check_loader(trainer)), None)
             if first is None:
                 return
@@ -141,12 +142,18 @@ class SweepLogging(LoggingStrategy):
         rank, world, zero = trainer.global_rank, trainer.world_size, trainer.is_global_zero
         full = ctx.attribution_loader(trainer)
         loader = shard_loader(full, rank, world, ctx.config.capture.batch_size or 64)
-        scales = self._scales(trainer, pl_module)  # (FSDP2: gathered on every rank, in order)
-        moments = self._moments(trainer, pl_module) if is_fsdp2(strategy) else None
+        fsdp2 = is_fsdp2(strategy)  # FSDP2: moments gathered on every rank, in order, first
+        scales = self._scales(trainer, pl_module) if fsdp2 else None
+        moments = self._moments(trainer, pl_module) if fsdp2 else None
         n, width = len(full.dataset), row_width(ctx.layers)
         shard = StoreWriter(shard_path(ctx.path, rank), ctx.writer.storage_dtype)
         shard.remove()
-        with fsdp2_unsharded(pl_module), preserved_training_state(pl_module):
+        with (
+            full_model(trainer, pl_module, optimizer_state=ctx.config.capture.optimizer_state),
+            preserved_training_state(pl_module),
+        ):
+            if not fsdp2:  # DDP, FSDP1: the full Adam state is in place now
+                scales = self._scales(trainer, pl_module)
             feat = self._featurizer(pl_module, scales, self._shared_bases(trainer, pl_module, full))
             with shard.begin_checkpoint(
                 step, len(loader.sampler), width, 0, precond=scales is not None, factors=ctx.factors
@@ -223,9 +230,9 @@ class SweepLogging(LoggingStrategy):
                 moments = self._moments(trainer, pl_module)
             cw.write_arrays(schema.OPTIMIZER, moments)
         if cap.save_state:
-            # FSDP2: copies, the unsharded parameters' storage is freed (resized) on reshard
+            # FSDP: copies, the unsharded parameters' storage is freed (resized) on reshard
             cw.write_arrays(
-                schema.STATE, trainable_state(pl_module, copy=is_fsdp2(trainer.strategy))
+                schema.STATE, trainable_state(pl_module, copy=is_sharded(trainer.strategy))
             )
         cw.commit(
             {

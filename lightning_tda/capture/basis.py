@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_tda.capture.checks import _check_losses
-from lightning_tda.capture.layers import DENSE, LayerSpec
+from lightning_tda.capture.layers import DENSE, LayerSpec, unwrapped_module_names
 from lightning_tda.capture.losses import LossFn
 from lightning_tda.data.ids import ExampleIds, split_ids
 
@@ -77,7 +77,7 @@ class _CovarianceHooks:
         self.handles: list = []
 
     def __enter__(self) -> _CovarianceHooks:
-        modules = dict(self.model.named_modules())
+        modules = unwrapped_module_names(self.model)  # (FSDP1 / checkpoint wrappers looked through)
         for spec in self.layers:
             self.handles.append(modules[spec.name].register_forward_hook(self._hook(spec)))
         return self

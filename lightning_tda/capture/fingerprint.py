@@ -63,8 +63,9 @@ def tensor_digest(t: torch.Tensor) -> str:
         return _digest([head, b"meta"])
     if isinstance(t, DTensor):
         t = t.full_tensor()
-    flat = t.detach().reshape(-1).contiguous().cpu()
-    return _digest([head, flat.view(torch.uint8).numpy()])  # the buffer, not a copy
+    # a copy: numpy() of a view would pin its storage, which FSDP frees (resizes) after gathering
+    flat = t.detach().reshape(-1).to("cpu", copy=True)
+    return _digest([head, flat.view(torch.uint8).numpy()])
 
 
 def block_of(name: str) -> str:

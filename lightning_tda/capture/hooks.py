@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_tda.capture.basis import Bases
-from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
+from lightning_tda.capture.layers import DENSE, LayerSpec, row_width, unwrapped_module_names
 from lightning_tda.capture.projection import ProjectionConfig, projection_matrix
 
 # (a [O], b [I+1]): factor-wise preconditioner G ⊙ (a b^T), e.g. Adam's factored 1/sqrt(v) (methods.md §2.3)
@@ -175,7 +175,7 @@ class LayerGradientHooks:
         self._handles: list = []
 
     def __enter__(self) -> LayerGradientHooks:
-        modules = dict(self.model.named_modules())
+        modules = unwrapped_module_names(self.model)  # (FSDP1 / checkpoint wrappers looked through)
         for name, proj in self.projectors.items():
             if name not in modules:
                 raise KeyError(f"module {name!r} is not in the model")

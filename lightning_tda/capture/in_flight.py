@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_tda.capture.hooks import LayerProjector, add_outer, build_projectors, project_input
-from lightning_tda.capture.layers import DENSE, LayerSpec, row_width
+from lightning_tda.capture.layers import DENSE, LayerSpec, row_width, unwrapped_module_names
 from lightning_tda.capture.projection import ProjectionConfig
 
 Reduction = str | Callable[[Any], float | torch.Tensor]
@@ -149,7 +149,7 @@ class InFlightCapture:
         """Register the forward hooks (idle until :meth:`start`)."""
         if self._handles:
             return
-        modules = dict(self.model.named_modules())
+        modules = unwrapped_module_names(self.model)
         for name, proj in self.projectors.items():
             if name not in modules:
                 raise KeyError(f"module {name!r} is not in the model")

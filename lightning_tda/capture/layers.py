@@ -141,6 +141,27 @@ def discover_layers(
     return layers, other
 
 
+WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+"""Attributes under which FSDP1's ``FullyShardedDataParallel`` and activation checkpointing's
+``CheckpointWrapper`` hold the module they wrap."""
+
+
+def unwrapped_module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by the names they have without FSDP1 / activation-checkpointing wrappers
+    (``net.0._fsdp_wrapped_module`` -> ``net.0``; the innermost module wins, so a layer's name maps
+    to the layer itself, not to a wrapper around it).
+
+    >>> m = nn.Sequential(nn.Linear(2, 2))
+    >>> sorted(unwrapped_module_names(m)) == sorted(n for n, _ in m.named_modules())
+    True
+    """
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        parts = [p for p in name.split(".") if p not in WRAPPER_ATTRS] if name else []
+        out[".".join(parts)] = module  # named_modules yields a wrapper before what it wraps
+    return out
+
+
 def row_width(layers: Sequence[LayerSpec]) -> int:
     return sum(s.size for s in layers)
 
