@@ -16,20 +16,25 @@ START, END = "<!-- scale:start -->", "<!-- scale:end -->"
 def _index(res: dict) -> list[str]:
     out = []
     for name, r in res.items():
+        d = next(x for x in r["sweep"] if x.get("default"))
         out += [
-            f"**{name} rows** ({r['rows']:,} × {r['width']}, float16; {r['queries']} queries, top 10 "
-            f"proponents and opponents): exact scan {r['exact_seconds']:.2f} s; FAISS "
-            f"`{r['factory']}` built in {r['build_seconds']:.0f} s (store written in "
-            f"{r['write_seconds']:.0f} s). Default `nprobe` = {r['default_nprobe']}.",
+            f"**{name} rows** ({r['rows']:,} × {r['width']}, float16; top 10 proponents and "
+            f"opponents of {r['queries']['report']} reporting queries, timed, and "
+            f"{r['queries']['choose']} choosing queries): exact scan {r['exact_seconds']:.2f} s; "
+            f"the default index `{d['factory']}` built in {r['build_seconds']:.0f} s (store "
+            f"written in {r['write_seconds']:.0f} s).",
             "",
-            "| nprobe | recall@10 | opponents recall@10 | seconds | speed-up vs exact |",
-            "|---:|---:|---:|---:|---:|",
+            "| factory | nprobe | refine | recall@10 choosing | recall@10 reporting | "
+            "opponents reporting | seconds | speed-up vs exact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for s in r["sweep"]:
-            mark = " (default)" if s["nprobe"] == r["default_nprobe"] else ""
+        for x in r["sweep"]:
+            mark = " **(default)**" if x.get("default") else ""
+            refine = x["refine"] if "Refine" in x["factory"] or "RFlat" in x["factory"] else "–"
             out.append(
-                f"| {s['nprobe']}{mark} | {s['recall_at_10']:.3f} | "
-                f"{s['opponent_recall_at_10']:.3f} | {s['seconds']:.3f} | {s['speedup']:.1f}× |"
+                f"| `{x['factory']}`{mark} | {x['nprobe']} | {refine} | "
+                f"{x['recall_at_10_choose']:.3f} | {x['recall_at_10_report']:.3f} | "
+                f"{x['opponent_recall_at_10_report']:.3f} | {x['seconds']:.3f} | {x['speedup']:.1f}× |"
             )
         out.append("")
     return out

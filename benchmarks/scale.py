@@ -7,8 +7,9 @@ section is rendered from the whole file by :mod:`benchmarks.render_scale`):
   low-rank rows (:func:`clustered_rows`, the geometry projected gradients have), plus the same
   size of i.i.d. Gaussian rows (no structure: the worst case of an IVF index); the exact scan of
   ``store.attribute`` against a FAISS index (:class:`~lightning_tda.methods.row_index.IndexConfig`
-  defaults, then an ``nprobe`` sweep): recall@10 of the proponents and seconds for ``--queries``
-  precomputed queries, plus the index's build time;
+  defaults, then a grid of ``nprobe`` and ``refine``, and the plain ``IVF,Flat`` index): recall@10
+  of the proponents and opponents on two halves of ``--queries`` precomputed queries each (the
+  defaults were chosen on the first; the second is reported and timed), plus the build time;
 - ``sharded``: the exact scan of the clustered store under ``attribute(..., distributed=True)`` in
   1 and 2 gloo processes (torch threads = cores / processes), rows × queries per second;
 - ``real``: recall of the default index on a real store (the ``gpt_adamw`` bank, ``attribute()``'s
@@ -38,7 +39,8 @@ from lightning_tda.methods.row_index import IndexConfig
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 WIDTH = 256
-NPROBES = (8, 16, 32, 64, 128, 256)
+REFINES = (50, 150, 300)  # candidates re-ranked exactly per returned row
+QUERY_SEEDS = (999_999, 777_777)  # the choosing half (the defaults were picked on it), the reporting half
 
 
 def clustered_rows(n: int, d: int, seed: int, clusters: int = 64, rank: int = 16) -> np.ndarray:
@@ -94,42 +96,52 @@ def _blockwise(make: Callable[[int, int, int], np.ndarray], seed: int, block: in
     return rows
 
 
-def index_rows(store: AttributionStore, queries: torch.Tensor, label: str) -> dict:
-    """Exact scan against the FAISS index at its defaults and over ``NPROBES``."""
+def _index_point(store, index, qv: dict, exact: dict, exact_s: float) -> dict:
+    """Recall on both query halves and the reporting half's seconds at the index's settings."""
     step = store.steps[-1]
-    qv = {step: queries}
-    exact = store.attribute(qv, method="graddot", top_k=10)
-    exact_s = median_time(lambda: store.attribute(qv, method="graddot", top_k=10))[0]
+    got = {h: store.attribute({step: q}, method="graddot", top_k=10, index=index) for h, q in qv.items()}
+    report = {step: qv["report"]}
+    secs = median_time(lambda: store.attribute(report, method="graddot", top_k=10, index=index))[0]
+    return {
+        "factory": index.config.factory, "nprobe": index.config.nprobe, "refine": index.config.refine,
+        **{f"recall_at_10_{h}": recall_at_k(got[h].indices, exact[h].indices) for h in qv},
+        **{f"opponent_recall_at_10_{h}": recall_at_k(got[h].opponents, exact[h].opponents) for h in qv},
+        "seconds": secs, "speedup": exact_s / secs,
+    }  # fmt: skip
+
+
+def index_rows(store: AttributionStore, queries: dict[str, torch.Tensor], label: str) -> dict:
+    """Exact scan against FAISS indexes: the default one (its defaults, then a grid of ``nprobe``
+    and ``refine``) and the plain ``IVF<nlist>,Flat`` of the earlier default. ``queries``: the
+    ``"choose"`` half (defaults were chosen on it) and the ``"report"`` half (timed)."""
+    step = store.steps[-1]
+    exact = {h: store.attribute({step: q}, method="graddot", top_k=10) for h, q in queries.items()}
+    report = {step: queries["report"]}
+    exact_s = median_time(lambda: store.attribute(report, method="graddot", top_k=10))[0]
     t0 = time.perf_counter()
     index = store.build_index(method="graddot")
     build_s = time.perf_counter() - t0
-    default_nprobe = index.config.nprobe
-    sweep = []
-    for nprobe in sorted({default_nprobe, *NPROBES}):
-        index.config.nprobe = nprobe
-        res = store.attribute(qv, method="graddot", top_k=10, index=index)
-        secs = median_time(lambda: store.attribute(qv, method="graddot", top_k=10, index=index))[0]
-        row = {
-            "nprobe": nprobe,
-            "recall_at_10": recall_at_k(res.indices, exact.indices),
-            "opponent_recall_at_10": recall_at_k(res.opponents, exact.opponents),
-            "seconds": secs,
-            "speedup": exact_s / secs,
-        }
-        sweep.append(row)
-        print(
-            f"{label}: nprobe {nprobe}: recall@10 {row['recall_at_10']:.3f}, {row['speedup']:.1f}x"
-        )
+    defaults = (index.config.nprobe, index.config.refine)
+    nlist = int(index.config.factory.split(",")[0].removeprefix("IVF"))
+    sweep = [{**_index_point(store, index, queries, exact, exact_s), "default": True}]
+    for nprobe in sorted({max(1, nlist // f) for f in (64, 32, 16, 8)}):
+        for refine in REFINES:
+            if (nprobe, refine) == defaults:
+                continue
+            index.config.nprobe, index.config.refine = nprobe, refine
+            sweep.append(_index_point(store, index, queries, exact, exact_s))
+            print(f"{label}: {sweep[-1]}")
+    del index
+    flat = store.build_index(method="graddot", config=IndexConfig(factory=f"IVF{nlist},Flat"))
+    for nprobe in (nlist // 32, nlist // 16):
+        flat.config.nprobe = nprobe
+        sweep.append(_index_point(store, flat, queries, exact, exact_s))
+        print(f"{label}: {sweep[-1]}")
     return {
-        "rows": store.num_examples,
-        "width": store.width,
-        "queries": queries.shape[0],
-        "exact_seconds": exact_s,
-        "build_seconds": build_s,
-        "factory": index.config.factory,
-        "default_nprobe": default_nprobe,
-        "sweep": sweep,
-    }
+        "rows": store.num_examples, "width": store.width,
+        "queries": {h: q.shape[0] for h, q in queries.items()},
+        "exact_seconds": exact_s, "build_seconds": build_s, "sweep": sweep,
+    }  # fmt: skip
 
 
 def index_stage(rows: int, queries: int, workdir: Path) -> dict:
@@ -140,7 +152,8 @@ def index_stage(rows: int, queries: int, workdir: Path) -> dict:
             workdir / f"{name}.h5", _blockwise(make, seed=0), workdir, n=rows
         )
         write_s = time.perf_counter() - t0
-        q = torch.from_numpy(make(queries, WIDTH, 999_999))
+        halves = {"choose": QUERY_SEEDS[0], "report": QUERY_SEEDS[1]}
+        q = {h: torch.from_numpy(make(queries, WIDTH, seed)) for h, seed in halves.items()}
         out[name] = {**index_rows(store, q, name), "write_seconds": write_s}
         if name != "clustered":
             (workdir / f"{name}.h5").unlink()

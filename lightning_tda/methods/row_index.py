@@ -56,13 +56,17 @@ class IndexConfig:
     """How the FAISS index is built and searched (saved next to the index).
 
     Attributes:
-        factory: a ``faiss.index_factory`` string; ``None``: ``"IVF<nlist>,Flat"`` with
-            ``nlist = 4·√N`` rounded to a power of two, or ``"IVF<nlist>,SQ8"`` (4× smaller, scores
-            quantised) when fp32 rows would exceed ``memory_bytes``.
+        factory: a ``faiss.index_factory`` string; ``None``: ``"IVF<nlist>,PQ<m>x4fs,RFlat"``, an
+            inverted file over 4-bit fast-scan product codes (``m = dim / 4``, the augmented rows
+            zero-padded to a multiple of 8) whose candidates are re-ranked with the exact rows,
+            ``nlist = 4·√N`` rounded to a power of two; ``Refine(SQ8)`` instead of ``RFlat`` (4×
+            smaller, re-ranking scores quantised) when fp32 rows would exceed ``memory_bytes``.
         nprobe: inverted lists scanned per query (more: higher recall, slower); ``None``:
-            ``nlist / 32`` (about 3 % of the rows), at least 8 lists (or all of them).
-        train_rows: rows sampled to train the coarse quantiser (``None``: ``40·nlist``, FAISS's
-            recommended minimum of 39 per list, at most N).
+            ``nlist / 16`` (about 6 % of the rows), at least 8 lists (or all of them).
+        refine: candidates re-ranked exactly per row returned (FAISS's ``k_factor``) when the
+            index re-ranks (``RFlat``/``Refine``); ``None``: 150.
+        train_rows: rows sampled to train the coarse quantiser and the codes (``None``:
+            ``40·nlist``, FAISS's recommended minimum of 39 per list, at least 4096, at most N).
         memory_bytes: the budget the default factory keeps the index within.
         whiten: index the rows whitened by the method's preconditioner, if it has one (off: the
             rows as stored, which kept more recall on a real store).
@@ -71,13 +75,14 @@ class IndexConfig:
 
     factory: str | None = None
     nprobe: int | None = None
+    refine: int | None = None
     train_rows: int | None = None
     memory_bytes: int = 4 * 2**30
     whiten: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "memory_bytes", "train_rows"):
+        for name in ("nprobe", "refine", "memory_bytes", "train_rows"):
             v = getattr(self, name)
             if v is None and name != "memory_bytes":
                 continue
@@ -89,11 +94,18 @@ class IndexConfig:
             )
 
     def resolved_factory(self, n: int, dim: int) -> str:
+        """The factory string for ``n`` augmented rows of width ``dim`` (see :func:`padded_dim`)."""
         if self.factory is not None:
             return self.factory
         nlist = max(1, min(2 ** round(math.log2(4 * math.sqrt(n))), n // 39 or 1))
-        code = "Flat" if n * dim * 4 <= self.memory_bytes else "SQ8"
-        return f"IVF{nlist},{code}"
+        refine = "RFlat" if n * dim * 4 <= self.memory_bytes else "Refine(SQ8)"
+        return f"IVF{nlist},PQ{padded_dim(dim, None) // 4}x4fs,{refine}"
+
+
+def padded_dim(dim: int, factory: str | None) -> int:
+    """The index width for augmented rows of width ``dim``: a multiple of 8 for the default
+    factory's 4-dimensional fast-scan sub-quantisers, ``dim`` for a given factory."""
+    return dim if factory is not None else -(-dim // 8) * 8
 
 
 @dataclass
@@ -142,9 +154,7 @@ class RowIndex:
         path = Path(path)
         meta = json.loads(path.with_name(path.name + ".json").read_text())
         index = _faiss().read_index(str(path))
-        ivf = _ivf(index)
-        if ivf is not None:
-            ivf.make_direct_map()  # (a no-op when the file kept it)
+        _direct_map(index)
         config = IndexConfig(**meta["config"])
         return cls(index, meta["method"], meta["keys"], meta["num_rows"], config)
 
@@ -159,8 +169,12 @@ class RowIndex:
             [rt.query_map(t.query) if rt.query_map else t.query
              for t, rt in zip(terms, row_terms, strict=True)], dim=1,
         ).detach().float().cpu()  # fmt: skip
-        qa = np.ascontiguousarray(torch.cat([q, torch.zeros(len(q), 1)], 1).numpy())
+        qa = np.zeros((len(q), self.index.d), dtype=np.float32)
+        qa[:, : q.shape[1]] = q.numpy()  # [v, 0, 0…]
         _set_nprobe(self.index, self.config.nprobe)
+        refined = _refined(self.index)
+        if refined is not None:
+            refined.k_factor = float(self.config.refine or DEFAULT_REFINE)
         k = min(int(k), self.num_rows)
         out = []
         for sign in (1.0, -1.0):
@@ -172,7 +186,7 @@ class RowIndex:
         """``(scores, rows)`` ``[Q, k]``: the candidates' exact ``<v, r>``, sorted."""
         found = rows >= 0
         vecs = self.index.reconstruct_batch(rows.clamp_min(0).reshape(-1).numpy())
-        vecs = torch.from_numpy(vecs[:, :-1]).view(*rows.shape, -1)  # [Q, k, D] (drop the extra)
+        vecs = torch.from_numpy(vecs[:, : q.shape[1]]).view(*rows.shape, -1)  # [Q, k, D]
         scores = torch.einsum("qd,qkd->qk", q, vecs)
         scores = scores.masked_fill(~found, -torch.inf if largest else torch.inf)
         scores, order = scores.sort(dim=1, descending=largest)
@@ -220,12 +234,13 @@ def build_row_index(
     quantiser, then every row added (augmented: see the module docstring)."""
     faiss = _faiss()
     terms = row_terms(store, method, config.whiten)
-    n, dim = store.num_examples, store.width * len(terms) + 1
+    n = store.num_examples
+    dim = padded_dim(store.width * len(terms) + 1, config.factory)
     factory = config.resolved_factory(n, dim)
     index = faiss.index_factory(dim, factory)  # L2 over the augmented rows
     ivf = _ivf(index)
     nlist = 1 if ivf is None else ivf.nlist
-    want = min(n, config.train_rows or 40 * nlist)
+    want = min(n, config.train_rows or max(40 * nlist, 4096))
     pick = np.sort(np.random.default_rng(config.seed).choice(n, want, replace=False))
     sample, max_sq = [], 0.0
     for start, block in _rows(store, terms):
@@ -234,23 +249,46 @@ def build_row_index(
         sel = pick[(pick >= start) & (pick < start + len(block))] - start
         sample.append(block[sel])
     if not index.is_trained:
-        index.train(_augmented(np.concatenate(sample), max_sq))
+        index.train(_augmented(np.concatenate(sample), max_sq, dim))
     del sample
     for _, block in _rows(store, terms):
-        index.add(_augmented(block, max_sq))
+        index.add(_augmented(block, max_sq, dim))
     if index.ntotal != n:
         raise StoreError(f"the index holds {index.ntotal} rows, the store {n}")
-    if ivf is not None:
-        ivf.make_direct_map()  # candidates are re-scored from their stored vectors
-    nprobe = config.nprobe or min(nlist, max(8, nlist // 32))
-    resolved = IndexConfig(**{**asdict(config), "factory": factory, "nprobe": nprobe})
+    _direct_map(index)  # candidates are re-scored from their stored vectors
+    nprobe = config.nprobe or min(nlist, max(8, nlist // 16))
+    refine = config.refine or DEFAULT_REFINE
+    resolved = IndexConfig(
+        **{**asdict(config), "factory": factory, "nprobe": nprobe, "refine": refine}
+    )
     return RowIndex(index, settings, [t.key for t in terms], n, resolved)
 
 
-def _augmented(x: np.ndarray, max_sq: float) -> np.ndarray:
-    """``[x, √(M² − |x|²)]``: maximum inner product as L2 nearest neighbours."""
-    extra = np.sqrt(np.maximum(max_sq - (x.astype(np.float64) ** 2).sum(1), 0.0))
-    return np.ascontiguousarray(np.hstack([x, extra[:, None].astype(np.float32)]))
+DEFAULT_REFINE = 150
+"""Candidates re-ranked exactly per returned row by a refining index (``IndexConfig.refine``)."""
+
+
+def _augmented(x: np.ndarray, max_sq: float, dim: int) -> np.ndarray:
+    """``[x, √(M² − |x|²), 0…]`` ``[B, dim]``: maximum inner product as L2 nearest neighbours
+    (zeros pad to the index width; they change no distance)."""
+    out = np.zeros((len(x), dim), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    out[:, x.shape[1]] = np.sqrt(np.maximum(max_sq - (x.astype(np.float64) ** 2).sum(1), 0.0))
+    return out
+
+
+def _direct_map(index: Any) -> None:
+    """Let an IVF index reconstruct rows by id (a refining index reconstructs from its own)."""
+    if _refined(index) is None:
+        ivf = _ivf(index)
+        if ivf is not None:
+            ivf.make_direct_map()  # (a no-op when the index has one)
+
+
+def _refined(index: Any) -> Any:
+    """``index`` as a FAISS ``IndexRefine`` (exact re-ranking), or ``None``."""
+    index = _faiss().downcast_index(index)
+    return index if hasattr(index, "k_factor") and hasattr(index, "refine_index") else None
 
 
 def _rows(store: StoreReader, terms: list[RowTerm]):
