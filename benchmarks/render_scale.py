@@ -16,6 +16,8 @@ START, END = "<!-- scale:start -->", "<!-- scale:end -->"
 def _index(res: dict) -> list[str]:
     out = []
     for name, r in res.items():
+        if not isinstance(r, dict):  # ("ran_at")
+            continue
         d = next(x for x in r["sweep"] if x.get("default"))
         out += [
             f"**{name} rows** ({r['rows']:,} × {r['width']}, float16; top 10 proponents and "
@@ -95,7 +97,13 @@ def section(res: dict) -> str:
         "## Scale",
         "",
         "Produced by `python -m benchmarks.scale` (stages `index,sharded,real,lm,gpt`; "
-        "one 2-core CPU machine, no GPU).",
+        "one 2-core CPU machine, no GPU). Stages run at: "
+        + ", ".join(
+            f"`{k}` {res[k]['ran_at']}"
+            for k in ("index", "sharded", "real", "lm", "gpt")
+            if isinstance(res.get(k), dict) and "ran_at" in res[k]
+        )  # fmt: skip
+        + ".",
         "",
     ]
     if "lm" in res or "gpt" in res:

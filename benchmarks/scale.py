@@ -40,7 +40,10 @@ from lightning_tda.methods.row_index import IndexConfig
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 WIDTH = 256
 REFINES = (50, 150, 300)  # candidates re-ranked exactly per returned row
-QUERY_SEEDS = (999_999, 777_777)  # the choosing half (the defaults were picked on it), the reporting half
+QUERY_SEEDS = (
+    999_999,
+    777_777,
+)  # the choosing half (the defaults were picked on it), the reporting half
 
 
 def clustered_rows(n: int, d: int, seed: int, clusters: int = 64, rank: int = 16) -> np.ndarray:
@@ -99,7 +102,10 @@ def _blockwise(make: Callable[[int, int, int], np.ndarray], seed: int, block: in
 def _index_point(store, index, qv: dict, exact: dict, exact_s: float) -> dict:
     """Recall on both query halves and the reporting half's seconds at the index's settings."""
     step = store.steps[-1]
-    got = {h: store.attribute({step: q}, method="graddot", top_k=10, index=index) for h, q in qv.items()}
+    got = {
+        h: store.attribute({step: q}, method="graddot", top_k=10, index=index)
+        for h, q in qv.items()
+    }
     report = {step: qv["report"]}
     secs = median_time(lambda: store.attribute(report, method="graddot", top_k=10, index=index))[0]
     return {
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     stages = args.stages.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "index" in stages or "sharded" in stages:
@@ -284,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("lm", "gpt"):  # each in a fresh process: its own peak RSS
             if key in stages:
                 results[key] = _isolated(key, work)
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start))
+        for key in stages:
+            if isinstance(results.get(key), dict):
+                results[key]["ran_at"] = started  # stages of other runs keep their own date
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1))
     if not args.no_render:

@@ -132,7 +132,7 @@ class AttributionStore(StoreReader):
             out = _indexed_top_k(self, m, settings, terms, index, top_k)
             config = index.config
             settings = {**settings, "index": {"factory": config.factory, "nprobe": config.nprobe,
-                                              "whiten": config.whiten}}  # fmt: skip
+                                              "refine": config.refine, "whiten": config.whiten}}  # fmt: skip
         elif scan["distributed"]:
             out = sharded_scores(self, terms, top_k, scan["block_rows"], description=label)
         else:

@@ -35,7 +35,12 @@ def test_flat_index_gives_the_exact_top_k(run, method, whiten):
     torch.testing.assert_close(
         got.opponent_scores, exact.opponent_scores, atol=1e-5 * scale, rtol=0
     )
-    assert got.settings["index"] == {"factory": "Flat", "nprobe": 1, "whiten": whiten}
+    assert got.settings["index"] == {
+        "factory": "Flat",
+        "nprobe": 1,
+        "refine": None,
+        "whiten": whiten,
+    }
 
 
 def test_whitening_maps_are_adjoint_and_whiten_the_rows(run):

@@ -3,16 +3,20 @@
 A method's score is a sum of terms ``Σ_t <u_t[q], x_t[i]>`` (:mod:`lightning_tda.methods.scoring`).
 Concatenating each row's terms, ``r_i = [x_1[i], …, x_T[i]]`` (unit-normalised and scaled by the
 term's row weight where the method says so), and each query's, ``v_q = [u_1[q], …, u_T[q]]``, turns
-the score into one inner product ``<v_q, r_i>``, which FAISS searches approximately (an IVF index:
-only the ``nprobe`` inverted lists nearest the query are scanned).
+the score into one inner product ``<v_q, r_i>``, which FAISS searches approximately: an IVF index
+scans only the ``nprobe`` inverted lists nearest the query.
 
 Maximum inner product is searched as a nearest-neighbour problem (Bachrach et al. 2014): each row
 gets one more coordinate, ``r'_i = [r_i, √(M² − |r_i|²)]`` with ``M = max |r_i|``, and a query
 ``v' = [v, 0]``, so ``|v' − r'_i|² = |v|² + M² − 2<v, r_i>``: the L2-nearest rows are the top
 scores. k-means lists then follow the score's geometry; searching inner products directly lets
 large-norm rows (the top scores) straddle lists, which costs recall (BENCHMARKS.md "Scale").
-Candidates are re-scored exactly from the index's stored vectors; opponents are the top rows of
-``−v``.
+
+By default the lists hold 4-bit fast-scan product codes (``PQ<m>x4fs``: SIMD-scanned, several
+times faster per row than fp32 vectors, so more lists fit the same time) and a refining index keeps
+the exact rows (``RFlat``): the ``refine · k`` best codes are re-ranked with the exact rows, which
+recovers the codes' error. Returned candidates are re-scored exactly from the index's stored
+vectors; opponents are the top rows of ``−v``.
 
 Preconditioned methods (influence: ``u = (F + λ)^{-1} g_q``) can index the whitened rows
 ``(F + λ)^{-1/2} x`` and search ``(F + λ)^{1/2} u`` instead (``whiten=True``): the same inner
@@ -257,7 +261,7 @@ def build_row_index(
         raise StoreError(f"the index holds {index.ntotal} rows, the store {n}")
     _direct_map(index)  # candidates are re-scored from their stored vectors
     nprobe = config.nprobe or min(nlist, max(8, nlist // 16))
-    refine = config.refine or DEFAULT_REFINE
+    refine = (config.refine or DEFAULT_REFINE) if _refined(index) is not None else config.refine
     resolved = IndexConfig(
         **{**asdict(config), "factory": factory, "nprobe": nprobe, "refine": refine}
     )
