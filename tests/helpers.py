@@ -297,3 +297,32 @@ def launch_script(script: Path, *args: str, timeout: float = 600) -> subprocess.
         [sys.executable, str(script), *args], env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+def h5_datasets(group: Any) -> dict[str, Any]:
+    """Every dataset under an open h5py group or file, by path: ``{name: numpy array}``."""
+    import h5py
+
+    out: dict[str, Any] = {}
+    group.visititems(
+        lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+    )
+    return out
+
+
+def assert_same_datasets(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """The same dataset names; floats equal to fp32 rounding (relative to each dataset's largest
+    value), the rest exactly; packed state bytes compared as the float32 values they hold."""
+    import numpy as np
+
+    assert sorted(got) == sorted(want)
+    for k in want:
+        x, y = got[k], want[k]
+        if k.endswith("state_packed"):
+            x, y = x.view(np.float32), y.view(np.float32)
+        assert x.shape == y.shape, k
+        if x.dtype.kind == "f":
+            tol = 1e-5 * max(1.0, float(np.abs(y).max()))
+            np.testing.assert_allclose(x, y, rtol=0, atol=tol, err_msg=k)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=k)

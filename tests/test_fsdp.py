@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from lightning_tda import AttributionStore
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import fsdp_script  # noqa: E402
-from helpers import launch_script  # noqa: E402
+from helpers import assert_same_datasets, h5_datasets, launch_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NAMES = ("plain", "frozen")
@@ -36,35 +35,17 @@ def stores(tmp_path_factory):
     return out, ref
 
 
-def _datasets(g: h5py.Group, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in g.items():
-        if isinstance(v, h5py.Dataset):
-            out[prefix + k] = v[()]
-        else:
-            out.update(_datasets(v, f"{prefix}{k}/"))
-    return out
-
-
 @pytest.mark.parametrize("name", SHARDED)
 def test_fsdp_store_equals_the_single_process_store(stores, name):
     """Every dataset (train rows, Adam-preconditioned rows, losses, K-FAC factors, PCA bases,
     query rows, optimizer moments, saved state) matches to fp32 rounding, and the fingerprints,
-    model class and checkpoints are identical: FSDP2's sharding leaves no trace in the store."""
+    model class and checkpoints are identical: FSDP1's or FSDP2's sharding leaves no trace in the store."""
     fsdp, single = stores
     ref = name.removesuffix("_fsdp1")
     with h5py.File(fsdp / f"{name}.h5") as a, h5py.File(single / f"{ref}.h5") as b:
-        da, db = _datasets(a), _datasets(b)
-        assert sorted(da) == sorted(db)
+        da, db = h5_datasets(a), h5_datasets(b)
         assert any("/state/" in k for k in da) and any("optimizer" in k for k in da)
-        for k in da:
-            x, y = da[k], db[k]
-            assert x.shape == y.shape, k
-            if x.dtype.kind == "f":
-                tol = 1e-5 * max(1.0, float(np.abs(y).max()))
-                np.testing.assert_allclose(x, y, rtol=0, atol=tol, err_msg=k)
-            else:
-                np.testing.assert_array_equal(x, y, err_msg=k)
+        assert_same_datasets(da, db)
         for key in ("frozen_fingerprint", "architecture_fingerprint", "layers"):
             assert a.attrs[key] == b.attrs[key], key
         # (the script runs as __main__: compare the class, not its module)

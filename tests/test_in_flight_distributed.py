@@ -23,7 +23,7 @@ from lightning_tda.store import schema
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import in_flight_dist_script as script  # noqa: E402
-from helpers import launch_script  # noqa: E402
+from helpers import assert_same_datasets, h5_datasets, launch_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = dict.fromkeys(script.NAMES, list(range(6)))
@@ -44,33 +44,13 @@ def stores(tmp_path_factory) -> tuple[Path, Path]:
     return out, ref
 
 
-def _datasets(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, obj: (
-                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    return out
-
-
 def _assert_same_stores(a: Path, b: Path) -> None:
     """Every dataset of ``a`` equals ``b``'s (floats to fp32 rounding), and so do the steps' lr and
     step attributes."""
-    da, db = _datasets(a), _datasets(b)
-    assert sorted(da) == sorted(db)
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        da, db = h5_datasets(fa), h5_datasets(fb)
     assert any("state_packed" in k for k in da) and any("/query" in k for k in da)
-    for k in db:
-        x, y = da[k], db[k]
-        if k.endswith("state_packed"):  # the float32 parameters' bytes
-            x, y = x.view(np.float32), y.view(np.float32)
-        assert x.shape == y.shape, k
-        if x.dtype.kind == "f":
-            tol = 1e-5 * max(1.0, float(np.abs(y).max()))
-            np.testing.assert_allclose(x, y, rtol=0, atol=tol, err_msg=k)
-        else:
-            np.testing.assert_array_equal(x, y, err_msg=k)
+    assert_same_datasets(da, db)
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         for name in fb[schema.CHECKPOINTS]:
             ma, mb = (json.loads(f[schema.CHECKPOINTS][name].attrs["step_meta"]) for f in (fa, fb))
