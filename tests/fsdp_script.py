@@ -3,7 +3,8 @@ parallel, 2 CPU processes, gloo), for test_fsdp.py.
 
 ``python fsdp_script.py OUT_DIR`` writes ``plain.h5`` (every layer trained) and ``frozen.h5`` (the
 first Linear frozen, as a LoRA base is), and the same two under Lightning's ``FSDPStrategy`` (FSDP1,
-every Linear a unit): ``plain_fsdp1.h5``, ``frozen_fsdp1.h5``. ``fit(out, name, devices)`` is shared with the
+every Linear a unit): ``plain_fsdp1.h5``, ``frozen_fsdp1.h5``; ``python fsdp_script.py OUT_DIR one``
+writes ``one_fsdp1.h5``, FSDP1 in one process (the model is wrapped all the same). ``fit(out, name, devices)`` is shared with the
 single-process reference: the same data, seeds, global batch (16) and logger options.
 ``LIGHTNING_TDA_TEST_ACCELERATOR=cuda`` runs both on GPUs (NCCL): ``pytest tests/test_fsdp.py`` on a
 machine with 2 GPUs is the same check there.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -74,13 +74,12 @@ def fit(out: Path, name: str, devices: int) -> pl.Trainer:
     train, attr, queries = (make_classification(n, seed=s) for n, s in ((32, 0), (35, 1), (6, 3)))
     model = ShardedMLP(freeze_first=name.startswith("frozen"))
     extra = {}
-    if devices > 1:
+    if name.endswith("_fsdp1"):  # (also with devices=1: the wrappers are there all the same)
+        extra = {"strategy": fsdp1_strategy(devices), "use_distributed_sampler": False}
+    elif devices > 1:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        if name.endswith("_fsdp1"):
-            strategy: Any = fsdp1_strategy(devices)
-        else:
-            strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
         extra = {"strategy": strategy, "use_distributed_sampler": False}
     logger = GradientLogger(
         out / f"{name}.h5", attribution_data=attr, query_data=queries, every_n_epochs=1,
@@ -100,5 +99,8 @@ def fit(out: Path, name: str, devices: int) -> pl.Trainer:
 
 
 if __name__ == "__main__":
-    for name in ("plain", "frozen", "plain_fsdp1", "frozen_fsdp1"):
-        fit(Path(sys.argv[1]), name, devices=2)
+    if sys.argv[2:] == ["one"]:  # FSDP1 in one process: wrapped all the same
+        fit(Path(sys.argv[1]), "one_fsdp1", devices=1)
+    else:
+        for name in ("plain", "frozen", "plain_fsdp1", "frozen_fsdp1"):
+            fit(Path(sys.argv[1]), name, devices=2)

@@ -21,14 +21,16 @@ from helpers import assert_same_datasets, h5_datasets, launch_script  # noqa: E4
 
 pytestmark = pytest.mark.slow
 NAMES = ("plain", "frozen")
-SHARDED = ("plain", "frozen", "plain_fsdp1", "frozen_fsdp1")  # FSDP2, then FSDP1
+SHARDED = ("plain", "frozen", "plain_fsdp1", "frozen_fsdp1", "one_fsdp1")  # FSDP2, FSDP1, FSDP1 x 1
+REFERENCE = {"one_fsdp1": "plain"}  # the single-process store each is compared with
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    proc = launch_script(HERE / "fsdp_script.py", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for args in ((), ("one",)):
+        proc = launch_script(HERE / "fsdp_script.py", str(out), *args)
+        assert proc.returncode == 0, proc.stderr[-4000:]
     ref = tmp_path_factory.mktemp("single")
     for name in NAMES:
         fsdp_script.fit(ref, name, devices=1)
@@ -41,7 +43,7 @@ def test_fsdp_store_equals_the_single_process_store(stores, name):
     query rows, optimizer moments, saved state) matches to fp32 rounding, and the fingerprints,
     model class and checkpoints are identical: FSDP1's or FSDP2's sharding leaves no trace in the store."""
     fsdp, single = stores
-    ref = name.removesuffix("_fsdp1")
+    ref = REFERENCE.get(name, name.removesuffix("_fsdp1"))
     with h5py.File(fsdp / f"{name}.h5") as a, h5py.File(single / f"{ref}.h5") as b:
         da, db = h5_datasets(a), h5_datasets(b)
         assert any("/state/" in k for k in da) and any("optimizer" in k for k in da)

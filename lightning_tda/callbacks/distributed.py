@@ -200,7 +200,7 @@ def full_model(
     collective: FSDP1 :func:`fsdp1_full_model` (``optimizer_state``: with the full Adam state), FSDP2
     :func:`fsdp2_unsharded`, else a no-op. A collective under FSDP: every rank enters together."""
     strategy = trainer.strategy
-    if is_fsdp1(strategy) and is_distributed(trainer):
+    if is_fsdp1(strategy):  # (also in one process: the wrappers are there all the same)
         optimizers = trainer.optimizers if optimizer_state else ()
         with fsdp1_full_model(strategy, module, optimizers):
             yield

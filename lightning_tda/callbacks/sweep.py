@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ from lightning_tda.callbacks.distributed import (
     copy_shard_rows,
     full_model,
     is_distributed,
+    is_fsdp1,
     is_fsdp2,
     is_sharded,
     reduce_covariances,
@@ -95,7 +97,11 @@ class SweepLogging(LoggingStrategy):
             return
         if is_distributed(trainer):
             self._log_distributed(trainer, pl_module, trigger)
-        else:
+            return
+        # FSDP1 in one process: the module seen unwrapped, with its full Adam state, for the sweep
+        capture = self.ctx.config.capture
+        fsdp1 = is_fsdp1(trainer.strategy)
+        with full_model(trainer, pl_module, capture.optimizer_state) if fsdp1 else nullcontext():
             self._log_single(trainer, pl_module, trigger)
 
     def _log_single(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
