@@ -37,8 +37,9 @@ def is_distributed(trainer: pl.Trainer) -> bool:
 
 
 def check_strategy(trainer: pl.Trainer, mode: str) -> None:
-    """Refuse multi-process fits the logger cannot log exactly: DDP and data-parallel FSDP2 are
-    supported in both modes (``mode``: ``"sweep"`` or ``"in_flight"``)."""
+    """Refuse multi-process fits the logger cannot log exactly: DDP, FSDP1 (``use_orig_params``,
+    one flat group) and data-parallel FSDP2 are supported in both modes (``mode``: ``"sweep"`` or
+    ``"in_flight"``)."""
     if not is_distributed(trainer):
         return
     from lightning.pytorch.strategies import DDPStrategy

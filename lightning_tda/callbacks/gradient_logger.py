@@ -38,7 +38,7 @@ from lightning_tda.callbacks.distributed import (
     full_model,
     is_distributed,
     is_fsdp1,
-    is_fsdp2,
+    is_sharded,
 )
 from lightning_tda.callbacks.in_flight_logging import InFlightLogging
 from lightning_tda.callbacks.metadata import COMPARED, check_saved_arguments, run_metadata
@@ -359,7 +359,7 @@ class GradientLogger(pl.Callback):
         # (FSDP1: the model is seen unwrapped for the block, see distributed.fsdp1_full_model)
         fsdp1 = is_fsdp1(trainer.strategy)
         with full_model(trainer, pl_module) if fsdp1 else contextlib.nullcontext():
-            sharded = fsdp1 or is_fsdp2(trainer.strategy)
+            sharded = is_sharded(trainer.strategy)
             prints = fingerprint_attrs(pl_module, self._ctx.layers) if sharded else None
             if zero:
                 check_saved_arguments(self._ctx)

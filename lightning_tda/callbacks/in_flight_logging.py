@@ -52,7 +52,7 @@ class InFlightLogging(LoggingStrategy):
         self._states = StatePolicy(False, 0, 0)
         self._gather: StepRowGather | None = None  # several processes: every rank's rows, to rank 0
         self._writes = True  # this process writes the store (rank zero)
-        self._sharded = False  # FSDP1/FSDP2: parameters are gathered for state and queries
+        self._sharded = False  # FSDP1/FSDP2: the saved state is copied out of gathered parameters
 
     @staticmethod
     def check_data(attribution_data: Any) -> None:
@@ -170,10 +170,8 @@ class InFlightLogging(LoggingStrategy):
         has_queries = ctx.query_data is not None
         state = queries = None
         with self._full_weights(trainer, pl_module, save or has_queries):
-            if save and self._writes:
-                state = trainable_state(
-                    pl_module, copy=self._sharded
-                )  # (gathered storage is freed)
+            if save and self._writes:  # FSDP: a copy, the gathered storage is freed after
+                state = trainable_state(pl_module, copy=self._sharded)
             if has_queries and self._writes:
                 queries = self._queries(trainer, pl_module)
         if self._writes:
@@ -187,7 +185,7 @@ class InFlightLogging(LoggingStrategy):
         """FSDP and ``needed``: the parameters all-gathered for the block, forwards rank-local (a
         collective of every rank, see :func:`~lightning_tda.callbacks.distributed.full_model`);
         else a no-op."""
-        if self._sharded and needed:
+        if needed:  # (a no-op without FSDP)
             return full_model(trainer, pl_module)
         return contextlib.nullcontext()
 

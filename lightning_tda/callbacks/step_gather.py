@@ -1,4 +1,4 @@
-"""In-flight rows of a multi-process (DDP, FSDP2) fit: every rank's rows of a step, gathered.
+"""In-flight rows of a multi-process (DDP, FSDP1, FSDP2) fit: every rank's rows of a step, gathered.
 
 Each rank captures the per-example rows of its own slice of the global batch. Before the optimizer
 step, :class:`StepRowGather` collects every rank's rows of that step so rank zero writes the whole

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -101,7 +100,11 @@ class SweepLogging(LoggingStrategy):
         # FSDP1 in one process: the module seen unwrapped, with its full Adam state, for the sweep
         capture = self.ctx.config.capture
         fsdp1 = is_fsdp1(trainer.strategy)
-        with full_model(trainer, pl_module, capture.optimizer_state) if fsdp1 else nullcontext():
+        with (
+            full_model(trainer, pl_module, capture.optimizer_state)
+            if fsdp1
+            else contextlib.nullcontext()
+        ):
             self._log_single(trainer, pl_module, trigger)
 
     def _log_single(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
